@@ -1,0 +1,3 @@
+from meddap.cli import main
+
+raise SystemExit(main())

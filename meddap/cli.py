@@ -1,0 +1,119 @@
+"""`python -m meddap <command> [--config NAME_OR_PATH] [key=value ...]`.
+
+Commands are looked up lazily so `--help` and config errors answer without importing torch or Ray.
+A stage is a function `run(cfg: Config) -> dict | None` in `meddap/stages/<module>.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+
+from meddap.config import ConfigError, load_config, shipped_configs
+from meddap.errors import MeddapError
+
+__all__ = ["main", "STAGES"]
+
+# command -> (module:function, one-line help)
+STAGES: dict[str, tuple[str, str]] = {
+    "prepare": ("meddap.stages.prepare:run", "real datasets -> manifest, leakage audit, splits and folds"),
+    "finetune": ("meddap.stages.finetune:run", "USLoRA fine-tuning on Ray Train (one adapter per fold)"),
+    "generate": ("meddap.stages.generate:run", "synthetic images with adjective prompts on Ray Data"),
+    "fid": ("meddap.stages.fid:run", "FID / KID / memorisation of each synthetic set"),
+    "sweep": ("meddap.stages.sweep:run", "classifier x adjective x ratio x fold grid on Ray Tune"),
+    "report": ("meddap.stages.report:run", "tables, statistics, figures and report.md"),
+    "run": ("meddap.stages.pipeline:run", "the whole study: prepare -> finetune -> generate -> fid -> sweep -> report"),
+    "demo": ("meddap.stages.pipeline:run", "`run` with the demo config (phantom data, tiny SD, minutes on a CPU)"),
+}
+BENCHES = {
+    "finetune": "meddap.bench.finetune:main",
+    "generate": "meddap.bench.generate:main",
+    "classify": "meddap.bench.classify:main",
+    "pipeline": "meddap.bench.pipeline:main",
+}
+
+
+def _load(target: str):
+    module, func = target.split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def _split_overrides(tokens: list[str]) -> tuple[list[str], list[str]]:
+    """key=value tokens vs. everything else (flags for a bench)."""
+    overrides = [t for t in tokens if "=" in t and not t.startswith("-")]
+    rest = [t for t in tokens if t not in overrides]
+    return overrides, rest
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m meddap",
+        description="MEDDAP: LoRA-adapted Stable Diffusion augmentation of small medical-image datasets, on Ray.",
+        epilog="Shipped configs: " + ", ".join(shipped_configs()) + ". Overrides are dotted key=value pairs, "
+               "e.g. data.folds=3 data.root=/data/BUSI.",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_) in STAGES.items():
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.add_argument("--config", default="demo", help="shipped config name or YAML path (default: demo)")
+        if name in ("run", "demo"):
+            sp.add_argument("--force", action="append", default=[], metavar="STAGE",
+                            help="redo STAGE and every stage after it that depends on it (repeatable)")
+        sp.add_argument("overrides", nargs="*", metavar="key=value")
+    ph = sub.add_parser("phantom", help="write the breast-ultrasound phantom dataset in the BUSI layout")
+    ph.add_argument("out_dir")
+    ph.add_argument("--per-class", type=int, default=60)
+    ph.add_argument("--variant", choices=["standard", "shifted"], default="standard")
+    ph.add_argument("--size", type=int, default=128)
+    ph.add_argument("--seed", type=int, default=0)
+    b = sub.add_parser("bench", help="benchmarks that print figures: " + ", ".join(BENCHES))
+    b.add_argument("what", choices=list(BENCHES))
+    b.add_argument("--config", default="demo")
+    b.add_argument("rest", nargs=argparse.REMAINDER, metavar="key=value | --flag ...")
+    c = sub.add_parser("config", help="print the effective config as YAML (after overrides)")
+    c.add_argument("--config", default="demo")
+    c.add_argument("overrides", nargs="*", metavar="key=value")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command is None:
+        _parser().print_help()
+        return 2
+    t0 = time.perf_counter()
+    try:
+        if args.command == "phantom":
+            from meddap.data.phantom import write_phantom
+            write_phantom(args.out_dir, per_class=args.per_class, variant=args.variant, size=args.size,
+                          seed=args.seed)
+            return 0
+        if args.command == "config":
+            print(load_config(args.config, args.overrides).to_yaml(), end="")
+            return 0
+        if args.command == "bench":
+            overrides, rest = _split_overrides(args.rest)
+            cfg = load_config(args.config, overrides)
+            _load(BENCHES[args.what])(cfg, rest)
+            return 0
+        config = "demo" if args.command == "demo" else args.config
+        cfg = load_config(config, args.overrides)
+        fn = _load(STAGES[args.command][0])
+        if args.command in ("run", "demo"):
+            fn(cfg, force=args.force)
+        else:
+            fn(cfg)
+        print(f"[meddap] {args.command} finished in {time.perf_counter() - t0:.1f}s; outputs under {cfg.run_dir}")
+        return 0
+    except (ConfigError, MeddapError) as e:
+        print(f"meddap {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"meddap {args.command}: interrupted; finished work is kept, rerun to resume.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,528 @@
+"""Typed, validated configuration for every meddap stage.
+
+One `Config` holds a section per component (data, diffusion, generate, classify, fid, report, ray).
+It is built from a shipped YAML (`meddap/configs/<name>.yaml`) or any YAML path, then dotted
+`key=value` overrides typed by the schema. Anything unknown, mistyped or out of range is refused
+before work starts, with an error naming the key, the value and what is allowed.
+
+Ray wants plain dicts (`train_loop_config`, `param_space`): use `to_dict()` at that edge only and
+rebuild with `Config.from_dict()` inside the worker.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "ExternalDataConfig",
+    "PhantomConfig",
+    "DiffusionConfig",
+    "LoraConfig",
+    "DiffusionTrainConfig",
+    "GenerateConfig",
+    "ClassifyConfig",
+    "FidConfig",
+    "ReportConfig",
+    "RayConfig",
+    "load_config",
+    "shipped_configs",
+    "CONFIG_DIR",
+]
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+PAPER_ADJECTIVES = [
+    "", "colorful", "stylized", "high-contrast", "low-contrast",
+    "posterized", "sheared", "solarized", "bright", "dark",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration value that is unknown, mistyped or out of range."""
+
+
+def _check(cond: bool, key: str, value: Any, allowed: str) -> None:
+    if not cond:
+        raise ConfigError(f"config key '{key}' = {value!r} is not allowed: expected {allowed}.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections. Each field's `help` is the documentation README's config table is made from.
+# ---------------------------------------------------------------------------------------------
+def _f(default: Any, help: str) -> Any:
+    """A field with documentation; mutable defaults (lists, dicts, sections) are copied per instance."""
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        return field(default_factory=lambda d=default: copy.deepcopy(d), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+SOURCES = ("busi", "imagefolder", "manifest", "phantom")
+
+
+@dataclass
+class PhantomConfig:
+    per_class: int = _f(60, "Images per class the in-process phantom source makes (Dataset A).")
+    size: int = _f(128, "Side in pixels of phantom images.")
+    variant: Literal["standard", "shifted"] = _f("standard", "'shifted' imitates another device (Dataset B).")
+    seed: int = _f(0, "Seed of the phantom generator.")
+
+    def validate(self, prefix: str) -> None:
+        _check(self.per_class >= 1, f"{prefix}.per_class", self.per_class, "an integer >= 1")
+        _check(16 <= self.size <= 2048, f"{prefix}.size", self.size, "an integer in [16, 2048]")
+
+
+@dataclass
+class ExternalDataConfig:
+    source: Optional[Literal["busi", "imagefolder", "manifest", "phantom"]] = _f(
+        None, "Source of the unseen test set (Dataset B); null = none.")
+    root: Optional[str] = _f(None, "Folder or manifest file of Dataset B (not needed for 'phantom').")
+    split: Optional[str] = _f("val", "For 'imagefolder' with root/<split>/<class>/: which split to read (Kaggle: val).")
+    phantom: PhantomConfig = field(
+        default_factory=lambda: PhantomConfig(per_class=40, variant="shifted", seed=1),
+        metadata={"help": "Phantom settings when external.source is 'phantom'."})
+
+    def validate(self, prefix: str) -> None:
+        if self.source not in (None, "phantom"):
+            _check(bool(self.root), f"{prefix}.root", self.root,
+                   f"a folder or file path when {prefix}.source is '{self.source}'")
+        self.phantom.validate(f"{prefix}.phantom")
+
+
+@dataclass
+class DataConfig:
+    source: Literal["busi", "imagefolder", "manifest", "phantom"] = _f(
+        "phantom", "Where Dataset A comes from: busi | imagefolder | manifest | phantom.")
+    root: Optional[str] = _f(None, "Folder (busi, imagefolder) or CSV/Parquet file (manifest) of Dataset A.")
+    split: Optional[str] = _f(None, "For 'imagefolder' with root/<split>/<class>/: which split to read.")
+    classes: list[str] = _f(["benign", "malignant", "normal"],
+                            "Class names in label order: label id = position here, never folder order.")
+    folds: int = _f(5, "K of the K-fold cross-validation on the non-test images.")
+    test_fraction: float = _f(0.15, "Share of Dataset A held out as the test split (paper: 120/780).")
+    seed: int = _f(0, "Seed of the split and fold assignment.")
+    image_size: int = _f(224, "Side in pixels images are resized to for training and evaluation.")
+    strict: bool = _f(False, "true: any unreadable/skipped file is an error instead of a listed skip.")
+    near_duplicate_bits: int = _f(
+        6, "Hamming distance (of 64 perceptual-hash bits) at or under which two images are near duplicates.")
+    phantom: PhantomConfig = _f(PhantomConfig(), "Phantom settings when source is 'phantom'.")
+    external: ExternalDataConfig = _f(ExternalDataConfig(), "The unseen test set (Dataset B).")
+
+    def validate(self, prefix: str) -> None:
+        if self.source != "phantom":
+            _check(bool(self.root), f"{prefix}.root", self.root,
+                   f"a folder or file path when {prefix}.source is '{self.source}'")
+        _check(len(self.classes) >= 2, f"{prefix}.classes", self.classes, "at least two class names")
+        _check(len(set(self.classes)) == len(self.classes), f"{prefix}.classes", self.classes, "unique names")
+        _check(2 <= self.folds <= 50, f"{prefix}.folds", self.folds, "an integer in [2, 50]")
+        _check(0.0 < self.test_fraction < 1.0, f"{prefix}.test_fraction", self.test_fraction, "a fraction in (0, 1)")
+        _check(16 <= self.image_size <= 2048, f"{prefix}.image_size", self.image_size, "an integer in [16, 2048]")
+        _check(0 <= self.near_duplicate_bits <= 32, f"{prefix}.near_duplicate_bits", self.near_duplicate_bits,
+               "an integer in [0, 32]")
+        self.phantom.validate(f"{prefix}.phantom")
+        self.external.validate(f"{prefix}.external")
+
+
+@dataclass
+class LoraConfig:
+    rank: Union[int, list[int]] = _f(4, "LoRA rank; a list (e.g. [2, 4, 8]) makes `run` select the rank by FID.")
+    alpha: Optional[float] = _f(None, "LoRA alpha; null = rank (scale 1).")
+    targets: Literal["cross_attention", "all_attention"] = _f(
+        "cross_attention", "cross_attention: attn2 q/k/v/out (the paper); all_attention: attn1 and attn2 (the authors' code).")
+    per_fold: bool = _f(True, "true: one adapter per fold trained on that fold's training images only (leakage-safe).")
+
+    @property
+    def ranks(self) -> list[int]:
+        return list(self.rank) if isinstance(self.rank, list) else [self.rank]
+
+    def validate(self, prefix: str) -> None:
+        for r in self.ranks:
+            _check(isinstance(r, int) and 1 <= r <= 1024, f"{prefix}.rank", self.rank, "integers in [1, 1024]")
+        _check(len(self.ranks) >= 1, f"{prefix}.rank", self.rank, "a rank or a non-empty list of ranks")
+        if self.alpha is not None:
+            _check(self.alpha > 0, f"{prefix}.alpha", self.alpha, "a positive number or null")
+
+
+@dataclass
+class DiffusionTrainConfig:
+    epochs: int = _f(100, "Passes over the fold's training images (paper: 100).")
+    lr: float = _f(1e-4, "AdamW learning rate, constant schedule.")
+    batch_size: int = _f(1, "Images per optimizer step per worker (paper: 1).")
+    num_workers: int = _f(1, "Ray Train workers (DDP over the LoRA parameters).")
+    use_gpu: bool = _f(False, "Give each Ray Train worker one GPU.")
+    max_failures: int = _f(1, "Times Ray Train restarts a failed worker group from the last checkpoint.")
+    random_flip: bool = _f(True, "Random horizontal flip of training images.")
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = _f(
+        "auto", "auto: fp16 on CUDA, fp32 on CPU. The LoRA weights stay fp32.")
+    gradient_checkpointing: bool = _f(False, "Recompute UNet activations in the backward pass (less memory, slower).")
+    cache_latents: bool = _f(True, "Encode images (and their flips) and prompts once, not every step.")
+    seed: int = _f(0, "Seed of noise, timesteps, flips and LoRA init.")
+
+    def validate(self, prefix: str) -> None:
+        _check(self.epochs >= 1, f"{prefix}.epochs", self.epochs, "an integer >= 1")
+        _check(self.lr > 0, f"{prefix}.lr", self.lr, "a positive number")
+        _check(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, "an integer >= 1")
+        _check(self.num_workers >= 1, f"{prefix}.num_workers", self.num_workers, "an integer >= 1")
+        _check(self.max_failures >= -1, f"{prefix}.max_failures", self.max_failures, "an integer >= -1 (-1: forever)")
+
+
+@dataclass
+class DiffusionConfig:
+    base_model: str = _f("CompVis/stable-diffusion-v1-4",
+                         "Hub id or local diffusers folder; 'builtin:tiny' builds a few-MB SD into <run_dir>/models/.")
+    resolution: int = _f(224, "Training (and default generation) resolution in pixels (paper: 224).")
+    prompt_template: str = _f("ultrasound image of {class_phrase} tumor in the breast",
+                              "Training prompt per class; must contain {class_phrase}.")
+    class_phrases: dict[str, str] = _f({"benign": "benign", "malignant": "malignant", "normal": "no"},
+                                       "Words for each class in prompts (normal -> 'no', as the paper).")
+    lora: LoraConfig = _f(LoraConfig(), "USLoRA settings.")
+    train: DiffusionTrainConfig = _f(DiffusionTrainConfig(), "Fine-tuning settings.")
+
+    def validate(self, prefix: str) -> None:
+        _check(bool(self.base_model), f"{prefix}.base_model", self.base_model, "a hub id or a folder path")
+        _check(32 <= self.resolution <= 2048 and self.resolution % 8 == 0, f"{prefix}.resolution",
+               self.resolution, "a multiple of 8 in [32, 2048]")
+        _check("{class_phrase}" in self.prompt_template, f"{prefix}.prompt_template", self.prompt_template,
+               "a template containing {class_phrase}")
+        self.lora.validate(f"{prefix}.lora")
+        self.train.validate(f"{prefix}.train")
+
+
+@dataclass
+class GenerateConfig:
+    prompt_template: str = _f("{adjective} ultrasound image of {class_phrase} tumor in the breast",
+                              "Generation prompt; must contain {class_phrase}, may contain {adjective}.")
+    adjectives: list[str] = _f(list(PAPER_ADJECTIVES), "Adjectives; \"\" is the no-adjective prompt.")
+    ratios: list[float] = _f([0.5, 1.0, 2.0], "Synthetic images per class as a multiple of the fold's real ones.")
+    steps: int = _f(30, "Denoising steps (paper: 30).")
+    guidance_scale: float = _f(7.5, "Classifier-free guidance scale (paper: 7.5).")
+    scheduler: Optional[str] = _f(None, "null = the base model's scheduler; or a diffusers scheduler class name.")
+    resolution: Optional[int] = _f(None, "null = diffusion.resolution (not the pipeline's 512 default).")
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = _f("auto", "auto: fp16 on CUDA, fp32 on CPU.")
+    batch_size: int = _f(16, "Prompts per pipeline call.")
+    workers: Optional[int] = _f(None, "Ray Data actors; null = one per GPU, or on CPU a pool that leaves CPUs free.")
+    num_gpus_per_worker: float = _f(1.0, "GPUs per actor when GPUs are present.")
+    seed: int = _f(0, "Run seed from which each image's seed is derived.")
+
+    def validate(self, prefix: str) -> None:
+        _check("{class_phrase}" in self.prompt_template, f"{prefix}.prompt_template", self.prompt_template,
+               "a template containing {class_phrase}")
+        _check(len(self.adjectives) >= 1, f"{prefix}.adjectives", self.adjectives, "a non-empty list")
+        _check(len(set(self.adjectives)) == len(self.adjectives), f"{prefix}.adjectives", self.adjectives,
+               "unique adjectives")
+        _check(len(self.ratios) >= 1 and all(r > 0 for r in self.ratios), f"{prefix}.ratios", self.ratios,
+               "a non-empty list of numbers > 0")
+        _check(self.steps >= 1, f"{prefix}.steps", self.steps, "an integer >= 1")
+        _check(self.guidance_scale >= 0, f"{prefix}.guidance_scale", self.guidance_scale, "a number >= 0")
+        if self.resolution is not None:
+            _check(32 <= self.resolution <= 2048 and self.resolution % 8 == 0, f"{prefix}.resolution",
+                   self.resolution, "null or a multiple of 8 in [32, 2048]")
+        _check(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, "an integer >= 1")
+        if self.workers is not None:
+            _check(self.workers >= 1, f"{prefix}.workers", self.workers, "null or an integer >= 1")
+        _check(0 < self.num_gpus_per_worker <= 8, f"{prefix}.num_gpus_per_worker", self.num_gpus_per_worker,
+               "a number in (0, 8]")
+
+
+@dataclass
+class ClassifyConfig:
+    models: list[str] = _f(["resnet34", "densenet121", "squeezenet1_1"], "torchvision classification model names.")
+    pretrained: Literal["imagenet", "none"] = _f("imagenet", "imagenet: torchvision weights (the authors'); none: random init.")
+    weights_dir: Optional[str] = _f(None, "Folder holding torchvision weight files; null = torch hub's cache.")
+    epochs: int = _f(100, "Training epochs per trial (paper: 100).")
+    batch_size: int = _f(32, "Batch size (paper: 32).")
+    lr: float = _f(1e-3, "Adam learning rate (paper: 1e-3).")
+    image_size: Optional[int] = _f(None, "null = data.image_size.")
+    random_flip: bool = _f(True, "Random horizontal flip during training.")
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = _f("auto", "auto: bf16/fp16 autocast on CUDA, fp32 on CPU.")
+    cpus_per_trial: float = _f(1.0, "CPUs each Tune trial claims.")
+    gpus_per_trial: float = _f(0.0, "GPU fraction each trial claims (e.g. 0.25 packs 4 trials on a GPU).")
+    max_concurrent_trials: Optional[int] = _f(None, "null = as many as resources allow.")
+    max_failures: int = _f(2, "Retries of a failed trial (from its last checkpoint).")
+    checkpoint_every: int = _f(5, "Epochs between trial checkpoints.")
+    threads_per_trial: Optional[int] = _f(None, "torch CPU threads in a trial; null = cpus_per_trial.")
+    seed: int = _f(0, "Base seed; each trial's seed is derived from it and the trial's settings.")
+    save_models: Literal["none", "fold0", "all"] = _f(
+        "fold0", "Which trials keep their best-epoch weights (report's Grad-CAM uses fold 0).")
+
+    def validate(self, prefix: str) -> None:
+        _check(len(self.models) >= 1, f"{prefix}.models", self.models, "a non-empty list of torchvision model names")
+        _check(self.epochs >= 1, f"{prefix}.epochs", self.epochs, "an integer >= 1")
+        _check(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, "an integer >= 1")
+        _check(self.lr > 0, f"{prefix}.lr", self.lr, "a positive number")
+        if self.image_size is not None:
+            _check(16 <= self.image_size <= 2048, f"{prefix}.image_size", self.image_size, "null or [16, 2048]")
+        _check(self.cpus_per_trial > 0, f"{prefix}.cpus_per_trial", self.cpus_per_trial, "a number > 0")
+        _check(self.gpus_per_trial >= 0, f"{prefix}.gpus_per_trial", self.gpus_per_trial, "a number >= 0")
+        if self.max_concurrent_trials is not None:
+            _check(self.max_concurrent_trials >= 1, f"{prefix}.max_concurrent_trials", self.max_concurrent_trials,
+                   "null or an integer >= 1")
+        _check(self.max_failures >= 0, f"{prefix}.max_failures", self.max_failures, "an integer >= 0")
+        _check(self.checkpoint_every >= 1, f"{prefix}.checkpoint_every", self.checkpoint_every, "an integer >= 1")
+
+
+@dataclass
+class FidConfig:
+    dims: Literal[64, 192, 768, 2048] = _f(2048, "InceptionV3 feature size (pytorch-fid block): 64, 192, 768 or 2048.")
+    weights: Optional[str] = _f(None, "Path of pytorch-fid's pt_inception weights file; null = torch hub's cache.")
+    batch_size: int = _f(50, "Images per Inception forward pass.")
+    kid_subset_size: int = _f(100, "Subset size for KID's unbiased MMD estimate.")
+    memorization_threshold: float = _f(
+        0.1, "A synthetic image whose nearest real image is closer than this share of the median real-real "
+             "nearest-neighbour distance is flagged as a near copy.")
+
+    def validate(self, prefix: str) -> None:
+        _check(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, "an integer >= 1")
+        _check(self.kid_subset_size >= 2, f"{prefix}.kid_subset_size", self.kid_subset_size, "an integer >= 2")
+        _check(self.memorization_threshold >= 0, f"{prefix}.memorization_threshold",
+               self.memorization_threshold, "a number >= 0")
+
+
+@dataclass
+class ReportConfig:
+    gradcam_images: int = _f(4, "Test images shown in the Grad-CAM figure per architecture.")
+    contact_sheet_per_cell: int = _f(4, "Synthetic samples per (adjective, class) cell of a contact sheet.")
+
+    def validate(self, prefix: str) -> None:
+        _check(self.gradcam_images >= 1, f"{prefix}.gradcam_images", self.gradcam_images, "an integer >= 1")
+        _check(self.contact_sheet_per_cell >= 1, f"{prefix}.contact_sheet_per_cell",
+               self.contact_sheet_per_cell, "an integer >= 1")
+
+
+@dataclass
+class RayConfig:
+    address: Optional[str] = _f(None, "null: join the cluster if one runs (RAY_ADDRESS), else start a local Ray.")
+    num_cpus: Optional[int] = _f(None, "CPUs of a locally started Ray; null = all.")
+    storage_path: Optional[str] = _f(None, "Ray Train/Tune storage; null = <run_dir>/ray.")
+
+
+@dataclass
+class Config:
+    run_dir: str = _f("runs/default", "Where everything the run writes goes: a local path or s3:// / gs:// URI.")
+    data: DataConfig = _f(DataConfig(), "Datasets, splits and the leakage audit.")
+    diffusion: DiffusionConfig = _f(DiffusionConfig(), "Base model and USLoRA fine-tuning.")
+    generate: GenerateConfig = _f(GenerateConfig(), "Synthetic image generation.")
+    classify: ClassifyConfig = _f(ClassifyConfig(), "Classifier grid.")
+    fid: FidConfig = _f(FidConfig(), "FID / KID / memorisation.")
+    report: ReportConfig = _f(ReportConfig(), "Report and figures.")
+    ray: RayConfig = _f(RayConfig(), "Ray connection.")
+    name: str = _f("custom", "Name of this configuration (shown in outputs).")
+
+    def validate(self) -> "Config":
+        _check(bool(self.run_dir), "run_dir", self.run_dir, "a path or URI")
+        self.data.validate("data")
+        self.diffusion.validate("diffusion")
+        self.generate.validate("generate")
+        self.classify.validate("classify")
+        self.fid.validate("fid")
+        self.report.validate("report")
+        missing = [c for c in self.data.classes if c not in self.diffusion.class_phrases]
+        _check(not missing, "diffusion.class_phrases", self.diffusion.class_phrases,
+               f"a phrase for every class in data.classes (missing: {missing})")
+        return self
+
+    # -- conversions ---------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, *, source: str = "<dict>") -> "Config":
+        return _build(cls, d, "", source).validate()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @property
+    def classify_image_size(self) -> int:
+        return self.classify.image_size or self.data.image_size
+
+    @property
+    def generate_resolution(self) -> int:
+        return self.generate.resolution or self.diffusion.resolution
+
+
+# ---------------------------------------------------------------------------------------------
+# Building typed sections from plain data.
+# ---------------------------------------------------------------------------------------------
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin is Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, dict):
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in typing.get_args(tp))}]"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
+    """Return `value` as type `tp`, or raise ConfigError naming the key."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"config key '{key}' = {value!r} (from {source}) has the wrong type: "
+                      f"expected {_type_name(tp)}.")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise bad
+        return _build(tp, value, key + ".", source)
+    if origin is Union:
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise bad
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, value, key, source)
+            except ConfigError:
+                continue
+        raise bad
+    if origin is Literal:
+        if value in typing.get_args(tp) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' = {value!r} (from {source}) is not allowed: "
+                          f"expected one of {_type_name(tp)}.")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        (inner,) = typing.get_args(tp)
+        return [_coerce(inner, v, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        kt, vt = typing.get_args(tp)
+        return {_coerce(kt, k, key, source): _coerce(vt, v, f"{key}.{k}", source) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    raise bad
+
+
+def _build(cls: type, d: dict, prefix: str, source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in d if k not in names]
+    if unknown:
+        k = unknown[0]
+        import difflib
+        close = difflib.get_close_matches(k, names, n=1)
+        hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
+        raise ConfigError(f"unknown config key '{prefix}{k}' (from {source}).{hint} "
+                          f"Allowed keys here: {', '.join(prefix + n for n in names)}.")
+    kwargs = {k: _coerce(hints[k], v, prefix + k, source) for k, v in d.items()}
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML + overrides.
+# ---------------------------------------------------------------------------------------------
+def shipped_configs() -> dict[str, Path]:
+    """Names of the YAMLs shipped in meddap/configs/ -> their paths."""
+    return {p.stem: p for p in sorted(CONFIG_DIR.glob("*.yaml"))}
+
+
+def _resolve(name_or_path: str) -> Path:
+    shipped = shipped_configs()
+    if name_or_path in shipped:
+        return shipped[name_or_path]
+    p = Path(name_or_path).expanduser()
+    if p.is_file():
+        return p
+    raise ConfigError(f"config '{name_or_path}' is neither a shipped config ({', '.join(shipped)}) "
+                      f"nor an existing YAML file.")
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value (for example data.folds=3).")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{text}' has an empty key.")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _set_dotted(d: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    cur = d
+    for i, p in enumerate(parts[:-1]):
+        nxt = cur.get(p)
+        if nxt is None:
+            nxt = cur[p] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override key '{key}': '{'.'.join(parts[:i + 1])}' is not a section.")
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def _typed_override(key: str, value: Any) -> Any:
+    """Strings from the command line that the schema wants as str stay str (e.g. data.root=123)."""
+    tp: Any = Config
+    for p in key.split("."):
+        hints = typing.get_type_hints(tp) if dataclasses.is_dataclass(tp) else {}
+        if p not in hints:
+            return value  # unknown key: _build reports it with a suggestion
+        tp = hints[p]
+    wants_str = tp is str or (typing.get_origin(tp) is Union and str in typing.get_args(tp))
+    if wants_str and value is not None and not isinstance(value, str):
+        return str(value)
+    if typing.get_origin(tp) is Literal and all(isinstance(a, str) for a in typing.get_args(tp)) \
+            and not isinstance(value, str):
+        return str(value)
+    return value
+
+
+def load_config(name_or_path: str = "demo", overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a shipped config by name (or a YAML by path), apply `key=value` overrides, validate."""
+    path = _resolve(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(raw).__name__}.")
+    raw.setdefault("name", path.stem)
+    for text in overrides:
+        key, value = _parse_override(text)
+        _set_dotted(raw, key, _typed_override(key, value))
+    source = str(path) + (" + overrides" if overrides else "")
+    return _build(Config, raw, "", source).validate()
+
+
+def iter_keys(cls: type = Config, prefix: str = ""):
+    """(dotted key, type name, default, help) for every leaf key: README's config table."""
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from iter_keys(tp, prefix + f.name + ".")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        yield prefix + f.name, _type_name(tp), default, f.metadata.get("help", "")
