@@ -36,3 +36,12 @@ def ray_session():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory):
+    """The tiny Stable Diffusion (meddap.diffusion.base.build_tiny_sd), built once per test run:
+    a normal diffusers folder (~4 MB) for `from_pretrained`, `load_pipeline` and `load_components`."""
+    from meddap.diffusion.base import build_tiny_sd
+
+    return build_tiny_sd(tmp_path_factory.mktemp("models") / "tiny-sd")
