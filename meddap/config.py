@@ -275,6 +275,8 @@ class FidConfig:
     weights: Optional[str] = _f(None, "Path of pytorch-fid's pt_inception weights file; null = torch hub's cache.")
     batch_size: int = _f(50, "Images per Inception forward pass.")
     kid_subset_size: int = _f(100, "Subset size for KID's unbiased MMD estimate.")
+    kid_subsets: int = _f(100, "Random subsets KID is averaged over (its std over them is reported too).")
+    seed: int = _f(0, "Seed of KID's subset draws.")
     memorization_threshold: float = _f(
         0.1, "A synthetic image whose nearest real image is closer than this share of the median real-real "
              "nearest-neighbour distance is flagged as a near copy.")
@@ -282,6 +284,7 @@ class FidConfig:
     def validate(self, prefix: str) -> None:
         _check(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, "an integer >= 1")
         _check(self.kid_subset_size >= 2, f"{prefix}.kid_subset_size", self.kid_subset_size, "an integer >= 2")
+        _check(self.kid_subsets >= 1, f"{prefix}.kid_subsets", self.kid_subsets, "an integer >= 1")
         _check(self.memorization_threshold >= 0, f"{prefix}.memorization_threshold",
                self.memorization_threshold, "a number >= 0")
 

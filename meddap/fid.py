@@ -1,0 +1,260 @@
+"""Frechet distance and friends: FID, KID and a memorisation check on image features.
+
+Everything here is plain numpy / PyTorch and knows nothing of Ray or the run directory:
+  - `frechet_distance(mu1, sigma1, mu2, sigma2)`: the distance between two Gaussians, computed as
+    pytorch-fid does (scipy's sqrtm, with an eps offset on the diagonals when the product is singular);
+  - `kernel_inception_distance(real, synth, subset_size, n_subsets)`: KID, the unbiased MMD^2 with the
+    cubic polynomial kernel, averaged over random subsets (better behaved than FID on a few hundred images);
+  - `memorization(synth, real, threshold)`: each synthetic image's nearest real image, flagged as a near
+    copy when closer than `threshold` x the median real-real nearest-neighbour distance;
+  - `load_inception(dims, weights, device)`: pytorch-fid's InceptionV3 as a (B, 3, H, W) -> (B, dims)
+    extractor, from `fid.weights` or torch hub's cache, never downloaded behind the user's back when
+    absent: `MissingWeightsError` says what is missing and where to put it;
+  - `extract_features(paths, extractor, ...)`: any such extractor over image files (tests use a small one).
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from scipy import linalg
+
+from meddap.errors import MeddapError
+
+__all__ = [
+    "INCEPTION_WEIGHTS_FILE",
+    "INCEPTION_INPUT_SIZE",
+    "MissingWeightsError",
+    "feature_statistics",
+    "frechet_distance",
+    "fid_from_features",
+    "kernel_inception_distance",
+    "memorization",
+    "InceptionFeatures",
+    "inception_weights_path",
+    "load_inception",
+    "extract_features",
+]
+
+# pytorch-fid's port of the TensorFlow FID Inception (the file name torch hub caches it under).
+INCEPTION_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
+# pytorch-fid resizes every input to Inception's native 299 x 299 itself; images are read at this
+# size so real and synthetic images go through the same single resampling.
+INCEPTION_INPUT_SIZE = 299
+
+
+class MissingWeightsError(MeddapError):
+    """pytorch-fid's Inception weights are not on this machine (and are not downloaded implicitly)."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+        super().__init__(reason)
+
+    @property
+    def status(self) -> str:
+        """The `status` value the fid stage records for rows it could not compute."""
+        return f"missing_weights: {self.reason}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Distances on features
+# ---------------------------------------------------------------------------------------------
+def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean (D,) and covariance (D, D) of (N, D) features, float64 (N - 1 in the denominator)."""
+    x = np.asarray(features, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"need (N >= 2, D) features for a covariance, got shape {x.shape}")
+    return x.mean(axis=0), np.cov(x, rowvar=False).reshape(x.shape[1], x.shape[1])
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
+                     eps: float = 1e-6) -> float:
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrt(S1 S2)) between N(mu1, S1) and N(mu2, S2).
+
+    With fewer images than feature dimensions the covariances are singular and sqrtm of their product
+    is unstable; then, as pytorch-fid does, `eps` is added to both diagonals before the square root.
+    """
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise ValueError(f"mismatched statistics: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}")
+    diff = mu1 - mu2
+    covmean = linalg.sqrtm(sigma1.dot(sigma2))
+    if not np.isfinite(covmean).all():
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        # Round-off gives tiny imaginary parts; a large one means the statistics are broken.
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"imaginary component {np.max(np.abs(covmean.imag)):.3g} in sqrtm: "
+                             "covariance statistics are not valid")
+        covmean = covmean.real
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+
+
+def fid_from_features(real: np.ndarray, synth: np.ndarray, eps: float = 1e-6) -> float:
+    """FID between two (N, D) feature sets."""
+    mu1, s1 = feature_statistics(real)
+    mu2, s2 = feature_statistics(synth)
+    return frechet_distance(mu1, s1, mu2, s2, eps=eps)
+
+
+def _polynomial_mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
+    """Unbiased MMD^2 with k(a, b) = (a.b / D + 1)^3 (the KID kernel) between (m, D) sets."""
+    d = x.shape[1]
+    kxx = (x @ x.T / d + 1.0) ** 3
+    kyy = (y @ y.T / d + 1.0) ** 3
+    kxy = (x @ y.T / d + 1.0) ** 3
+    m, n = x.shape[0], y.shape[0]
+    # Diagonals (a sample with itself) are left out: that is what makes the estimate unbiased.
+    sxx = (kxx.sum() - np.trace(kxx)) / (m * (m - 1))
+    syy = (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
+    return float(sxx + syy - 2.0 * kxy.mean())
+
+
+def kernel_inception_distance(real: np.ndarray, synth: np.ndarray, subset_size: int, n_subsets: int,
+                              seed: int = 0) -> tuple[float, float]:
+    """KID: mean and std over `n_subsets` random subsets of min(subset_size, N_real, N_synth) images."""
+    x, y = np.asarray(real, np.float64), np.asarray(synth, np.float64)
+    m = min(subset_size, x.shape[0], y.shape[0])
+    if m < 2:
+        raise ValueError(f"KID needs at least 2 images per set, got {x.shape[0]} real and {y.shape[0]} synthetic")
+    rng = np.random.default_rng(seed)
+    vals = np.array([
+        _polynomial_mmd2_unbiased(x[rng.choice(x.shape[0], m, replace=False)],
+                                  y[rng.choice(y.shape[0], m, replace=False)])
+        for _ in range(n_subsets)
+    ])
+    return float(vals.mean()), float(vals.std(ddof=1)) if n_subsets > 1 else float("nan")
+
+
+def _pairwise_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(Na, Nb) Euclidean distances, clipped at 0 against round-off."""
+    sq = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T
+    return np.sqrt(np.maximum(sq, 0.0))
+
+
+def memorization(synth: np.ndarray, real: np.ndarray, threshold: float) -> dict[str, np.ndarray | float]:
+    """Nearest real neighbour of each synthetic feature vector and a near-copy flag.
+
+    Returns `nearest` (Ns,) indices into `real`, `distance` (Ns,), `reference` (the median real-real
+    nearest-neighbour distance, each real image's own zero distance left out), `threshold_distance`
+    (= threshold x reference) and `flagged` (Ns,) bool: distance < threshold_distance.
+    """
+    s, r = np.asarray(synth, np.float64), np.asarray(real, np.float64)
+    if r.shape[0] < 2:
+        raise ValueError(f"memorisation check needs at least 2 real images, got {r.shape[0]}")
+    d_sr = _pairwise_distances(s, r)                       # (Ns, Nr)
+    nearest = d_sr.argmin(axis=1) if s.shape[0] else np.zeros(0, dtype=np.int64)
+    distance = d_sr[np.arange(s.shape[0]), nearest] if s.shape[0] else np.zeros(0)
+    d_rr = _pairwise_distances(r, r)
+    np.fill_diagonal(d_rr, np.inf)
+    reference = float(np.median(d_rr.min(axis=1)))
+    limit = threshold * reference
+    return {"nearest": nearest, "distance": distance, "reference": reference,
+            "threshold_distance": limit, "flagged": distance < limit}
+
+
+# ---------------------------------------------------------------------------------------------
+# Feature extractors
+# ---------------------------------------------------------------------------------------------
+class InceptionFeatures(nn.Module):
+    """pytorch-fid's InceptionV3 block output as (B, dims) vectors; inputs (B, 3, H, W) in [0, 1]."""
+
+    def __init__(self, inception: nn.Module, dims: int):
+        super().__init__()
+        self.inception = inception
+        self.dims = dims
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.inception(x)[0]                           # (B, dims, h, w); h = w = 1 for 2048
+        if out.shape[2:] != (1, 1):
+            # The 64/192/768 blocks are spatial maps: pytorch-fid averages them to one vector each.
+            out = F.adaptive_avg_pool2d(out, output_size=(1, 1))
+        return out.flatten(1)                                # (B, dims)
+
+
+def inception_weights_path(weights: str | None) -> str:
+    """Local path of the Inception weights: `fid.weights` when set, else torch hub's cache entry.
+
+    Raises MissingWeightsError (never downloads) when the file is not there.
+    """
+    hub_dir = os.path.join(torch.hub.get_dir(), "checkpoints")
+    where = (f"put {INCEPTION_WEIGHTS_FILE} (from pytorch-fid's release 'fid_weights') in {hub_dir} "
+             f"($TORCH_HOME/hub/checkpoints) or set fid.weights=/path/to/{INCEPTION_WEIGHTS_FILE}")
+    if weights:
+        path = os.path.expanduser(weights)
+        if not os.path.isfile(path):
+            raise MissingWeightsError(f"fid.weights={weights} does not exist; {where}")
+        return path
+    path = os.path.join(hub_dir, INCEPTION_WEIGHTS_FILE)
+    if not os.path.isfile(path):
+        raise MissingWeightsError(f"pytorch-fid Inception weights not found at {path} (no download "
+                                  f"attempted: this machine may be offline); {where}")
+    return path
+
+
+@contextmanager
+def _weights_from_file(path: str):
+    """Make pytorch-fid's loader read `path` instead of its download URL (it has no path argument)."""
+    import pytorch_fid.inception as pfi
+
+    original = pfi.load_state_dict_from_url
+    pfi.load_state_dict_from_url = lambda *a, **k: torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        yield
+    finally:
+        pfi.load_state_dict_from_url = original
+
+
+def load_inception(dims: int, weights: str | None = None, device: str | torch.device = "cpu") -> InceptionFeatures:
+    """pytorch-fid's FID InceptionV3 returning `dims`-d features, in eval mode on `device`."""
+    from pytorch_fid.inception import InceptionV3
+
+    if dims not in InceptionV3.BLOCK_INDEX_BY_DIM:
+        raise MeddapError(f"fid.dims={dims} is not one of pytorch-fid's blocks "
+                          f"{sorted(InceptionV3.BLOCK_INDEX_BY_DIM)}")
+    path = inception_weights_path(weights)
+    try:
+        with _weights_from_file(path):
+            net = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[dims]])
+    except (RuntimeError, OSError, EOFError) as e:  # truncated or foreign file
+        raise MissingWeightsError(f"{path} could not be loaded as pytorch-fid's Inception weights "
+                                  f"({type(e).__name__}: {str(e)[:200]}); replace it with "
+                                  f"{INCEPTION_WEIGHTS_FILE}") from None
+    return InceptionFeatures(net, dims).eval().to(device)
+
+
+def _default_reader(path: str, size: int) -> np.ndarray:
+    from meddap.data.decode import read_grey
+
+    return read_grey(path, size)
+
+
+@torch.no_grad()
+def extract_features(paths: Sequence[str], extractor: nn.Module, batch_size: int, image_size: int,
+                     device: str | torch.device = "cpu",
+                     reader: Callable[[str, int], np.ndarray] | None = None,
+                     progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """(N, D) float64 features of image files, read as the canonical grey (H, W) uint8 at `image_size`
+    and replicated to 3 channels in [0, 1] (what pytorch-fid's Inception expects)."""
+    read = reader or _default_reader
+    extractor = extractor.eval().to(device)
+    chunks = []
+    for start in range(0, len(paths), batch_size):
+        batch = np.stack([read(p, image_size) for p in paths[start:start + batch_size]])  # (B, H, W) uint8
+        x = torch.from_numpy(batch).to(device=device, dtype=torch.float32).div_(255.0)
+        x = x[:, None].expand(-1, 3, -1, -1)                                                 # (B, 3, H, W)
+        feats = extractor(x)                                                                 # (B, D)
+        chunks.append(feats.reshape(feats.shape[0], -1).double().cpu().numpy())
+        if progress is not None:
+            progress(len(batch))
+    if not chunks:
+        return np.zeros((0, 0))
+    return np.concatenate(chunks)
