@@ -210,6 +210,8 @@ class GenerateConfig:
     batch_size: int = _f(16, "Prompts per pipeline call.")
     workers: Optional[int] = _f(None, "Ray Data actors; null = one per GPU, or on CPU a pool that leaves CPUs free.")
     num_gpus_per_worker: float = _f(1.0, "GPUs per actor when GPUs are present.")
+    cpus_per_worker: float = _f(1.0, "CPUs per actor on a CPU-only cluster (also its torch threads, at least 1); "
+                                     "the pool always leaves >= 1 CPU free for Ray Data's own tasks.")
     seed: int = _f(0, "Run seed from which each image's seed is derived.")
 
     def validate(self, prefix: str) -> None:
@@ -230,6 +232,8 @@ class GenerateConfig:
             _check(self.workers >= 1, f"{prefix}.workers", self.workers, "null or an integer >= 1")
         _check(0 < self.num_gpus_per_worker <= 8, f"{prefix}.num_gpus_per_worker", self.num_gpus_per_worker,
                "a number in (0, 8]")
+        _check(0 < self.cpus_per_worker <= 256, f"{prefix}.cpus_per_worker", self.cpus_per_worker,
+               "a number in (0, 256]")
 
 
 @dataclass

@@ -1,0 +1,170 @@
+"""Batched synthetic-image generation: the plain-PyTorch core (no Ray).
+
+`SyntheticGenerator` loads the base pipeline once and every LoRA adapter once, as peft named
+adapters; `generate_batch` switches between them with `set_adapters` (a flag flip, no reload) and
+runs one pipeline call per run of same-adapter requests. Each image has its own seed and its own
+CPU `torch.Generator`, so its starting noise does not depend on which batch, actor or device it
+lands in; the Ray stage (`meddap.stages.generate`) and the benchmark both call this class.
+
+Images are returned as the pipeline makes them, (H, W, 3) uint8 RGB, and saved as RGB PNGs:
+the prompts ask for "colorful" and "solarized" images and a person looking at a contact sheet
+should see what the model made; consumers read every image, real or synthetic, through
+`meddap.data.decode.read_grey`, so one grey conversion rule applies to both (BUSI's PNGs are RGB
+on disk too).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from meddap.config import ConfigError
+
+__all__ = ["ImageRequest", "SyntheticGenerator", "resolve_device_dtype", "png_bytes", "png_metadata",
+           "PNG_META_KEY"]
+
+PNG_META_KEY = "meddap"  # PNG tEXt key holding the image's provenance (JSON)
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """One image to make: its prompt, its seed, and the named adapter (None = the base model)."""
+
+    prompt: str
+    seed: int
+    adapter: str | None = None
+
+
+def resolve_device_dtype(precision: str = "auto", device: str | None = None) -> tuple[str, torch.dtype]:
+    """(device, dtype): auto = fp16 on CUDA, fp32 on CPU. fp16 on CPU is refused (slow, not all ops)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    on_cuda = str(device).startswith("cuda")
+    if precision == "auto":
+        return device, torch.float16 if on_cuda else torch.float32
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+    if dtype is None:
+        raise ConfigError(f"config key 'generate.precision' = {precision!r}: expected auto, fp32, fp16 or bf16.")
+    if dtype == torch.float16 and not on_cuda:
+        raise ConfigError("config key 'generate.precision' = 'fp16' needs a CUDA GPU; on CPU use fp32 "
+                          "(or auto, which picks fp16 on GPU and fp32 on CPU).")
+    return device, dtype
+
+
+def _make_scheduler(name: str, config):
+    import diffusers
+
+    cls = getattr(diffusers, name, None)
+    if cls is None or not name.endswith("Scheduler") or not hasattr(cls, "from_config"):
+        known = sorted(n for n in dir(diffusers) if n.endswith("Scheduler") and not n.startswith("_"))
+        raise ConfigError(f"config key 'generate.scheduler' = {name!r} is not a diffusers scheduler class. "
+                          f"Use null (the base model's own) or one of: {', '.join(known)}.")
+    return cls.from_config(config)
+
+
+class SyntheticGenerator:
+    """Base pipeline + named LoRA adapters, loaded once; `generate_batch` makes images.
+
+    model: a diffusers folder or hub id (`meddap.diffusion.base.resolve_base_model`).
+    adapters: {name: adapter folder holding pytorch_lora_weights.safetensors} (local or URI).
+    """
+
+    def __init__(self, model: str, adapters: dict[str, str] | None = None, *, steps: int = 30,
+                 guidance_scale: float = 7.5, resolution: int = 224, scheduler: str | None = None,
+                 precision: str = "auto", device: str | None = None):
+        from meddap.diffusion.base import load_pipeline
+
+        self.device, self.dtype = resolve_device_dtype(precision, device)
+        self.steps, self.guidance_scale, self.resolution = steps, float(guidance_scale), resolution
+        self.pipe = load_pipeline(model, device=self.device, dtype=self.dtype)  # safety checker off
+        if scheduler:
+            self.pipe.scheduler = _make_scheduler(scheduler, self.pipe.scheduler.config)
+        self.scheduler_name = type(self.pipe.scheduler).__name__
+        self.adapters = dict(adapters or {})
+        for name, folder in self.adapters.items():
+            self._load_adapter(name, folder)
+        self._active: str | None = "\0unset"
+
+    @classmethod
+    def from_config(cls, cfg, model: str, adapters: dict[str, str] | None = None,
+                    device: str | None = None) -> "SyntheticGenerator":
+        g = cfg.generate
+        return cls(model, adapters, steps=g.steps, guidance_scale=g.guidance_scale,
+                   resolution=cfg.generate_resolution, scheduler=g.scheduler, precision=g.precision,
+                   device=device)
+
+    def _load_adapter(self, name: str, folder: str) -> None:
+        import os
+
+        from meddap import storage
+        from meddap.diffusion.plan import ADAPTER_FILE
+
+        # local_path: the file itself for a local run_dir, a cached download for s3:// / gs://.
+        # Loading from a file (not a state dict) keeps diffusers' LoRA metadata (alpha) in effect.
+        local = storage.local_path(storage.join(folder, ADAPTER_FILE))
+        self.pipe.load_lora_weights(os.path.dirname(local), weight_name=os.path.basename(local),
+                                    adapter_name=name)
+
+    def _activate(self, adapter: str | None) -> None:
+        if adapter == self._active:
+            return
+        if adapter is None:
+            if self.adapters:
+                self.pipe.disable_lora()
+        else:
+            if adapter not in self.adapters:
+                raise KeyError(f"adapter {adapter!r} was not loaded (loaded: {sorted(self.adapters)})")
+            self.pipe.enable_lora()
+            self.pipe.set_adapters([adapter])
+        self._active = adapter
+
+    @torch.inference_mode()
+    def _run(self, prompts: list[str], seeds: list[int]) -> list[np.ndarray]:
+        # One CPU generator per image: the image's (1, 4, H/8, W/8) starting latents depend only on
+        # its seed, whatever else is in the batch and whichever device runs the UNet.
+        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        out = self.pipe(prompt=prompts, height=self.resolution, width=self.resolution,
+                        num_inference_steps=self.steps, guidance_scale=self.guidance_scale,
+                        generator=generators, output_type="np")
+        images = out.images  # (B, H, W, 3) float in [0, 1]
+        return [np.asarray((im * 255).round().clip(0, 255), dtype=np.uint8) for im in images]
+
+    def generate_batch(self, requests: Sequence[ImageRequest]) -> list[np.ndarray]:
+        """(H, W, 3) uint8 images in request order; one pipeline call per run of same-adapter requests."""
+        results: list[np.ndarray | None] = [None] * len(requests)
+        start = 0
+        while start < len(requests):
+            adapter = requests[start].adapter
+            end = start
+            while end < len(requests) and requests[end].adapter == adapter:
+                end += 1
+            self._activate(adapter)
+            chunk = requests[start:end]
+            for i, im in enumerate(self._run([r.prompt for r in chunk], [r.seed for r in chunk])):
+                results[start + i] = im
+            start = end
+        return results  # type: ignore[return-value]
+
+    def generate_one(self, prompt: str, seed: int, adapter: str | None = None) -> np.ndarray:
+        return self.generate_batch([ImageRequest(prompt, seed, adapter)])[0]
+
+
+def png_metadata(**fields) -> dict:
+    return {PNG_META_KEY: json.dumps(fields, sort_keys=True, default=str)}
+
+
+def png_bytes(image: np.ndarray, meta: dict | None = None) -> bytes:
+    """PNG bytes of an (H, W, 3) or (H, W) uint8 image with tEXt provenance chunks."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for k, v in (meta or {}).items():
+        info.add_text(k, v)
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
