@@ -1,0 +1,303 @@
+"""Images for the classifier grid: decoded once into uint8 tensors, selected per trial, augmented in batches.
+
+Decoding happens once for the whole sweep (`load_sweep_images`): every real image of the manifest and
+every synthetic image any trial can use goes into (N, 1, S, S) uint8 arrays. A trial then only
+indexes into them (`trial_tensors`); nothing is decoded in the epoch loop. Batches are turned into
+model input on the trial's device (`model_input`): random flip, grey -> 3 channels, ImageNet
+normalisation.
+
+A trial (fold k, adjective a, ratio r) trains on
+  - real: manifest rows with split == "train" and fold != k;
+  - synthetic: per class c, the first round(r * n_real(c)) images by `index` of (fold k, adjective a)
+    in the synthetic manifest, where n_real(c) counts class c among those real rows; when the
+    manifest holds no fold-k images for a, the shared adapter's (fold -1) images are used.
+    (Python's round: halves go to the even number, e.g. round(0.5 * 5) = 2.)
+Validation = train rows with fold == k; test = split "test"; external = split "external".
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from meddap.errors import MeddapError
+from meddap.progress import Progress
+
+__all__ = [
+    "TrialSpec",
+    "EvalSet",
+    "TrialTensors",
+    "SweepImages",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "decode_images",
+    "synthetic_source_fold",
+    "select_training_rows",
+    "load_sweep_images",
+    "trial_tensors",
+    "model_input",
+]
+
+# torchvision's ImageNet statistics (the normalisation the paper and the pretrained weights use).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_EVAL_SPLITS = ("test", "external")
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """One cell of the grid. `adjective` None with ratio 0 is the real-only baseline."""
+
+    classifier: str
+    fold: int
+    adjective: Optional[str] = None
+    ratio: float = 0.0
+
+    def __post_init__(self):
+        if (self.adjective is None) != (self.ratio == 0):
+            raise ValueError(f"TrialSpec: real-only trials have adjective None and ratio 0, got "
+                             f"adjective={self.adjective!r}, ratio={self.ratio}")
+
+    @property
+    def real_only(self) -> bool:
+        return self.adjective is None
+
+    @property
+    def trial_id(self) -> str:
+        from meddap.layout import adjective_slug
+
+        slug = "real" if self.real_only else adjective_slug(self.adjective)
+        return f"{self.classifier}__{slug}__r{self.ratio:g}__f{self.fold}"
+
+    def to_dict(self) -> dict:
+        return {"classifier": self.classifier, "fold": self.fold, "adjective": self.adjective,
+                "ratio": self.ratio, "trial_id": self.trial_id}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrialSpec":
+        return cls(classifier=d["classifier"], fold=int(d["fold"]), adjective=d["adjective"],
+                   ratio=float(d["ratio"]))
+
+
+@dataclass
+class EvalSet:
+    name: str
+    images: torch.Tensor       # (N, 1, S, S) uint8
+    labels: torch.Tensor       # (N,) int64
+    image_ids: list[str]
+
+
+@dataclass
+class TrialTensors:
+    train_images: torch.Tensor                       # (N, 1, S, S) uint8, real then synthetic
+    train_labels: torch.Tensor                       # (N,) int64
+    n_real: int
+    n_synthetic: int
+    evals: dict[str, EvalSet]                        # "val", "test", optionally "external"
+    synthetic_evals: dict[str, EvalSet] = field(default_factory=dict)  # adjective -> set (Figure 1a)
+    train_image_ids: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+# ---------------------------------------------------------------------------------------------
+def _default_decoder() -> Callable[[str, int], np.ndarray]:
+    from meddap.data.decode import read_grey
+
+    return read_grey
+
+
+def decode_images(paths: Sequence[str], size: int, decode: Optional[Callable] = None, what: str = "decode",
+                  workers: Optional[int] = None) -> np.ndarray:
+    """(N, 1, size, size) uint8 from image files, decoded in a thread pool (Pillow releases the GIL)."""
+    decode = decode or _default_decoder()
+    out = np.empty((len(paths), 1, size, size), dtype=np.uint8)
+    if not len(paths):
+        return out
+    progress = Progress(len(paths), what, "images", every_s=5.0)
+
+    def one(i: int) -> None:
+        grey = decode(paths[i], size)  # (S, S) uint8; ImageDecodeError names the file
+        out[i, 0] = grey
+
+    with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
+        for _ in pool.map(one, range(len(paths))):
+            progress.update(1)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Which images a trial uses
+# ---------------------------------------------------------------------------------------------
+def synthetic_source_fold(synthetic: pd.DataFrame, fold: int, adjective: str) -> int:
+    """Fold whose synthetic images serve `fold`: the fold's own adapter, else the shared one (-1)."""
+    for source in (fold, -1):
+        if ((synthetic["fold"] == source) & (synthetic["adjective"] == adjective)).any():
+            return source
+    have = sorted({(int(f), a) for f, a in zip(synthetic["fold"], synthetic["adjective"])})
+    raise MeddapError(
+        f"the synthetic manifest has no images for fold {fold} (nor a shared fold -1) with adjective "
+        f"{adjective!r}; it holds (fold, adjective) = {have[:20]}{' ...' if len(have) > 20 else ''}. Run "
+        f"`python -m meddap generate` with this config (generate.adjectives, diffusion.lora.per_fold) first.")
+
+
+def _real_train_rows(manifest: pd.DataFrame, fold: int) -> pd.DataFrame:
+    return manifest[(manifest["split"] == "train") & (manifest["fold"] != fold)]
+
+
+def _synthetic_counts(real: pd.DataFrame, ratio: float, n_classes: int) -> dict[int, int]:
+    counts = real["label"].value_counts()
+    return {c: int(round(ratio * int(counts.get(c, 0)))) for c in range(n_classes)}
+
+
+def select_training_rows(manifest: pd.DataFrame, synthetic: Optional[pd.DataFrame], spec: TrialSpec,
+                         classes: Sequence[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(real rows, synthetic rows) of a trial's training set, as the module docstring defines them."""
+    real = _real_train_rows(manifest, spec.fold)
+    if spec.real_only:
+        return real, (synthetic.iloc[:0] if synthetic is not None else pd.DataFrame())
+    if synthetic is None:
+        raise MeddapError(f"trial {spec.trial_id} needs synthetic images but there is no synthetic manifest; "
+                          f"run `python -m meddap generate` first.")
+    source = synthetic_source_fold(synthetic, spec.fold, spec.adjective)
+    pool = synthetic[(synthetic["fold"] == source) & (synthetic["adjective"] == spec.adjective)]
+    parts = []
+    for label, need in _synthetic_counts(real, spec.ratio, len(classes)).items():
+        have = pool[pool["label"] == label].sort_values("index")
+        if len(have) < need:
+            raise MeddapError(
+                f"trial {spec.trial_id} needs the first {need} synthetic '{classes[label]}' images "
+                f"(ratio {spec.ratio:g} x {int((real['label'] == label).sum())} real) of fold {source}, adjective "
+                f"{spec.adjective!r}, but the synthetic manifest has {len(have)}. Generate more (the "
+                f"largest generate.ratios must be covered) or lower generate.ratios.")
+        parts.append(have.iloc[:need])
+    return real, pd.concat(parts) if parts else pool.iloc[:0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoded images for a whole sweep
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class SweepImages:
+    """Every image any trial of a sweep touches, decoded once.
+
+    `real_rows` is the manifest with a `row` column into `real_images`; `synthetic_rows[(fold, adj)]`
+    holds the used synthetic rows (sorted by label, index) with `row` into `synthetic_images[(fold, adj)]`.
+    Image arrays may be replaced by Ray object refs: `trial_tensors(get=ray.get)` resolves them.
+    """
+
+    classes: list[str]
+    image_size: int
+    real_rows: pd.DataFrame
+    real_images: object                                   # (N, 1, S, S) uint8 array (or an object ref)
+    synthetic_rows: dict[tuple[int, str], pd.DataFrame] = field(default_factory=dict)
+    synthetic_images: dict[tuple[int, str], object] = field(default_factory=dict)
+
+    def nbytes(self) -> int:
+        arrays = [self.real_images, *self.synthetic_images.values()]
+        return int(sum(a.nbytes for a in arrays if isinstance(a, np.ndarray)))
+
+
+def load_sweep_images(manifest: pd.DataFrame, synthetic: Optional[pd.DataFrame], specs: Sequence[TrialSpec],
+                      classes: Sequence[str], image_size: int, decode: Optional[Callable] = None) -> SweepImages:
+    """Decode the real images and, per (source fold, adjective), the synthetic images the largest
+    ratio of any trial needs. Raises MeddapError before any training when the synthetic manifest
+    lacks a needed (fold, adjective) or holds too few images."""
+    real_rows = manifest[manifest["split"].isin(("train", *_EVAL_SPLITS))].reset_index(drop=True).copy()
+    real_rows["row"] = np.arange(len(real_rows))
+    real_images = decode_images(real_rows["path"].tolist(), image_size, decode, "decode real")
+
+    # For each synthetic pool, the most images per class any trial draws from it.
+    needed: dict[tuple[int, str], pd.DataFrame] = {}
+    for spec in specs:
+        if spec.real_only:
+            continue
+        _, rows = select_training_rows(manifest, synthetic, spec, classes)
+        key = (synthetic_source_fold(synthetic, spec.fold, spec.adjective), spec.adjective)
+        if key not in needed or len(rows) > len(needed[key]):
+            needed[key] = rows  # nested ratios: the largest selection contains every smaller one
+    syn_rows, syn_images = {}, {}
+    for key, rows in sorted(needed.items()):
+        rows = rows.sort_values(["label", "index"]).reset_index(drop=True).copy()
+        rows["row"] = np.arange(len(rows))
+        syn_rows[key] = rows
+        syn_images[key] = decode_images(rows["path"].tolist(), image_size, decode,
+                                        f"decode synthetic fold {key[0]} {key[1]!r}")
+    return SweepImages(list(classes), image_size, real_rows, real_images, syn_rows, syn_images)
+
+
+def _take(images: object, rows: Sequence[int], get: Callable) -> torch.Tensor:
+    arr = get(images) if not isinstance(images, np.ndarray) else images
+    return torch.from_numpy(np.ascontiguousarray(arr[np.asarray(rows, dtype=np.int64)]))  # copy: writable
+
+
+def _eval_set(name: str, rows: pd.DataFrame, images: object, get: Callable) -> EvalSet:
+    return EvalSet(name, _take(images, rows["row"], get), torch.tensor(rows["label"].to_numpy(), dtype=torch.int64),
+                   rows["image_id"].astype(str).tolist())
+
+
+def _pool_key(data: SweepImages, fold: int, adjective: str) -> tuple[int, str]:
+    for key in ((fold, adjective), (-1, adjective)):
+        if key in data.synthetic_rows:
+            return key
+    raise MeddapError(f"no decoded synthetic images for fold {fold}, adjective {adjective!r} "
+                      f"(load_sweep_images was given other trials).")
+
+
+def trial_tensors(data: SweepImages, spec: TrialSpec, get: Callable = lambda x: x) -> TrialTensors:
+    """The trial's training set, its validation/test/external sets and (real-only trials) the
+    synthetic sets of its fold for every adjective, as uint8 tensors."""
+    rows = data.real_rows
+    real = rows[(rows["split"] == "train") & (rows["fold"] != spec.fold)]
+    val = rows[(rows["split"] == "train") & (rows["fold"] == spec.fold)]
+    if len(val) == 0:
+        raise MeddapError(f"fold {spec.fold} has no validation images (train rows with fold == {spec.fold}) "
+                          f"in the manifest; rerun `python -m meddap prepare`.")
+    parts_x = [_take(data.real_images, real["row"], get)]          # (n_real, 1, S, S)
+    parts_y = [torch.tensor(real["label"].to_numpy(), dtype=torch.int64)]
+    ids = real["image_id"].astype(str).tolist()
+    n_syn = 0
+    if not spec.real_only:
+        counts = _synthetic_counts(real, spec.ratio, len(data.classes))
+        key = _pool_key(data, spec.fold, spec.adjective)
+        pool = data.synthetic_rows[key]
+        chosen = pd.concat([pool[pool["label"] == c].sort_values("index").iloc[:n] for c, n in counts.items()])
+        parts_x.append(_take(data.synthetic_images[key], chosen["row"], get))
+        parts_y.append(torch.tensor(chosen["label"].to_numpy(), dtype=torch.int64))
+        ids += chosen["image_id"].astype(str).tolist()
+        n_syn = len(chosen)
+    evals = {"val": _eval_set("val", val, data.real_images, get)}
+    for split in _EVAL_SPLITS:
+        part = rows[rows["split"] == split]
+        if len(part):
+            evals[split] = _eval_set(split, part, data.real_images, get)
+    synthetic_evals = {}
+    if spec.real_only:
+        for adjective in sorted({a for _, a in data.synthetic_rows}):
+            key = _pool_key(data, spec.fold, adjective)
+            synthetic_evals[adjective] = _eval_set(f"synthetic:{adjective}", data.synthetic_rows[key],
+                                                   data.synthetic_images[key], get)
+    return TrialTensors(torch.cat(parts_x), torch.cat(parts_y), len(real), n_syn, evals, synthetic_evals, ids)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch transform on the device
+# ---------------------------------------------------------------------------------------------
+def model_input(batch: torch.Tensor, *, flip: bool = False, generator: Optional[torch.Generator] = None,
+                channels_last: bool = False) -> torch.Tensor:
+    """(B, 1, S, S) uint8 -> (B, 3, S, S) float32 ImageNet-normalised, with a random horizontal flip
+    per image when `flip` (drawn from `generator`, on the batch's device)."""
+    x = batch.float().div_(255.0)                                           # (B, 1, S, S) in [0, 1]
+    if flip:
+        coin = torch.rand(x.shape[0], device=x.device, generator=generator) < 0.5  # (B,)
+        x = torch.where(coin[:, None, None, None], x.flip(-1), x)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    x = (x.expand(-1, 3, -1, -1) - mean) / std                              # (B, 3, S, S)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x

@@ -1,0 +1,223 @@
+"""One classifier trial, plain PyTorch: tensors and settings in, metrics and predictions out.
+
+`train_trial` builds a FRESH model for every trial, seeded from `classify.seed` and the trial's
+settings (the authors' script kept training one network across adjectives; we never do), trains it
+with Adam for `classify.epochs` epochs on in-memory uint8 tensors (augmented on the device), picks the
+epoch with the best validation accuracy (the earliest on ties), and evaluates that epoch's weights on
+every evaluation set. On CUDA it uses autocast (bf16 where supported, else fp16 with a grad scaler)
+and channels_last. Every `classify.checkpoint_every` epochs the `report` callback receives the full
+training state (model, optimizer, scaler, epoch, best state, RNG states), and `checkpoint=` resumes
+from such a state; a resumed trial computes exactly what an uninterrupted one does.
+Ray knows nothing of this module: `meddap.stages.sweep` wraps it in a Tune trainable, the
+benchmark calls it directly.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from meddap.classify.data import EvalSet, TrialSpec, TrialTensors, model_input
+from meddap.classify.metrics import classification_metrics
+from meddap.classify.models import build_classifier, logits_of
+
+__all__ = ["TrialResult", "train_trial", "trial_seed", "build_trial_model", "autocast_dtype", "train_step",
+           "predict"]
+
+ReportFn = Callable[[int, dict, Optional[dict]], None]
+
+
+@dataclass
+class TrialResult:
+    spec: TrialSpec
+    seed: int
+    metrics: dict[str, dict]                 # eval set -> classification_metrics(...)
+    predictions: pd.DataFrame                # trial_id, eval_set, image_id, label, pred, prob_<class>...
+    synthetic_eval: dict[str, dict]          # adjective -> {"accuracy", "n"} (real-only trials)
+    best_epoch: int                          # 1-based
+    best_val_accuracy: float
+    train_seconds: float                     # wall time of the epoch loop (training + validation)
+    images_per_second: float                 # training images per second of training steps
+    state_dict: dict                         # best epoch's weights, on the CPU
+    n_real: int
+    n_synthetic: int
+    epochs: int
+    resumed_from_epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+def trial_seed(base_seed: int, spec: TrialSpec) -> int:
+    """Seed of a trial: a stable hash of the base seed and the trial's settings (not Python's hash(),
+    which changes per process)."""
+    return zlib.crc32(f"{base_seed}:{spec.trial_id}".encode()) & 0x7FFFFFFF
+
+
+def build_trial_model(spec: TrialSpec, num_classes: int, seed: int, pretrained: str = "none",
+                      weights_dir: Optional[str] = None) -> nn.Module:
+    """A new network for this trial: the same seed gives the same initial weights, always."""
+    torch.manual_seed(seed)
+    return build_classifier(spec.classifier, num_classes, pretrained=pretrained, weights_dir=weights_dir)
+
+
+def autocast_dtype(mode: str, device: torch.device) -> Optional[torch.dtype]:
+    """None = full fp32. 'auto': bf16 on CUDA GPUs that support it, else fp16; fp32 on CPU."""
+    if mode == "no" or (mode == "auto" and device.type != "cuda"):
+        return None
+    if mode == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}[mode]
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+               inputs: torch.Tensor, labels: torch.Tensor, amp: Optional[torch.dtype]) -> torch.Tensor:
+    """One Adam step on a (B, 3, S, S) batch; returns the (detached) loss."""
+    with torch.autocast(inputs.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        loss = nn.functional.cross_entropy(logits_of(model(inputs)), labels)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach()
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device,
+            amp: Optional[torch.dtype] = None, channels_last: bool = False) -> np.ndarray:
+    """(N, 1, S, S) uint8 -> (N, K) float32 class probabilities, in eval mode."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for i in range(0, images.shape[0], batch_size):
+        x = model_input(images[i:i + batch_size].to(device, non_blocking=True), channels_last=channels_last)
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            logits = logits_of(model(x))
+        out.append(torch.softmax(logits.float(), dim=1).cpu())          # (B, K)
+    model.train(was_training)
+    return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
+
+
+def _cpu_copy(state: dict) -> dict:
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+
+def _rng_state(generator: torch.Generator, device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, generator: torch.Generator, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["generator"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _predictions_frame(trial_id: str, ev: EvalSet, probs: np.ndarray, classes: Sequence[str]) -> pd.DataFrame:
+    frame = pd.DataFrame({"trial_id": trial_id, "eval_set": ev.name, "image_id": ev.image_ids,
+                          "label": ev.labels.numpy().astype(np.int64), "pred": probs.argmax(1).astype(np.int64)})
+    for k, name in enumerate(classes):
+        frame[f"prob_{name}"] = probs[:, k].astype(np.float32)
+    return frame
+
+
+def train_trial(spec: TrialSpec, tensors: TrialTensors, cfg_classify, classes: Sequence[str],
+                device: torch.device | str = "cpu", checkpoint: Optional[dict] = None,
+                report: Optional[ReportFn] = None) -> TrialResult:
+    """Train and evaluate one trial. `cfg_classify` is a ClassifyConfig; `checkpoint` a state the
+    `report` callback was given earlier; `report(epoch, metrics, state_or_None)` runs after every
+    epoch, with the state every `checkpoint_every` epochs."""
+    device = torch.device(device)
+    c = cfg_classify
+    seed = trial_seed(c.seed, spec)
+    model = build_trial_model(spec, len(classes), seed, c.pretrained, c.weights_dir).to(device)
+    channels_last = device.type == "cuda"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    amp = autocast_dtype(c.mixed_precision, device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=c.lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+
+    train_x = tensors.train_images.to(device)                       # (N, 1, S, S) uint8, resident
+    train_y = tensors.train_labels.to(device)                       # (N,)
+    val = tensors.evals["val"]
+    n = train_x.shape[0]
+    if n < 2:
+        raise ValueError(f"trial {spec.trial_id}: {n} training images; need at least 2")
+
+    start_epoch, best_epoch, best_acc, best_state = 0, 0, -1.0, None
+    train_seconds, step_seconds, images_seen, history = 0.0, 0.0, 0, []
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        start_epoch, best_epoch, best_acc = checkpoint["epoch"], checkpoint["best_epoch"], checkpoint["best_val_accuracy"]
+        best_state = {k: v.to(device) for k, v in checkpoint["best_state"].items()}
+        train_seconds, step_seconds = checkpoint["train_seconds"], checkpoint["step_seconds"]
+        images_seen, history = checkpoint["images_seen"], list(checkpoint["history"])
+        _set_rng_state(checkpoint["rng"], generator, device)
+
+    model.train()
+    for epoch in range(start_epoch, c.epochs):
+        t_epoch = time.perf_counter()
+        order = torch.randperm(n, device=device, generator=generator)
+        losses = []
+        for i in range(0, n, c.batch_size):
+            idx = order[i:i + c.batch_size]
+            if idx.numel() < 2:
+                break  # a lone last image breaks BatchNorm's batch statistics; it is reshuffled next epoch
+            x = model_input(train_x[idx], flip=c.random_flip, generator=generator, channels_last=channels_last)
+            losses.append(train_step(model, optimizer, scaler, x, train_y[idx], amp))   # x: (B, 3, S, S)
+            images_seen += idx.numel()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        step_seconds += time.perf_counter() - t_epoch
+        probs = predict(model, val.images, c.batch_size, device, amp, channels_last)     # (n_val, K)
+        val_acc = float((probs.argmax(1) == val.labels.numpy()).mean())
+        if val_acc > best_acc:
+            best_epoch, best_acc = epoch + 1, val_acc
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        train_seconds += time.perf_counter() - t_epoch
+        record = {"epoch": epoch + 1, "loss": float(torch.stack(losses).mean()) if losses else float("nan"),
+                  "val_accuracy": val_acc, "best_val_accuracy": best_acc, "best_epoch": best_epoch}
+        history.append(record)
+        if report is not None:
+            due = (epoch + 1) % c.checkpoint_every == 0 and epoch + 1 < c.epochs
+            state = None
+            if due:
+                state = {"epoch": epoch + 1, "model": _cpu_copy(model.state_dict()),
+                         "optimizer": copy.deepcopy(optimizer.state_dict()), "scaler": scaler.state_dict(),
+                         "best_epoch": best_epoch, "best_val_accuracy": best_acc, "best_state": _cpu_copy(best_state),
+                         "train_seconds": train_seconds, "step_seconds": step_seconds,
+                         "images_seen": images_seen, "history": list(history),
+                         "rng": _rng_state(generator, device), "trial_id": spec.trial_id}
+            report(epoch + 1, dict(record), state)
+
+    model.load_state_dict(best_state)
+    metrics, frames = {}, []
+    for name, ev in tensors.evals.items():
+        probs = predict(model, ev.images, c.batch_size, device, amp, channels_last)
+        metrics[name] = classification_metrics(ev.labels.numpy(), probs.argmax(1), classes)
+        frames.append(_predictions_frame(spec.trial_id, ev, probs, classes))
+    synthetic_eval = {}
+    for adjective, ev in tensors.synthetic_evals.items():
+        probs = predict(model, ev.images, c.batch_size, device, amp, channels_last)
+        synthetic_eval[adjective] = {"accuracy": float((probs.argmax(1) == ev.labels.numpy()).mean()),
+                                     "n": int(ev.labels.numel())}
+    return TrialResult(
+        spec=spec, seed=seed, metrics=metrics, predictions=pd.concat(frames, ignore_index=True),
+        synthetic_eval=synthetic_eval, best_epoch=best_epoch, best_val_accuracy=best_acc,
+        train_seconds=train_seconds, images_per_second=images_seen / step_seconds if step_seconds > 0 else 0.0,
+        state_dict=_cpu_copy(best_state), n_real=tensors.n_real, n_synthetic=tensors.n_synthetic,
+        epochs=c.epochs, resumed_from_epoch=start_epoch, history=history)
