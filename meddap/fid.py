@@ -16,6 +16,7 @@ Everything here is plain numpy / PyTorch and knows nothing of Ray or the run dir
 from __future__ import annotations
 
 import os
+import pickle
 from contextlib import contextmanager
 from typing import Callable, Sequence
 
@@ -224,7 +225,7 @@ def load_inception(dims: int, weights: str | None = None, device: str | torch.de
     try:
         with _weights_from_file(path):
             net = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[dims]])
-    except (RuntimeError, OSError, EOFError) as e:  # truncated or foreign file
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as e:  # truncated or foreign file
         raise MissingWeightsError(f"{path} could not be loaded as pytorch-fid's Inception weights "
                                   f"({type(e).__name__}: {str(e)[:200]}); replace it with "
                                   f"{INCEPTION_WEIGHTS_FILE}") from None

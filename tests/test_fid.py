@@ -1,0 +1,297 @@
+"""FID / KID / memorisation math against independent references, the Inception loader's weights
+handling, and the fid stage (missing weights -> null values and a status; a small extractor -> numbers)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from meddap import storage
+from meddap.config import load_config
+from meddap.fid import (
+    INCEPTION_WEIGHTS_FILE,
+    MissingWeightsError,
+    extract_features,
+    fid_from_features,
+    frechet_distance,
+    kernel_inception_distance,
+    load_inception,
+    memorization,
+)
+from meddap.layout import RunLayout
+
+torch.set_num_threads(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Independent references
+# ---------------------------------------------------------------------------------------------
+def _psd_sqrt(a: np.ndarray) -> np.ndarray:
+    w, v = np.linalg.eigh((a + a.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def _fid_eigen(x: np.ndarray, y: np.ndarray) -> float:
+    """Tr sqrt(S1 S2) = Tr sqrt(S1^1/2 S2 S1^1/2): a symmetric PSD matrix, so eigenvalues, no sqrtm."""
+    mu1, mu2 = x.mean(0), y.mean(0)
+    s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    r = _psd_sqrt(s1)
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh(r @ s2 @ r), 0, None)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
+
+
+def _mmd2_loops(x: np.ndarray, y: np.ndarray) -> float:
+    """Unbiased MMD^2 with the cubic polynomial kernel, written out with explicit sums over pairs."""
+    d = x.shape[1]
+    k = lambda a, b: (a @ b / d + 1.0) ** 3  # noqa: E731
+    m, n = len(x), len(y)
+    sxx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    syy = sum(k(y[i], y[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    sxy = sum(k(x[i], y[j]) for i in range(m) for j in range(n)) / (m * n)
+    return sxx + syy - 2 * sxy
+
+
+def test_frechet_distance_diagonal_closed_form():
+    rng = np.random.default_rng(0)
+    mu1, mu2 = rng.normal(size=6), rng.normal(size=6)
+    v1, v2 = rng.uniform(0.2, 3.0, size=6), rng.uniform(0.2, 3.0, size=6)
+    expected = ((mu1 - mu2) ** 2).sum() + (v1 + v2 - 2 * np.sqrt(v1 * v2)).sum()
+    got = frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2))
+    assert got == pytest.approx(expected, rel=1e-9)
+    assert frechet_distance(mu1, np.diag(v1), mu1, np.diag(v1)) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_fid_from_features_matches_eigen_reference():
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(200, 8)) @ rng.normal(size=(8, 8))
+    b = rng.normal(size=(150, 8)) @ rng.normal(size=(8, 8)) + 0.5
+    assert fid_from_features(a, b) == pytest.approx(_fid_eigen(a, b), rel=1e-6)
+
+
+def test_fid_singular_covariances_stay_finite_and_close():
+    # Fewer images than dimensions: both covariances are singular (the usual few-hundred-image case).
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(size=(10, 32)), rng.normal(size=(12, 32)) + 0.3
+    got = fid_from_features(a, b)
+    assert np.isfinite(got)
+    assert got == pytest.approx(_fid_eigen(a, b), rel=1e-3, abs=1e-3)
+
+
+def test_kid_unbiased_estimate_and_sanity():
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(12, 5)), rng.normal(size=(12, 5)) + 1.0
+    # One subset of the full size = the plain unbiased estimate on all images.
+    kid, _ = kernel_inception_distance(x, y, subset_size=12, n_subsets=1)
+    assert kid == pytest.approx(_mmd2_loops(x, y), rel=1e-9)
+    real = rng.normal(size=(400, 16))
+    same = rng.normal(size=(400, 16))
+    shifted = rng.normal(size=(400, 16)) + 0.5
+    kid_same, std_same = kernel_inception_distance(real, same, subset_size=100, n_subsets=30)
+    kid_shift, _ = kernel_inception_distance(real, shifted, subset_size=100, n_subsets=30)
+    assert abs(kid_same) < 3 * std_same + 1e-3
+    assert kid_shift > 10 * max(abs(kid_same), 1e-3)
+
+
+def test_memorization_flags_planted_copy():
+    rng = np.random.default_rng(4)
+    real = rng.normal(size=(50, 10))
+    synth = rng.normal(size=(8, 10))
+    synth[5] = real[17] + 1e-3 * rng.normal(size=10)     # a near copy of real image 17
+    m = memorization(synth, real, threshold=0.1)
+    d = np.linalg.norm(synth[:, None] - real[None], axis=2)
+    np.testing.assert_array_equal(m["nearest"], d.argmin(1))
+    np.testing.assert_allclose(m["distance"], d.min(1), rtol=1e-9)
+    rr = np.linalg.norm(real[:, None] - real[None], axis=2)
+    np.fill_diagonal(rr, np.inf)
+    assert m["reference"] == pytest.approx(np.median(rr.min(1)))
+    assert m["nearest"][5] == 17
+    assert m["flagged"].tolist() == [i == 5 for i in range(8)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Feature extraction and the Inception loader
+# ---------------------------------------------------------------------------------------------
+class _PoolFeatures(nn.Module):
+    """A tiny fixed extractor: the grey image average-pooled to 4 x 4 -> 16 features."""
+
+    def forward(self, x):                                   # (B, 3, H, W) in [0, 1]
+        return nn.functional.adaptive_avg_pool2d(x[:, :1], 4).flatten(1)   # (B, 16)
+
+
+def _png(path, arr):
+    Image.fromarray(arr.astype(np.uint8)).convert("RGB").save(path)  # stored RGB like BUSI
+    return str(path)
+
+
+def test_extract_features_reads_grey_in_unit_range(tmp_path):
+    rng = np.random.default_rng(5)
+    arrs = [rng.integers(0, 256, size=(16, 16)).astype(np.uint8) for _ in range(5)]
+    paths = [_png(tmp_path / f"{i}.png", a) for i, a in enumerate(arrs)]
+    feats = extract_features(paths, _PoolFeatures(), batch_size=2, image_size=16)
+    expected = np.stack([a.reshape(4, 4, 4, 4).mean(axis=(1, 3)).reshape(-1) / 255 for a in arrs])
+    np.testing.assert_allclose(feats, expected, atol=1e-5)
+
+
+def test_missing_inception_weights_error_says_where(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(MissingWeightsError) as e:
+        load_inception(2048)
+    assert INCEPTION_WEIGHTS_FILE in e.value.status and "hub/checkpoints" in e.value.status
+    assert e.value.status.startswith("missing_weights: ")
+    with pytest.raises(MissingWeightsError, match="nope.pth"):
+        load_inception(64, weights=str(tmp_path / "nope.pth"))
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(MissingWeightsError, match="could not be loaded"):
+        load_inception(64, weights=str(bad))
+
+
+@pytest.fixture(scope="module")
+def fake_inception_weights(tmp_path_factory):
+    """A state dict shaped like pytorch-fid's FID Inception, random values: tests the loading path only."""
+    import pytorch_fid.inception as pfi
+
+    torch.manual_seed(0)
+    inc = pfi._inception_v3(num_classes=1008, aux_logits=False, weights=None)
+    inc.Mixed_5b = pfi.FIDInceptionA(192, pool_features=32)
+    inc.Mixed_5c = pfi.FIDInceptionA(256, pool_features=64)
+    inc.Mixed_5d = pfi.FIDInceptionA(288, pool_features=64)
+    inc.Mixed_6b = pfi.FIDInceptionC(768, channels_7x7=128)
+    inc.Mixed_6c = pfi.FIDInceptionC(768, channels_7x7=160)
+    inc.Mixed_6d = pfi.FIDInceptionC(768, channels_7x7=160)
+    inc.Mixed_6e = pfi.FIDInceptionC(768, channels_7x7=192)
+    inc.Mixed_7b = pfi.FIDInceptionE_1(1280)
+    inc.Mixed_7c = pfi.FIDInceptionE_2(2048)
+    path = tmp_path_factory.mktemp("inception") / INCEPTION_WEIGHTS_FILE
+    torch.save(inc.state_dict(), path)
+    return inc.state_dict(), str(path)
+
+
+@pytest.mark.parametrize("dims", [64, 2048])
+def test_load_inception_from_weights_file(fake_inception_weights, dims):
+    state, path = fake_inception_weights
+    model = load_inception(dims, weights=path)
+    # The file's values really were loaded (first conv of block 0).
+    first = model.inception.blocks[0][0].conv.weight
+    torch.testing.assert_close(first, state["Conv2d_1a_3x3.conv.weight"])
+    with torch.no_grad():
+        out = model(torch.rand(2, 3, 48, 48))
+    assert out.shape == (2, dims)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fid stage on hand-made manifests
+# ---------------------------------------------------------------------------------------------
+CLASSES = ["benign", "malignant", "normal"]
+
+
+def _blob(rng, bright: int, size: int = 16) -> np.ndarray:
+    img = rng.normal(60, 20, size=(size, size))
+    y, x = rng.integers(3, size - 3, size=2)
+    img[y - 2:y + 3, x - 2:x + 3] += bright
+    return np.clip(img, 0, 255)
+
+
+@pytest.fixture
+def fid_run(tmp_path):
+    """A 2-fold manifest (6 train images per class and fold + test rows) and two synthetic sets per
+    fold; synthetic 'copy' image of fold 0 is a real fold-1 image (fold 0's training data)."""
+    rng = np.random.default_rng(6)
+    run_dir = tmp_path / "run"
+    img_dir = tmp_path / "imgs"
+    img_dir.mkdir()
+    rows, arrays = [], {}
+    for fold in (0, 1):
+        for c, cls in enumerate(CLASSES):
+            for i in range(6):
+                iid = f"r-{cls}-{fold}-{i}"
+                arrays[iid] = _blob(rng, 80 + 40 * c)
+                rows.append(dict(image_id=iid, path=_png(img_dir / f"{iid}.png", arrays[iid]), dataset="A",
+                                 class_name=cls, label=c, split="train", fold=fold, group_id=iid))
+    for c, cls in enumerate(CLASSES):
+        iid = f"t-{cls}"
+        rows.append(dict(image_id=iid, path=_png(img_dir / f"{iid}.png", _blob(rng, 0)), dataset="A",
+                         class_name=cls, label=c, split="test", fold=-1, group_id=iid))
+    manifest = pd.DataFrame(rows)
+    srows = []
+    for fold in (0, 1):
+        for adj, shift in (("", 0), ("dark", -40)):
+            for c, cls in enumerate(CLASSES):
+                for i in range(5):
+                    iid = f"s-{fold}-{adj or 'none'}-{cls}-{i}"
+                    arr = _blob(rng, 80 + 40 * c) + shift
+                    if (fold, adj, cls, i) == (0, "", "benign", 0):
+                        arr = arrays["r-benign-1-2"]          # a copy of a fold-0 training image
+                    srows.append(dict(image_id=iid, path=_png(img_dir / f"{iid}.png", arr), fold=fold,
+                                      adjective=adj, class_name=cls, label=c, index=i))
+    lay = RunLayout(str(run_dir))
+    storage.write_parquet(manifest, lay.manifest)
+    storage.write_parquet(pd.DataFrame(srows), lay.synthetic_manifest)
+    cfg = load_config("demo", [f"run_dir={run_dir}", "fid.kid_subset_size=4", "fid.kid_subsets=5",
+                               "fid.memorization_threshold=0.1"])
+    return cfg, manifest, pd.DataFrame(srows)
+
+
+def test_fid_stage_missing_weights_records_status_and_nulls(fid_run, tmp_path, monkeypatch, capsys):
+    from meddap.stages import fid as stage
+
+    cfg, _, synth = fid_run
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
+    out = stage.run(cfg)
+    assert out["missing_weights"]
+    lay = RunLayout(cfg.run_dir)
+    fid = storage.read_parquet(lay.summary("fid"))
+    assert list(fid.columns[:10]) == stage.FID_COLUMNS
+    assert len(fid) == 2 * 2 * (len(CLASSES) + 1)                 # (fold, adjective) x (classes + all)
+    assert fid["fid"].isna().all() and fid["kid"].isna().all()
+    assert fid["status"].str.startswith("missing_weights: ").all()
+    assert fid["status"].str.contains(INCEPTION_WEIGHTS_FILE).all()
+    allrow = fid[(fid.fold == 0) & (fid.adjective == "") & (fid.class_name == "all")].iloc[0]
+    assert (allrow.n_real, allrow.n_synthetic) == (18, 15)       # fold 0 trains on fold-1 rows only
+    mem = storage.read_parquet(lay.summary("memorization"))
+    assert len(mem) == 0 and list(mem.columns) == stage.MEMORIZATION_COLUMNS
+    assert "FID/KID cannot be computed" in capsys.readouterr().out
+    r = stage.fid_for_sets(["a.png", "b.png"], ["c.png"], cfg.fid, device="cpu")
+    assert r["fid"] is None and r["kid"] is None and r["status"].startswith("missing_weights")
+
+
+def test_fid_stage_with_small_extractor(fid_run):
+    from meddap.stages import fid as stage
+
+    cfg, manifest, synth = fid_run
+    out = stage.run(cfg, extractor=_PoolFeatures(), image_size=16)
+    assert out == {"groups": 4, "computed": 4, "missing_weights": False, "flagged": out["flagged"]}
+    lay = RunLayout(cfg.run_dir)
+    fid = storage.read_parquet(lay.summary("fid"))
+    assert (fid["status"] == "ok").all() and fid["fid"].notna().all()
+    # Reference: the same features computed directly, for fold 1 / dark / malignant.
+    real = manifest[(manifest.split == "train") & (manifest.fold != 1) & (manifest.class_name == "malignant")]
+    syn = synth[(synth.fold == 1) & (synth.adjective == "dark") & (synth.class_name == "malignant")]
+    fr = extract_features(real.path.tolist(), _PoolFeatures(), 8, 16)
+    fs = extract_features(syn.path.tolist(), _PoolFeatures(), 8, 16)
+    row = fid[(fid.fold == 1) & (fid.adjective == "dark") & (fid.class_name == "malignant")].iloc[0]
+    assert row.fid == pytest.approx(fid_from_features(fr, fs), rel=1e-9)
+    assert row.kid == pytest.approx(kernel_inception_distance(fr, fs, 4, 5, seed=cfg.fid.seed)[0], rel=1e-9)
+    assert (row.n_real, row.n_synthetic, row.dims) == (6, 5, cfg.fid.dims)
+    mem = storage.read_parquet(lay.summary("memorization"))
+    assert len(mem) == len(synth)
+    copy = mem[mem.image_id == "s-0-none-benign-0"].iloc[0]
+    assert copy.nearest_real_id == "r-benign-1-2" and copy.flagged and copy.distance == pytest.approx(0, abs=1e-9)
+    assert mem.loc[mem.image_id != "s-0-none-benign-0", "flagged"].sum() == 0
+    # Resume: nothing left to compute, rows unchanged.
+    again = stage.run(cfg, extractor=_PoolFeatures(), image_size=16)
+    assert again["computed"] == 0
+    pd.testing.assert_frame_equal(storage.read_parquet(lay.summary("fid")), fid)
+
+
+def test_fid_stage_missing_inputs_say_which_stage(tmp_path):
+    from meddap.errors import MeddapError
+    from meddap.stages import fid as stage
+
+    cfg = load_config("demo", [f"run_dir={tmp_path / 'empty'}"])
+    with pytest.raises(MeddapError, match="meddap prepare"):
+        stage.run(cfg)
