@@ -1,0 +1,190 @@
+"""Leakage audit: duplicate images, and the groups that keep related images on one side of every split.
+
+Two images are
+  - exact duplicates when their decoded pixels are identical (`pixel_sha256`);
+  - near duplicates when their 64-bit DCT perceptual hashes differ in at most `data.near_duplicate_bits`
+    bits, either as stored or with one of them mirrored left-right (a common augmentation).
+
+A group is the unit a split never cuts. Each image starts in the group of its patient (`patient_id`,
+when the source has one) or else of its file-name key: the file stem with mask and augmentation suffixes
+removed (`benign (36)-rotated1-sharpened` -> `benign (36)`; the `(n)` numbering stays, it names the
+source image), inside its folder. Groups joined by an exact or near duplicate pair are merged
+(union-find), so copies of one image never straddle train/test or two folds. Dataset B is audited
+against Dataset A (exact and near matches are reported as overlap) but never merged with it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import numpy as np
+import pandas as pd
+
+from meddap.data.decode import hamming_matrix
+
+__all__ = [
+    "group_key",
+    "DuplicatePair",
+    "find_duplicates",
+    "find_overlap",
+    "assign_groups",
+    "AUDIT_COLUMNS",
+    "findings_frame",
+    "pair_reason",
+]
+
+# Columns of run_dir/data/audit.parquet (one row per finding).
+AUDIT_COLUMNS = ["kind", "dataset", "path", "other_path", "class_name", "other_class", "distance",
+                 "reason", "other_split"]
+
+_MASK_SUFFIX = re.compile(r"[_\- ]mask(?:[_\- ]?\d+)?$", re.IGNORECASE)
+_AUG_WORDS = (
+    "rotated|rotate|rot|flipped|flip|hflip|vflip|mirrored|mirror|sharpened|sharpen|blurred|blur|"
+    "noisy|noise|zoomed|zoom|cropped|crop|shifted|shift|translated|scaled|sheared|shear|"
+    "brightened|darkened|contrast|augmented|aug|copy"
+)
+# One augmentation token at the end of a stem: a separator, the word, optional digits.
+_AUG_SUFFIX = re.compile(rf"[_\- ]+(?:{_AUG_WORDS})[_\- ]?\d*$", re.IGNORECASE)
+_CHUNK = 1024  # rows per block of the pairwise hash-distance matrix (bounds memory at ~8 MB per block)
+
+
+def group_key(rel_path: str) -> str:
+    """File-name group key: folder + stem without mask/augmentation suffixes (case kept)."""
+    rel = rel_path.replace("\\", "/")
+    folder, _, name = rel.rpartition("/")
+    stem = name.rsplit(".", 1)[0] if "." in name else name
+    stem = _MASK_SUFFIX.sub("", stem)
+    while True:
+        shorter = _AUG_SUFFIX.sub("", stem)
+        if shorter == stem or not shorter.strip():
+            break
+        stem = shorter
+    return f"{folder}/{stem.strip()}" if folder else stem.strip()
+
+
+@dataclass(frozen=True)
+class DuplicatePair:
+    i: int            # row index (into the frame(s) given)
+    j: int
+    exact: bool
+    distance: int     # hash bits apart (0 for exact)
+    mirrored: bool    # the near match is with one image mirrored
+
+
+def _near_distances(h1: np.ndarray, m1: np.ndarray, h2: np.ndarray, m2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(n1, n2) min bit distance over {as stored, one side mirrored}, and whether the min was mirrored."""
+    plain = hamming_matrix(h1, h2)
+    mirror = np.minimum(hamming_matrix(m1, h2), hamming_matrix(h1, m2))
+    return np.minimum(plain, mirror), mirror < plain
+
+
+def _hash_arrays(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    return (frame["phash"].to_numpy(dtype=np.uint64), frame["phash_mirror"].to_numpy(dtype=np.uint64))
+
+
+def find_duplicates(frame: pd.DataFrame, near_bits: int) -> list[DuplicatePair]:
+    """Exact and near duplicate pairs within one dataset. `frame` needs sha256, phash, phash_mirror
+    (positional rows). Exact copies are reported as a chain to their first copy, not every pair."""
+    pairs: list[DuplicatePair] = []
+    sha = frame["sha256"].to_numpy()
+    first_of: dict[str, int] = {}
+    for i, s in enumerate(sha):
+        if s in first_of:
+            pairs.append(DuplicatePair(first_of[s], i, True, 0, False))
+        else:
+            first_of[s] = i
+    h, m = _hash_arrays(frame)
+    n = len(frame)
+    for start in range(0, n, _CHUNK):
+        stop = min(start + _CHUNK, n)
+        dist, mirrored = _near_distances(h[start:stop], m[start:stop], h, m)  # (chunk, n)
+        ii, jj = np.nonzero(dist <= near_bits)
+        for a, j in zip(ii.tolist(), jj.tolist()):
+            i = start + a
+            if j <= i or sha[i] == sha[j]:
+                continue
+            pairs.append(DuplicatePair(i, j, False, int(dist[a, j]), bool(mirrored[a, j])))
+    return pairs
+
+
+def find_overlap(ext: pd.DataFrame, base: pd.DataFrame, near_bits: int) -> list[DuplicatePair]:
+    """Pairs (i in `ext`, j in `base`) that are exact or near duplicates across two datasets."""
+    pairs: list[DuplicatePair] = []
+    if len(ext) == 0 or len(base) == 0:
+        return pairs
+    base_sha = base["sha256"].to_numpy()
+    ext_sha = ext["sha256"].to_numpy()
+    hb, mb = _hash_arrays(base)
+    he, me = _hash_arrays(ext)
+    for start in range(0, len(ext), _CHUNK):
+        stop = min(start + _CHUNK, len(ext))
+        dist, mirrored = _near_distances(he[start:stop], me[start:stop], hb, mb)  # (chunk, n_base)
+        exact = ext_sha[start:stop, None] == base_sha[None, :]
+        ii, jj = np.nonzero((dist <= near_bits) | exact)
+        for a, j in zip(ii.tolist(), jj.tolist()):
+            is_exact = bool(exact[a, j])
+            pairs.append(DuplicatePair(start + a, j, is_exact, 0 if is_exact else int(dist[a, j]),
+                                       False if is_exact else bool(mirrored[a, j])))
+    return pairs
+
+
+class _UnionFind:
+    def __init__(self, n: int):
+        self.parent = list(range(n))
+
+    def find(self, x: int) -> int:
+        while self.parent[x] != x:
+            self.parent[x] = self.parent[self.parent[x]]
+            x = self.parent[x]
+        return x
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+def assign_groups(frame: pd.DataFrame, pairs: Iterable[DuplicatePair], dataset: str) -> pd.Series:
+    """group_id per row: patient (when given) or file-name key, merged over duplicate pairs.
+    The id is `<dataset>:<smallest base key in the group>`, so it is stable across runs."""
+    n = len(frame)
+    patient = frame["patient_id"] if "patient_id" in frame else pd.Series([None] * n)
+    base_keys: list[str] = []
+    for rel, pid in zip(frame["rel_path"], patient):
+        base_keys.append(f"patient:{pid}" if isinstance(pid, str) and pid else group_key(rel))
+    uf = _UnionFind(n)
+    first_with_key: dict[str, int] = {}
+    for i, k in enumerate(base_keys):
+        if k in first_with_key:
+            uf.union(first_with_key[k], i)
+        else:
+            first_with_key[k] = i
+    for p in pairs:
+        uf.union(p.i, p.j)
+    name_of_root: dict[int, str] = {}
+    for i, k in enumerate(base_keys):
+        r = uf.find(i)
+        if r not in name_of_root or k < name_of_root[r]:
+            name_of_root[r] = k
+    return pd.Series([f"{dataset}:{name_of_root[uf.find(i)]}" for i in range(n)], index=frame.index)
+
+
+def findings_frame(rows: list[dict]) -> pd.DataFrame:
+    """Audit rows -> a frame with exactly AUDIT_COLUMNS (missing values null)."""
+    out = pd.DataFrame(rows, columns=AUDIT_COLUMNS)
+    out["distance"] = out["distance"].astype("Int64")
+    for c in AUDIT_COLUMNS:
+        if c != "distance":
+            out[c] = out[c].astype("string")
+    return out
+
+
+def pair_reason(p: DuplicatePair, near_bits: int, other_dataset: Optional[str] = None) -> str:
+    """Why two images were paired, in words for the audit file and the printed summary."""
+    where = f" with a Dataset {other_dataset} image" if other_dataset else ""
+    if p.exact:
+        return f"identical decoded pixels{where}"
+    how = " (one mirrored)" if p.mirrored else ""
+    return f"perceptual hashes {p.distance} of 64 bits apart{how} <= data.near_duplicate_bits={near_bits}{where}"
