@@ -504,6 +504,13 @@ def _typed_override(key: str, value: Any) -> Any:
     if typing.get_origin(tp) is Literal and all(isinstance(a, str) for a in typing.get_args(tp)) \
             and not isinstance(value, str):
         return str(value)
+    # YAML 1.1 reads "1e-3" (no dot) as a string; a float key takes it as the number it spells.
+    wants_float = tp is float or (typing.get_origin(tp) is Union and float in typing.get_args(tp))
+    if wants_float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
     return value
 
 

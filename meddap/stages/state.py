@@ -72,7 +72,7 @@ _SECTIONS: dict[str, tuple[str, ...]] = {
 _EXECUTION_ONLY = {
     "diffusion.train.num_workers", "diffusion.train.use_gpu", "diffusion.train.max_failures",
     "diffusion.train.gradient_checkpointing",
-    "generate.batch_size", "generate.workers", "generate.num_gpus_per_worker",
+    "generate.batch_size", "generate.workers", "generate.num_gpus_per_worker", "generate.cpus_per_worker",
     "classify.cpus_per_trial", "classify.gpus_per_trial", "classify.max_concurrent_trials",
     "classify.max_failures", "classify.checkpoint_every", "classify.threads_per_trial",
     "fid.batch_size",

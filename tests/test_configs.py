@@ -1,0 +1,84 @@
+"""Every shipped YAML loads and validates; bad settings are refused before any work starts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from meddap.config import Config, ConfigError, load_config, shipped_configs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", sorted(shipped_configs()))
+def test_shipped_config_loads_and_round_trips(name):
+    cfg = load_config(name)
+    assert cfg.name == name
+    again = Config.from_dict(cfg.to_dict())
+    assert again.to_dict() == cfg.to_dict()
+    # Each shipped YAML says how to run it in its first lines.
+    head = shipped_configs()[name].read_text().splitlines()[:12]
+    assert any("python -m meddap" in line for line in head), f"{name}.yaml should open with its command"
+
+
+def test_expected_configs_are_shipped():
+    assert {"demo", "paper", "local-2080ti"} <= set(shipped_configs())
+
+
+def test_unknown_key_is_refused_with_a_suggestion():
+    with pytest.raises(ConfigError, match=r"unknown config key 'diffusion\.lora\.rnak'.*Did you mean 'diffusion\.lora\.rank'"):
+        load_config("demo", ["diffusion.lora.rnak=8"])
+
+
+def test_wrong_type_is_refused():
+    with pytest.raises(ConfigError, match=r"'data\.folds' = 'three'.*expected int"):
+        load_config("demo", ["data.folds=three"])
+    with pytest.raises(ConfigError, match=r"classify\.models"):
+        load_config("demo", ["classify.models=resnet34"])
+
+
+def test_out_of_range_is_refused():
+    with pytest.raises(ConfigError, match=r"'data\.folds' = 1 is not allowed"):
+        load_config("demo", ["data.folds=1"])
+    with pytest.raises(ConfigError, match=r"generate\.ratios"):
+        load_config("demo", ["generate.ratios=[0.5, -1]"])
+    with pytest.raises(ConfigError, match=r"diffusion\.lora\.rank"):
+        load_config("demo", ["diffusion.lora.rank=0"])
+
+
+def test_overrides_are_typed_by_the_schema():
+    cfg = load_config("demo", ["data.folds=3", "data.root=123", "classify.lr=1e-3", "diffusion.lora.rank=[2, 4, 8]",
+                               "generate.adjectives=['', dark]", "classify.gpus_per_trial=0.5"])
+    assert cfg.data.folds == 3 and isinstance(cfg.data.folds, int)
+    assert cfg.data.root == "123"  # a str key stays a str even when the text looks like a number
+    assert cfg.classify.lr == 1e-3 and isinstance(cfg.classify.lr, float)
+    assert cfg.diffusion.lora.ranks == [2, 4, 8]
+    assert cfg.generate.adjectives == ["", "dark"]
+    assert cfg.classify.gpus_per_trial == 0.5
+
+
+def test_cli_refuses_bad_config_before_any_work(tmp_path):
+    """A config error exits 2 with the message and leaves no run dir behind."""
+    run_dir = tmp_path / "never"
+    res = subprocess.run([sys.executable, "-m", "meddap", "run", "--config", "demo", f"run_dir={run_dir}",
+                          "classify.epocs=3"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    assert "Did you mean 'classify.epochs'" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not run_dir.exists()
+
+
+def test_local_2080ti_is_the_paper_study_on_one_card():
+    paper, local = load_config("paper"), load_config("local-2080ti")
+    # Same science: every key that decides results equals the paper's.
+    from meddap.stages.state import stage_settings
+
+    diff = {k for k in stage_settings(paper, "report") if stage_settings(paper, "report")[k]
+            != stage_settings(local, "report").get(k)}
+    assert diff <= {"diffusion.train.mixed_precision", "generate.precision"}, diff
+    assert local.diffusion.train.mixed_precision == "fp16" and local.generate.precision == "fp16"
+    assert local.classify.gpus_per_trial * local.classify.max_concurrent_trials <= 1.0
+    assert local.diffusion.train.num_workers == 1
