@@ -25,8 +25,8 @@ import torch
 
 from meddap.config import ConfigError
 
-__all__ = ["ImageRequest", "SyntheticGenerator", "resolve_device_dtype", "png_bytes", "png_metadata",
-           "PNG_META_KEY"]
+__all__ = ["ImageRequest", "SyntheticGenerator", "resolve_device_dtype", "check_scheduler_name", "png_bytes",
+           "png_metadata", "PNG_META_KEY"]
 
 PNG_META_KEY = "meddap"  # PNG tEXt key holding the image's provenance (JSON)
 
@@ -55,15 +55,20 @@ def resolve_device_dtype(precision: str = "auto", device: str | None = None) -> 
     return device, dtype
 
 
-def _make_scheduler(name: str, config):
+def check_scheduler_name(name: str):
+    """The diffusers scheduler class called `name`, or ConfigError listing the valid names."""
     import diffusers
 
-    cls = getattr(diffusers, name, None)
-    if cls is None or not name.endswith("Scheduler") or not hasattr(cls, "from_config"):
+    cls = getattr(diffusers, name, None) if name.endswith("Scheduler") else None
+    if cls is None or not hasattr(cls, "from_config"):
         known = sorted(n for n in dir(diffusers) if n.endswith("Scheduler") and not n.startswith("_"))
         raise ConfigError(f"config key 'generate.scheduler' = {name!r} is not a diffusers scheduler class. "
                           f"Use null (the base model's own) or one of: {', '.join(known)}.")
-    return cls.from_config(config)
+    return cls
+
+
+def _make_scheduler(name: str, config):
+    return check_scheduler_name(name).from_config(config)
 
 
 class SyntheticGenerator:
