@@ -1,0 +1,188 @@
+"""The paper's tables from the sweep's Parquet summaries, with the statistics; plain pandas / scipy.
+
+  table1(trials, fid)   mean and std over folds of test accuracy per classifier x adjective x ratio
+                        (real-only rows included, adjective null, ratio 0), with each adjective's overall
+                        FID / KID (mean over folds; null when FID is missing)
+  table2(trials)        per classifier: real-only vs its best augmented (adjective, ratio), the best chosen
+                        on mean VALIDATION accuracy over folds (never on test: choosing on the scores you
+                        report inflates the gain); test accuracy/sensitivity/specificity/precision/F1 means,
+                        paired t-test over folds on test accuracy, mean difference and its 95 % CI
+  table3(trials)        the same comparison on the external set (Dataset B) accuracy, same chosen setting
+  fig1a(synthetic_eval) real-only classifiers' accuracy on each adjective's synthetic set, mean over folds
+
+Nothing is re-derived by hand: every number is a pandas aggregate or a scipy test of trials.parquet rows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from meddap import storage
+from meddap.errors import MeddapError
+from meddap.layout import RunLayout
+
+__all__ = [
+    "METRICS",
+    "SELECTED_BY",
+    "CONFIDENCE",
+    "load_trials",
+    "best_settings",
+    "table1",
+    "table2",
+    "table3",
+    "fig1a",
+]
+
+METRICS = ["accuracy", "sensitivity", "specificity", "precision", "f1"]
+SELECTED_BY = "val_accuracy"
+CONFIDENCE = 0.95
+_TRIAL_COLUMNS = ["trial_id", "classifier", "adjective", "ratio", "fold", "eval_set", *METRICS]
+
+
+def load_trials(run_dir: str) -> pd.DataFrame:
+    """summary/trials.parquet, or a MeddapError saying to run the sweep."""
+    path = RunLayout(run_dir).summary("trials")
+    if not storage.exists(path):
+        raise MeddapError(f"trials.parquet not found at {path}: run `python -m meddap sweep` first "
+                          f"(same --config and run_dir); the report's tables are made from it.")
+    trials = storage.read_parquet(path)
+    missing = [c for c in _TRIAL_COLUMNS if c not in trials.columns]
+    if missing:
+        raise MeddapError(f"{path} lacks columns {missing}; it was not written by this meddap's sweep. "
+                          f"Rerun `python -m meddap sweep`.")
+    return trials
+
+
+def _real_only(trials: pd.DataFrame) -> pd.Series:
+    return trials["adjective"].isna()
+
+
+def _need_baselines(trials: pd.DataFrame, eval_set: str, classifiers: list[str], table: str) -> None:
+    have = set(trials.loc[_real_only(trials) & (trials["eval_set"] == eval_set), "classifier"])
+    lacking = [c for c in classifiers if c not in have]
+    if lacking:
+        raise MeddapError(
+            f"{table} needs the real-only baseline (adjective null, ratio 0) on eval_set '{eval_set}' for "
+            f"classifier(s) {lacking}, but trials.parquet has none. Rerun `python -m meddap sweep` so the "
+            f"real-only trials are present (they are part of every sweep grid).")
+
+
+def best_settings(trials: pd.DataFrame) -> pd.DataFrame:
+    """Per classifier, the augmented (adjective, ratio) with the highest mean validation accuracy over
+    folds: columns classifier, adjective, ratio, val_accuracy, n_val_folds, selected_by.
+    Ties go to the smaller ratio, then the adjective first in alphabetical order (deterministic)."""
+    aug = trials[~_real_only(trials)]
+    val = aug[aug["eval_set"] == "val"]
+    lacking = sorted(set(aug["classifier"]) - set(val["classifier"]))
+    if lacking:
+        raise MeddapError(f"trials.parquet has augmented trials but no validation ('val') rows for {lacking}: "
+                          f"the best setting is chosen on validation accuracy. Rerun `python -m meddap sweep`.")
+    means = (val.groupby(["classifier", "adjective", "ratio"])["accuracy"]
+             .agg(val_accuracy="mean", n_val_folds="count").reset_index())
+    means = means.sort_values(["classifier", "val_accuracy", "ratio", "adjective"],
+                              ascending=[True, False, True, True])
+    best = means.groupby("classifier", sort=True).head(1).reset_index(drop=True)
+    best["selected_by"] = SELECTED_BY
+    return best[["classifier", "adjective", "ratio", "val_accuracy", "n_val_folds", "selected_by"]]
+
+
+def table1(trials: pd.DataFrame, fid: pd.DataFrame | None = None) -> pd.DataFrame:
+    """classifier, adjective, ratio, accuracy_mean, accuracy_std, n_folds, fid, kid, fid_folds."""
+    test = trials[trials["eval_set"] == "test"]
+    if test.empty:
+        raise MeddapError("trials.parquet has no 'test' rows: Table 1 reports test accuracy. "
+                          "Rerun `python -m meddap sweep`.")
+    out = (test.groupby(["classifier", "adjective", "ratio"], dropna=False)["accuracy"]
+           .agg(accuracy_mean="mean", accuracy_std="std", n_folds="count").reset_index())
+    out["adjective"] = out["adjective"].astype(object).where(out["adjective"].notna(), None)
+    fid_by_adj, kid_by_adj, folds_by_adj = {}, {}, {}
+    if fid is not None and len(fid):
+        overall = fid[(fid["class_name"] == "all") & fid["fid"].notna()]
+        for adj, g in overall.groupby("adjective"):
+            fid_by_adj[adj], kid_by_adj[adj], folds_by_adj[adj] = g["fid"].mean(), g["kid"].mean(), len(g)
+    out["fid"] = [fid_by_adj.get(a, np.nan) if a is not None else np.nan for a in out["adjective"]]
+    out["kid"] = [kid_by_adj.get(a, np.nan) if a is not None else np.nan for a in out["adjective"]]
+    out["fid_folds"] = [folds_by_adj.get(a, 0) if a is not None else 0 for a in out["adjective"]]
+    order = out["adjective"].isna().map({True: 0, False: 1})
+    return (out.assign(_o=order).sort_values(["classifier", "_o", "adjective", "ratio"])
+            .drop(columns="_o").reset_index(drop=True))
+
+
+def _paired(aug: pd.Series, real: pd.Series) -> dict:
+    """Paired comparison of aug vs real over the folds both have (indexed by fold)."""
+    folds = sorted(set(aug.dropna().index) & set(real.dropna().index))
+    n = len(folds)
+    out = {"n_pairs": n, "mean_difference": np.nan, "ci_low": np.nan, "ci_high": np.nan,
+           "t_statistic": np.nan, "p_value": np.nan}
+    if n == 0:
+        return out
+    a, r = aug.loc[folds].to_numpy(float), real.loc[folds].to_numpy(float)
+    diff = a - r
+    out["mean_difference"] = float(diff.mean())
+    if n >= 2:
+        res = stats.ttest_rel(a, r)
+        out["t_statistic"], out["p_value"] = float(res.statistic), float(res.pvalue)
+        half = stats.t.ppf(0.5 + CONFIDENCE / 2, df=n - 1) * diff.std(ddof=1) / np.sqrt(n)
+        out["ci_low"], out["ci_high"] = float(diff.mean() - half), float(diff.mean() + half)
+    return out
+
+
+def _compare(trials: pd.DataFrame, eval_set: str, metrics: list[str], table: str) -> pd.DataFrame:
+    classifiers = sorted(set(trials.loc[~_real_only(trials), "classifier"]))
+    _need_baselines(trials, eval_set, classifiers, table)
+    best = best_settings(trials).set_index("classifier")
+    rows = []
+    for clf in classifiers:
+        b = best.loc[clf]
+        ev = trials[(trials["classifier"] == clf) & (trials["eval_set"] == eval_set)]
+        real = ev[_real_only(ev)].set_index("fold").sort_index()
+        aug = ev[(ev["adjective"] == b["adjective"]) & (ev["ratio"] == b["ratio"])].set_index("fold").sort_index()
+        row = {"classifier": clf, "eval_set": eval_set, "adjective": b["adjective"], "ratio": float(b["ratio"]),
+               "selected_by": b["selected_by"], "val_accuracy": float(b["val_accuracy"]),
+               "n_folds_real": len(real), "n_folds_aug": len(aug)}
+        for m in metrics:
+            row[f"real_{m}"] = real[m].mean() if len(real) else np.nan
+            row[f"aug_{m}"] = aug[m].mean() if len(aug) else np.nan
+            row[f"real_{m}_std"] = real[m].std() if len(real) else np.nan
+            row[f"aug_{m}_std"] = aug[m].std() if len(aug) else np.nan
+        row.update(_paired(aug["accuracy"], real["accuracy"]))
+        rows.append(row)
+    cols = ["classifier", "eval_set", "adjective", "ratio", "selected_by", "val_accuracy", "n_folds_real",
+            "n_folds_aug", *[f"{s}_{m}{x}" for m in metrics for x in ("", "_std") for s in ("real", "aug")],
+            "n_pairs", "mean_difference", "ci_low", "ci_high", "t_statistic", "p_value"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def table2(trials: pd.DataFrame) -> pd.DataFrame:
+    """Real-only vs best augmented (chosen on validation) on the test set, every metric; paired t-test,
+    mean difference and 95 % CI on test accuracy over folds."""
+    if not (~_real_only(trials)).any():
+        raise MeddapError("trials.parquet has no augmented trials: Table 2 compares real-only with the best "
+                          "augmented setting. Run `python -m meddap sweep` with generate.adjectives/ratios.")
+    return _compare(trials, "test", METRICS, "Table 2")
+
+
+def table3(trials: pd.DataFrame) -> pd.DataFrame:
+    """Table 2's comparison on the external set (Dataset B) accuracy. Empty (with `attrs['note']`) when
+    the sweep evaluated no external set."""
+    if not (trials["eval_set"] == "external").any():
+        empty = _compare(trials.iloc[0:0], "external", ["accuracy"], "Table 3")
+        empty.attrs["note"] = ("no external-set (Dataset B) rows in trials.parquet: data.external.source was "
+                               "not set when the sweep ran, so robustness (Table 3) was not measured.")
+        return empty
+    return _compare(trials, "external", ["accuracy"], "Table 3")
+
+
+def fig1a(synthetic_eval: pd.DataFrame) -> pd.DataFrame:
+    """classifier, adjective, accuracy_mean, accuracy_std, n_folds, n_images (summed over folds)."""
+    need = ["classifier", "fold", "adjective", "accuracy", "n"]
+    missing = [c for c in need if c not in synthetic_eval.columns]
+    if missing:
+        raise MeddapError(f"synthetic_eval.parquet lacks columns {missing}; rerun `python -m meddap sweep`.")
+    se = synthetic_eval.assign(adjective=synthetic_eval["adjective"].fillna("").astype(str))
+    return (se.groupby(["classifier", "adjective"])
+            .agg(accuracy_mean=("accuracy", "mean"), accuracy_std=("accuracy", "std"),
+                 n_folds=("fold", "nunique"), n_images=("n", "sum"))
+            .reset_index().sort_values(["classifier", "adjective"]).reset_index(drop=True))
