@@ -1,0 +1,174 @@
+"""The pipeline: skipping done stages, --force, change detection, rank choice, and the real demo's outputs.
+
+Fast tests drive `run_stages` with recording stand-in stages (each writes its stage's key output), so
+the bookkeeping is checked without models. The end-to-end tests reuse the demo run that
+tests/test_jobs.py submits with `ray job submit` (tests/_demo_run.py runs it once per test session).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from meddap import storage
+from meddap.config import load_config
+from meddap.errors import MeddapError
+from meddap.layout import RunLayout
+from meddap.stages import pipeline, state
+
+
+# ---------------------------------------------------------------------------------------------
+# Stand-in stages: they write what the real stage's record looks at, and log that they ran.
+# ---------------------------------------------------------------------------------------------
+def _fake_stage(stage: str, calls: list):
+    def run(cfg):
+        calls.append(stage)
+        lay = RunLayout(cfg.run_dir)
+        folds = range(cfg.data.folds) if cfg.diffusion.lora.per_fold else [-1]
+        if stage == "prepare":
+            storage.write_parquet(pd.DataFrame({"image_id": ["a", "b"], "seed": [cfg.data.seed] * 2}), lay.manifest)
+        elif stage == "finetune":
+            for f in folds:
+                storage.write_text(storage.join(lay.adapter_dir(f), "adapter.json"),
+                                   json.dumps({"rank": cfg.diffusion.lora.rank}))
+        elif stage == "generate":
+            storage.write_parquet(pd.DataFrame({"adjective": cfg.generate.adjectives}), lay.synthetic_manifest)
+        elif stage == "fid":
+            storage.write_parquet(pd.DataFrame({"fid": [1.0]}), lay.summary("fid"))
+        elif stage == "sweep":
+            storage.write_parquet(pd.DataFrame({"acc": [0.5]}), lay.summary("trials"))
+        elif stage == "report":
+            storage.write_text(lay.path("report.md"), "# report\n")
+    return run
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    calls: list[str] = []
+    monkeypatch.setattr(pipeline, "stage_function", lambda stage: _fake_stage(stage, calls))
+    return calls
+
+
+def _cfg(tmp_path, *overrides):
+    return load_config("demo", [f"run_dir={tmp_path / 'run'}", *overrides])
+
+
+def test_second_run_skips_every_done_stage(tmp_path, fake):
+    cfg = _cfg(tmp_path)
+    pipeline.run_stages(cfg, state.STAGES)
+    assert fake == list(state.STAGES)
+    for s in state.STAGES:
+        rec = state.read_record(cfg, s)
+        assert rec["status"] == "done" and rec["meddap_version"] and rec["config"]
+    assert "data/manifest.parquet" in state.read_record(cfg, "finetune")["inputs"]
+    fake.clear()
+    timings = pipeline.run_stages(cfg, state.STAGES)
+    assert fake == []
+    assert all(t["action"] == "skipped" for t in timings.values())
+
+
+def test_force_redoes_the_stage_and_what_depends_on_it(tmp_path, fake):
+    cfg = _cfg(tmp_path)
+    pipeline.run_stages(cfg, state.STAGES)
+    marker = RunLayout(cfg.run_dir).summary("predictions")  # a sweep output the stand-in never writes
+    storage.write_parquet(pd.DataFrame({"x": [1]}), marker)
+    fake.clear()
+    pipeline.run_stages(cfg, state.STAGES, force=["sweep"])
+    assert fake == ["sweep", "report"]
+    assert not storage.exists(marker), "forced stage's earlier outputs are removed before it reruns"
+    fake.clear()
+    pipeline.run_stages(cfg, state.STAGES, force=["generate"])
+    assert fake == ["generate", "fid", "sweep", "report"]
+    with pytest.raises(MeddapError, match="Did you mean 'sweep'"):
+        pipeline.run_stages(cfg, state.STAGES, force=["swep"])
+
+
+def test_changed_setting_is_refused_before_any_work(tmp_path, fake):
+    cfg = _cfg(tmp_path)
+    pipeline.run_stages(cfg, state.STAGES)
+    fake.clear()
+    changed = _cfg(tmp_path, "diffusion.lora.rank=8", "generate.adjectives=['', bright]")
+    with pytest.raises(MeddapError) as e:
+        pipeline.run_stages(changed, state.STAGES)
+    msg = str(e.value)
+    assert "diffusion.lora.rank: 4 -> 8" in msg and "--force finetune" in msg and "new run_dir" in msg
+    assert fake == [], "nothing may run when settings changed"
+    assert json.loads(storage.read_text(storage.join(RunLayout(cfg.run_dir).adapter_dir(0), "adapter.json")))["rank"] == 4
+    pipeline.run_stages(changed, state.STAGES, force=["finetune"])
+    assert fake == ["finetune", "generate", "fid", "sweep", "report"]
+    assert json.loads(storage.read_text(storage.join(RunLayout(cfg.run_dir).adapter_dir(0), "adapter.json")))["rank"] == 8
+
+
+def test_execution_only_settings_do_not_invalidate(tmp_path, fake):
+    cfg = _cfg(tmp_path)
+    pipeline.run_stages(cfg, state.STAGES)
+    fake.clear()
+    pipeline.run_stages(_cfg(tmp_path, "classify.gpus_per_trial=0.5", "generate.batch_size=4",
+                             "diffusion.train.num_workers=2"), state.STAGES)
+    assert fake == []
+
+
+def test_inputs_changed_outside_the_pipeline_are_refused(tmp_path, fake):
+    cfg = _cfg(tmp_path)
+    pipeline.run_stages(cfg, state.STAGES)
+    fake.clear()
+    # Someone re-ran prepare by hand with another seed: the adapters were trained on the old manifest.
+    storage.write_parquet(pd.DataFrame({"image_id": ["a", "c"]}), RunLayout(cfg.run_dir).manifest)
+    with pytest.raises(MeddapError, match="input data/manifest.parquet"):
+        pipeline.run_stages(cfg, state.STAGES)
+    assert fake == []
+
+
+def test_upstream_rerun_cascades_without_refusal(tmp_path, fake, monkeypatch):
+    """A deleted key output makes its stage run again (resuming); when that changes its outputs, the
+    stages reading them are redone (their old outputs removed), not refused."""
+    cfg = _cfg(tmp_path)
+    pipeline.run_stages(cfg, state.STAGES)
+    fake.clear()
+    lay = RunLayout(cfg.run_dir)
+    storage.remove(lay.synthetic_manifest)
+    stale = lay.summary("predictions")
+    storage.write_parquet(pd.DataFrame({"x": [1]}), stale)
+
+    def regenerate_differently(c):
+        fake.append("generate")
+        storage.write_parquet(pd.DataFrame({"adjective": ["", "bright", "dark"], "seed": [7, 8, 9]}),
+                              lay.synthetic_manifest)
+
+    real = pipeline.stage_function
+    monkeypatch.setattr(pipeline, "stage_function", lambda s: regenerate_differently if s == "generate" else real(s))
+    pipeline.run_stages(cfg, state.STAGES)
+    assert fake == ["generate", "fid", "sweep", "report"]
+    assert not storage.exists(stale)
+    fake.clear()
+    pipeline.run_stages(cfg, state.STAGES)
+    assert fake == []
+
+
+def test_crashed_stage_with_other_settings_is_refused(tmp_path, fake):
+    cfg = _cfg(tmp_path)
+    pipeline.run_stages(cfg, ("prepare",))
+    state.write_started(cfg, "finetune")  # a finetune that died half-way with rank 4
+    fake.clear()
+    assert state.check_stage(cfg, "finetune").state == "missing"  # same settings: resume
+    with pytest.raises(MeddapError, match="diffusion.lora.rank: 4 -> 2"):
+        pipeline.run_stages(_cfg(tmp_path, "diffusion.lora.rank=2"), state.STAGES)
+    assert fake == []
+
+
+def test_choose_rank_never_invents_a_number():
+    nan = float("nan")
+    rows = [{"rank": 2, "fid": 3.0, "kid": 0.2, "status": "ok"},
+            {"rank": 4, "fid": 1.5, "kid": 0.3, "status": "ok"},
+            {"rank": 8, "fid": 2.0, "kid": 0.1, "status": "ok"}]
+    assert pipeline.choose_rank(rows) == (1, "lowest FID")
+    no_fid = [dict(r, fid=nan) for r in rows]
+    assert pipeline.choose_rank(no_fid) == (2, "lowest KID")
+    none = [dict(r, fid=nan, kid=None, status="missing_weights: pt_inception not found") for r in rows]
+    i, why = pipeline.choose_rank(none)
+    assert i == 0 and "no FID or KID" in why and "missing_weights" in why
