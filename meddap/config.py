@@ -112,7 +112,10 @@ class DataConfig:
     image_size: int = _f(224, "Side in pixels images are resized to for training and evaluation.")
     strict: bool = _f(False, "true: any unreadable/skipped file is an error instead of a listed skip.")
     near_duplicate_bits: int = _f(
-        6, "Hamming distance (of 64 perceptual-hash bits) at or under which two images are near duplicates.")
+        6, "Hamming distance (of 64 perceptual-hash bits) at or under which two images are near-duplicate candidates.")
+    near_duplicate_min_correlation: float = _f(
+        0.9, "A candidate is a near duplicate only if the Pearson correlation of the two 32x32 thumbnails (one "
+             "mirrored if that matched) reaches this; unrelated scans of one layout share many hash bits.")
     phantom: PhantomConfig = _f(PhantomConfig(), "Phantom settings when source is 'phantom'.")
     external: ExternalDataConfig = _f(ExternalDataConfig(), "The unseen test set (Dataset B).")
 
@@ -127,6 +130,8 @@ class DataConfig:
         _check(16 <= self.image_size <= 2048, f"{prefix}.image_size", self.image_size, "an integer in [16, 2048]")
         _check(0 <= self.near_duplicate_bits <= 32, f"{prefix}.near_duplicate_bits", self.near_duplicate_bits,
                "an integer in [0, 32]")
+        _check(-1.0 <= self.near_duplicate_min_correlation <= 1.0, f"{prefix}.near_duplicate_min_correlation",
+               self.near_duplicate_min_correlation, "a number in [-1, 1] (-1 turns the check off)")
         self.phantom.validate(f"{prefix}.phantom")
         self.external.validate(f"{prefix}.external")
 
