@@ -5,6 +5,11 @@ Two images are
   - near duplicates when their 64-bit DCT perceptual hashes differ in at most `data.near_duplicate_bits`
     bits, either as stored or with one of them mirrored left-right (a common augmentation).
 
+A perceptual-hash candidate is confirmed only when the two 32x32 thumbnails also correlate at least
+`data.near_duplicate_min_correlation` (Pearson, one mirrored if that matches better): scans of one
+layout (skin, fat, gland layers) share many low-frequency hash bits without being copies, while a
+resized, re-encoded or lightly edited copy correlates above 0.99.
+
 A group is the unit a split never cuts. Each image starts in the group of its patient (`patient_id`,
 when the source has one) or else of its file-name key: the file stem with mask and augmentation suffixes
 removed (`benign (36)-rotated1-sharpened` -> `benign (36)`; the `(n)` numbering stays, it names the
@@ -22,7 +27,7 @@ from typing import Iterable, Optional
 import numpy as np
 import pandas as pd
 
-from meddap.data.decode import hamming_matrix
+from meddap.data.decode import hamming_matrix, thumbnail_correlation
 
 __all__ = [
     "group_key",
@@ -71,6 +76,7 @@ class DuplicatePair:
     exact: bool
     distance: int     # hash bits apart (0 for exact)
     mirrored: bool    # the near match is with one image mirrored
+    correlation: Optional[float] = None  # thumbnail correlation that confirmed a near pair
 
 
 def _near_distances(h1: np.ndarray, m1: np.ndarray, h2: np.ndarray, m2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -84,9 +90,33 @@ def _hash_arrays(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     return (frame["phash"].to_numpy(dtype=np.uint64), frame["phash_mirror"].to_numpy(dtype=np.uint64))
 
 
-def find_duplicates(frame: pd.DataFrame, near_bits: int) -> list[DuplicatePair]:
+def _thumbs(frame: pd.DataFrame) -> Optional[list[np.ndarray]]:
+    """(32, 32) uint8 thumbnails from the frame's `thumb` column (arrays or raw bytes), if it has one."""
+    if "thumb" not in frame:
+        return None
+    out = []
+    for t in frame["thumb"]:
+        arr = np.frombuffer(t, dtype=np.uint8) if isinstance(t, (bytes, bytearray)) else np.asarray(t, np.uint8)
+        side = int(round(np.sqrt(arr.size)))
+        out.append(arr.reshape(side, side))
+    return out
+
+
+def _confirm(pair: DuplicatePair, t1, t2, min_correlation: Optional[float]) -> Optional[DuplicatePair]:
+    """The pair with its thumbnail correlation, or None when the correlation is below the minimum."""
+    if pair.exact or min_correlation is None or t1 is None:
+        return pair
+    r = thumbnail_correlation(t1[pair.i], t2[pair.j])
+    if r < min_correlation:
+        return None
+    return DuplicatePair(pair.i, pair.j, pair.exact, pair.distance, pair.mirrored, round(r, 4))
+
+
+def find_duplicates(frame: pd.DataFrame, near_bits: int,
+                    min_correlation: Optional[float] = None) -> list[DuplicatePair]:
     """Exact and near duplicate pairs within one dataset. `frame` needs sha256, phash, phash_mirror
-    (positional rows). Exact copies are reported as a chain to their first copy, not every pair."""
+    (positional rows) and, for the correlation check, thumb. Exact copies are reported as a chain to
+    their first copy, not every pair."""
     pairs: list[DuplicatePair] = []
     sha = frame["sha256"].to_numpy()
     first_of: dict[str, int] = {}
@@ -96,6 +126,7 @@ def find_duplicates(frame: pd.DataFrame, near_bits: int) -> list[DuplicatePair]:
         else:
             first_of[s] = i
     h, m = _hash_arrays(frame)
+    thumbs = _thumbs(frame)
     n = len(frame)
     for start in range(0, n, _CHUNK):
         stop = min(start + _CHUNK, n)
@@ -105,11 +136,15 @@ def find_duplicates(frame: pd.DataFrame, near_bits: int) -> list[DuplicatePair]:
             i = start + a
             if j <= i or sha[i] == sha[j]:
                 continue
-            pairs.append(DuplicatePair(i, j, False, int(dist[a, j]), bool(mirrored[a, j])))
+            p = _confirm(DuplicatePair(i, j, False, int(dist[a, j]), bool(mirrored[a, j])), thumbs, thumbs,
+                         min_correlation)
+            if p is not None:
+                pairs.append(p)
     return pairs
 
 
-def find_overlap(ext: pd.DataFrame, base: pd.DataFrame, near_bits: int) -> list[DuplicatePair]:
+def find_overlap(ext: pd.DataFrame, base: pd.DataFrame, near_bits: int,
+                 min_correlation: Optional[float] = None) -> list[DuplicatePair]:
     """Pairs (i in `ext`, j in `base`) that are exact or near duplicates across two datasets."""
     pairs: list[DuplicatePair] = []
     if len(ext) == 0 or len(base) == 0:
@@ -118,6 +153,7 @@ def find_overlap(ext: pd.DataFrame, base: pd.DataFrame, near_bits: int) -> list[
     ext_sha = ext["sha256"].to_numpy()
     hb, mb = _hash_arrays(base)
     he, me = _hash_arrays(ext)
+    t_base, t_ext = _thumbs(base), _thumbs(ext)
     for start in range(0, len(ext), _CHUNK):
         stop = min(start + _CHUNK, len(ext))
         dist, mirrored = _near_distances(he[start:stop], me[start:stop], hb, mb)  # (chunk, n_base)
@@ -125,8 +161,10 @@ def find_overlap(ext: pd.DataFrame, base: pd.DataFrame, near_bits: int) -> list[
         ii, jj = np.nonzero((dist <= near_bits) | exact)
         for a, j in zip(ii.tolist(), jj.tolist()):
             is_exact = bool(exact[a, j])
-            pairs.append(DuplicatePair(start + a, j, is_exact, 0 if is_exact else int(dist[a, j]),
-                                       False if is_exact else bool(mirrored[a, j])))
+            p = _confirm(DuplicatePair(start + a, j, is_exact, 0 if is_exact else int(dist[a, j]),
+                                       False if is_exact else bool(mirrored[a, j])), t_ext, t_base, min_correlation)
+            if p is not None:
+                pairs.append(p)
     return pairs
 
 
@@ -187,4 +225,5 @@ def pair_reason(p: DuplicatePair, near_bits: int, other_dataset: Optional[str] =
     if p.exact:
         return f"identical decoded pixels{where}"
     how = " (one mirrored)" if p.mirrored else ""
-    return f"perceptual hashes {p.distance} of 64 bits apart{how} <= data.near_duplicate_bits={near_bits}{where}"
+    corr = f", thumbnail correlation {p.correlation:.3f}" if p.correlation is not None else ""
+    return f"perceptual hashes {p.distance} of 64 bits apart{how} <= {near_bits}{corr}{where}"

@@ -36,6 +36,8 @@ __all__ = [
     "phash_pair",
     "hamming",
     "hamming_matrix",
+    "thumbnail",
+    "thumbnail_correlation",
     "PHASH_BITS",
 ]
 
@@ -148,11 +150,30 @@ def pixel_sha256(arr: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def _low_dct(grey: np.ndarray) -> np.ndarray:
-    """(H, W) uint8 -> (8, 8) lowest-frequency orthonormal DCT-II coefficients of a 32 x 32 thumbnail."""
+def thumbnail(grey: np.ndarray) -> np.ndarray:
+    """(H, W) uint8 -> (32, 32) uint8 antialiased thumbnail: what the perceptual hash is taken of, and
+    what near-duplicate candidates are compared on."""
     thumb = Image.fromarray(np.asarray(grey, dtype=np.uint8)).resize(
         (_PHASH_THUMB, _PHASH_THUMB), Image.Resampling.BILINEAR)
-    coeffs = dctn(np.asarray(thumb, dtype=np.float64), type=2, norm="ortho")  # (32, 32)
+    return np.asarray(thumb, dtype=np.uint8)
+
+
+def thumbnail_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation of two thumbnails, the better of b as is and b mirrored left-right.
+    Flat (constant) thumbnails correlate 1.0 with each other if equal, else 0.0."""
+    x = a.astype(np.float64).ravel() - a.mean()
+    best = -1.0
+    for y_img in (b, b[:, ::-1]):
+        y = y_img.astype(np.float64).ravel() - y_img.mean()
+        den = float(np.sqrt((x @ x) * (y @ y)))
+        r = float(x @ y) / den if den > 0 else (1.0 if np.array_equal(a, y_img) else 0.0)
+        best = max(best, r)
+    return best
+
+
+def _low_dct(grey: np.ndarray) -> np.ndarray:
+    """(H, W) uint8 -> (8, 8) lowest-frequency orthonormal DCT-II coefficients of the 32 x 32 thumbnail."""
+    coeffs = dctn(thumbnail(grey).astype(np.float64), type=2, norm="ortho")  # (32, 32)
     return coeffs[:_PHASH_SIDE, :_PHASH_SIDE]
 
 

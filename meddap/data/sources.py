@@ -13,9 +13,7 @@ must hold every configured class; Dataset B (external) may hold a subset.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -315,25 +313,13 @@ def _phantom_dir(run_dir: str, dataset: str) -> Path:
 
 
 def write_phantom_dataset(run_dir: str, dataset: str, phantom_cfg, classes: list[str]) -> Path:
-    """Write the phantom in the BUSI layout under run_dir/data/phantom/<dataset>, once per settings."""
+    """Write the phantom in the BUSI layout under run_dir/data/phantom/<dataset>. write_phantom keeps
+    files already written with the same settings and removes surplus ones, so a rerun costs a few stats."""
     from meddap.data.phantom import write_phantom
 
     out = _phantom_dir(run_dir, dataset)
-    params = {"per_class": phantom_cfg.per_class, "variant": phantom_cfg.variant, "size": phantom_cfg.size,
-              "seed": phantom_cfg.seed, "classes": list(classes)}
-    marker = out / "phantom.json"
-    if marker.is_file():
-        try:
-            if json.loads(marker.read_text()) == params:
-                return out
-        except (OSError, json.JSONDecodeError):
-            pass
-    if out.exists():
-        # Other settings (or an interrupted write): start clean so no stale image is read.
-        shutil.rmtree(out)
-    write_phantom(str(out), per_class=params["per_class"], variant=params["variant"], size=params["size"],
-                  seed=params["seed"], classes=tuple(classes))
-    marker.write_text(json.dumps(params))  # written last: the folder is complete iff it exists
+    write_phantom(str(out), per_class=phantom_cfg.per_class, variant=phantom_cfg.variant, size=phantom_cfg.size,
+                  seed=phantom_cfg.seed, classes=tuple(classes))
     return out
 
 

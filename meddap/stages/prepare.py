@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from meddap import storage
 from meddap.data.audit import (DuplicatePair, assign_groups, find_duplicates, find_overlap,
                                findings_frame, pair_reason)
-from meddap.data.decode import ImageDecodeError, phash_pair, pixel_sha256, read_grey
+from meddap.data.decode import ImageDecodeError, phash_pair, pixel_sha256, read_grey, thumbnail
 from meddap.data.sources import SourceListing, list_source
 from meddap.data.splits import make_splits
 from meddap.errors import MeddapError
@@ -38,7 +38,8 @@ __all__ = ["run", "MANIFEST_COLUMNS", "decode_records"]
 # The contract (see README): later stages rely on these; patient_id and phash are extras.
 MANIFEST_COLUMNS = ["image_id", "path", "dataset", "class_name", "label", "split", "fold", "group_id",
                     "sha256", "width", "height", "patient_id", "phash"]
-_CACHE_COLUMNS = ["path", "file_size", "mtime_ns", "sha256", "phash", "phash_mirror", "width", "height", "error"]
+_CACHE_COLUMNS = ["path", "file_size", "mtime_ns", "sha256", "phash", "phash_mirror", "thumb", "width", "height",
+                  "error"]
 _MAX_LISTED = 10       # skipped files / pairs printed in the summary (all of them are in audit.parquet)
 _DECODE_THREADS = 8    # Pillow releases the GIL while decoding; more threads than cores hides file I/O
 
@@ -48,7 +49,7 @@ _DECODE_THREADS = 8    # Pillow releases the GIL while decoding; more threads th
 # ---------------------------------------------------------------------------------------------
 def _decode_one(path: str) -> dict:
     row: dict = {"path": path, "file_size": -1, "mtime_ns": -1, "sha256": None, "phash": 0,
-                 "phash_mirror": 0, "width": -1, "height": -1, "error": None}
+                 "phash_mirror": 0, "thumb": None, "width": -1, "height": -1, "error": None}
     try:
         st = os.stat(path)
         row["file_size"], row["mtime_ns"] = st.st_size, st.st_mtime_ns
@@ -67,6 +68,7 @@ def _decode_one(path: str) -> dict:
         return row
     row["sha256"] = pixel_sha256(grey)
     row["phash"], row["phash_mirror"] = phash_pair(grey)
+    row["thumb"] = thumbnail(grey).tobytes()  # (32, 32) uint8, for the near-duplicate check
     row["height"], row["width"] = grey.shape
     return row
 
@@ -215,9 +217,9 @@ def run(cfg) -> dict:
         _check_classes_usable(frame, lst)
 
     # --- audit and splits of Dataset A ---
-    near = data.near_duplicate_bits
+    near, min_corr = data.near_duplicate_bits, data.near_duplicate_min_correlation
     a = usable[0]
-    a_pairs = find_duplicates(a, near)
+    a_pairs = find_duplicates(a, near, min_corr)
     audit_rows += _pair_rows("dup", "A", a_pairs, a, a, near)
     a["group_id"] = assign_groups(a, a_pairs, "A")
     a["label"] = [classes.index(c) for c in a["class_name"]]
@@ -240,12 +242,12 @@ def run(cfg) -> dict:
     overlap: list[DuplicatePair] = []
     if len(usable) > 1:
         b = usable[1]
-        b_pairs = find_duplicates(b, near)
+        b_pairs = find_duplicates(b, near, min_corr)
         audit_rows += _pair_rows("dup", "B", b_pairs, b, b, near)
         b["group_id"] = assign_groups(b, b_pairs, "B")
         b["label"] = [classes.index(c) for c in b["class_name"]]
         b["split"], b["fold"] = "external", -1
-        overlap = find_overlap(b, a, near)
+        overlap = find_overlap(b, a, near, min_corr)
         rows = _pair_rows("ab_overlap", "B", overlap, b, a, near, other_dataset="A")
         for row, p in zip(rows, overlap):
             ar = a.iloc[p.j]
@@ -260,7 +262,8 @@ def run(cfg) -> dict:
     manifest = pd.concat(parts, ignore_index=True)
     manifest["image_id"] = manifest["dataset"] + "/" + manifest["rel_path"]
     manifest["phash"] = [f"{int(v):016x}" for v in manifest["phash"]]
-    manifest["patient_id"] = manifest["patient_id"].astype(object).where(manifest["patient_id"].notna(), None)
+    manifest["patient_id"] = pd.array([v if isinstance(v, str) else None for v in manifest["patient_id"]],
+                                      dtype="string")
     manifest = manifest[MANIFEST_COLUMNS].astype({"label": "int64", "fold": "int64", "width": "int64",
                                                   "height": "int64"})
     audit = findings_frame(audit_rows)
