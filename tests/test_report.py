@@ -1,0 +1,247 @@
+"""Tables recomputed from a hand-made trials.parquet, best-setting selection on validation, clear errors,
+and the report stage's files (every linked image exists)."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from scipy import stats
+
+from meddap import storage
+from meddap.config import load_config
+from meddap.errors import MeddapError
+from meddap.layout import RunLayout, adjective_slug
+from meddap.report import METRICS, best_settings, fig1a, load_trials, table1, table2, table3
+
+torch.set_num_threads(1)
+CLASSES = ["benign", "malignant", "normal"]
+FOLDS = [0, 1, 2]
+SETTINGS = [(None, 0.0), ("", 0.5), ("", 1.0), ("dark", 0.5), ("dark", 1.0)]
+
+
+def _trial_id(clf, adj, ratio, fold):
+    slug = "real" if adj is None else adjective_slug(adj)
+    return f"{clf}__{slug}__r{ratio:g}__f{fold}"
+
+
+def _make_trials(seed: int = 0) -> pd.DataFrame:
+    """Random metrics, except: for squeezenet1_1, ("dark", 1.0) is best on validation while ("", 0.5)
+    is best on test, so choosing on test would pick a different setting."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for clf in ("squeezenet1_1", "resnet18"):
+        for adj, ratio in SETTINGS:
+            for fold in FOLDS:
+                for ev in ("val", "test", "external"):
+                    m = {k: float(rng.uniform(0.55, 0.8)) for k in METRICS}
+                    if clf == "squeezenet1_1" and (adj, ratio) == ("dark", 1.0) and ev == "val":
+                        m["accuracy"] = 0.9 + 0.01 * fold
+                    if clf == "squeezenet1_1" and (adj, ratio) == ("", 0.5) and ev == "test":
+                        m["accuracy"] = 0.95
+                    rows.append(dict(trial_id=_trial_id(clf, adj, ratio, fold), classifier=clf, adjective=adj,
+                                     ratio=ratio, fold=fold, eval_set=ev, **m, n_real=30,
+                                     n_synthetic=int(30 * ratio), best_epoch=1, train_seconds=1.0,
+                                     images_per_second=10.0))
+    df = pd.DataFrame(rows)
+    return df.sample(frac=1.0, random_state=seed).reset_index(drop=True)   # row order must not matter
+
+
+@pytest.fixture(scope="module")
+def trials() -> pd.DataFrame:
+    return _make_trials()
+
+
+def _sel(t, clf, adj, ratio, ev):
+    m = (t.classifier == clf) & (t.ratio == ratio) & (t.eval_set == ev)
+    m &= t.adjective.isna() if adj is None else (t.adjective == adj)
+    return t[m].sort_values("fold")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables
+# ---------------------------------------------------------------------------------------------
+def test_table1_means_std_and_fid(trials):
+    fid = pd.DataFrame([
+        dict(fold=f, adjective=a, class_name=c, fid=v, kid=v / 100, dims=64, n_real=10, n_synthetic=10, status="ok")
+        for f, v0 in ((0, 1.0), (1, 3.0)) for a, v in (("", v0), ("dark", v0 + 10)) for c in ("all", "benign")])
+    t1 = table1(trials, fid)
+    assert len(t1) == 2 * len(SETTINGS)
+    for r in t1.itertuples():
+        acc = _sel(trials, r.classifier, r.adjective, r.ratio, "test")["accuracy"].to_numpy()
+        assert r.accuracy_mean == pytest.approx(np.mean(acc))
+        assert r.accuracy_std == pytest.approx(np.std(acc, ddof=1))
+        assert r.n_folds == 3
+    none = t1[(t1.adjective == "")]
+    assert (none.fid == 2.0).all() and (none.fid_folds == 2).all()      # mean over folds of class "all"
+    assert (t1[t1.adjective == "dark"].fid == 12.0).all()
+    assert t1[t1.adjective.isna()].fid.isna().all()                     # real-only has no FID
+    # Missing weights: null, never a number.
+    missing = fid.assign(fid=np.nan, kid=np.nan, status="missing_weights: x")
+    assert table1(trials, missing)["fid"].isna().all()
+
+
+def test_best_setting_is_chosen_on_validation_not_test(trials):
+    best = best_settings(trials).set_index("classifier")
+    assert (best.loc["squeezenet1_1", "adjective"], best.loc["squeezenet1_1", "ratio"]) == ("dark", 1.0)
+    t2 = table2(trials).set_index("classifier")
+    assert t2.loc["squeezenet1_1", "selected_by"] == "val_accuracy"
+    assert (t2.loc["squeezenet1_1", "adjective"], t2.loc["squeezenet1_1", "ratio"]) == ("dark", 1.0)
+    # The test-best setting would have been ("", 0.5): selection did not peek at test.
+    test_means = trials[(trials.classifier == "squeezenet1_1") & (trials.eval_set == "test") & trials.adjective.notna()] \
+        .groupby(["adjective", "ratio"])["accuracy"].mean()
+    assert test_means.idxmax() == ("", 0.5)
+    # Generic check for every classifier: the chosen setting has the highest mean validation accuracy.
+    for clf, r in best.iterrows():
+        val = trials[(trials.classifier == clf) & (trials.eval_set == "val") & trials.adjective.notna()]
+        means = val.groupby(["adjective", "ratio"])["accuracy"].mean()
+        assert means.max() == pytest.approx(r.val_accuracy)
+        assert means.idxmax() == (r.adjective, r.ratio)
+
+
+def test_table2_statistics_equal_scipy(trials):
+    t2 = table2(trials)
+    assert list(t2.classifier) == ["resnet18", "squeezenet1_1"]
+    for r in t2.itertuples():
+        real = _sel(trials, r.classifier, None, 0.0, "test")
+        aug = _sel(trials, r.classifier, r.adjective, r.ratio, "test")
+        for m in METRICS:
+            assert getattr(r, f"real_{m}") == pytest.approx(real[m].mean())
+            assert getattr(r, f"aug_{m}") == pytest.approx(aug[m].mean())
+            assert getattr(r, f"aug_{m}_std") == pytest.approx(np.std(aug[m].to_numpy(), ddof=1))
+        a, b = aug["accuracy"].to_numpy(), real["accuracy"].to_numpy()       # both sorted by fold
+        ref = stats.ttest_rel(a, b)
+        assert r.t_statistic == pytest.approx(ref.statistic) and r.p_value == pytest.approx(ref.pvalue)
+        d = a - b
+        half = stats.t.ppf(0.975, len(d) - 1) * np.std(d, ddof=1) / np.sqrt(len(d))
+        assert r.mean_difference == pytest.approx(d.mean())
+        assert (r.ci_low, r.ci_high) == (pytest.approx(d.mean() - half), pytest.approx(d.mean() + half))
+        assert r.n_pairs == 3
+
+
+def test_table3_external_and_its_absence(trials):
+    t3 = table3(trials)
+    best = best_settings(trials).set_index("classifier")
+    for r in t3.itertuples():
+        assert (r.adjective, r.ratio) == (best.loc[r.classifier, "adjective"], best.loc[r.classifier, "ratio"])
+        a = _sel(trials, r.classifier, r.adjective, r.ratio, "external")["accuracy"].to_numpy()
+        b = _sel(trials, r.classifier, None, 0.0, "external")["accuracy"].to_numpy()
+        assert r.aug_accuracy == pytest.approx(a.mean()) and r.real_accuracy == pytest.approx(b.mean())
+        assert r.p_value == pytest.approx(stats.ttest_rel(a, b).pvalue)
+    empty = table3(trials[trials.eval_set != "external"])
+    assert empty.empty and "external" in empty.attrs["note"]
+    assert "aug_accuracy" in empty.columns
+
+
+def test_fig1a_means():
+    se = pd.DataFrame([dict(trial_id=f"c__real__r0__f{f}", classifier="c", fold=f, adjective=a, accuracy=acc, n=10)
+                       for f, (a, acc) in enumerate([("", 0.5), ("", 0.7), ("dark", 0.2)])])
+    f = fig1a(se).set_index("adjective")
+    assert f.loc["", "accuracy_mean"] == pytest.approx(0.6) and f.loc["", "n_folds"] == 2
+    assert f.loc["dark", "accuracy_mean"] == pytest.approx(0.2) and f.loc["", "n_images"] == 20
+
+
+def test_clear_errors(tmp_path, trials):
+    with pytest.raises(MeddapError, match="meddap sweep"):
+        load_trials(str(tmp_path / "nothing"))
+    no_base = trials[~(trials.adjective.isna() & (trials.classifier == "resnet18"))]
+    with pytest.raises(MeddapError, match=r"real-only baseline.*resnet18"):
+        table2(no_base)
+    no_ext_base = trials[~(trials.adjective.isna() & (trials.eval_set == "external"))]
+    with pytest.raises(MeddapError, match="real-only baseline"):
+        table3(no_ext_base)
+    no_val = trials[trials.eval_set != "val"]
+    with pytest.raises(MeddapError, match="validation"):
+        table2(no_val)
+
+
+# ---------------------------------------------------------------------------------------------
+# The report stage
+# ---------------------------------------------------------------------------------------------
+def _png(path, arr):
+    Image.fromarray(arr.astype(np.uint8)).save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def report_run(tmp_path_factory, trials):
+    from meddap.classify.models import build_classifier
+
+    root = tmp_path_factory.mktemp("report")
+    run_dir = str(root / "run")
+    lay = RunLayout(run_dir)
+    rng = np.random.default_rng(1)
+    img_dir = root / "imgs"
+    img_dir.mkdir()
+    manifest = pd.DataFrame([dict(image_id=f"t{c}{i}", path=_png(img_dir / f"t{c}{i}.png", rng.integers(0, 255, (40, 40))),
+                                  dataset="A", class_name=cls, label=c, split="test", fold=-1, group_id=f"t{c}{i}")
+                             for c, cls in enumerate(CLASSES) for i in range(2)])
+    storage.write_parquet(manifest, lay.manifest)
+    synth = pd.DataFrame([dict(image_id=f"s{f}{a}{c}{i}", path=_png(img_dir / f"s{f}{a}{c}{i}.png",
+                                                                   rng.integers(0, 255, (24, 24, 3))),
+                               fold=f, adjective=a, class_name=cls, label=c, index=i)
+                          for f in FOLDS for a in ("", "dark") for c, cls in enumerate(CLASSES) for i in range(3)])
+    storage.write_parquet(synth, lay.synthetic_manifest)
+    storage.write_parquet(trials, lay.summary("trials"))
+    storage.write_parquet(pd.DataFrame([dict(trial_id=f"{clf}__real__r0__f{f}", classifier=clf, fold=f, adjective=a,
+                                             accuracy=float(rng.uniform(0.3, 0.9)), n=9)
+                                        for clf in ("squeezenet1_1", "resnet18") for f in FOLDS for a in ("", "dark")]),
+                          lay.summary("synthetic_eval"))
+    status = "missing_weights: pytorch-fid Inception weights not found"
+    storage.write_parquet(pd.DataFrame([dict(fold=f, adjective=a, class_name=c, fid=None, kid=None, kid_std=None,
+                                             dims=2048, n_real=20, n_synthetic=9, status=status)
+                                        for f in FOLDS for a in ("", "dark") for c in [*CLASSES, "all"]])
+                          .astype({"fid": float, "kid": float, "kid_std": float}), lay.summary("fid"))
+    # Fold-0 weights for squeezenet only (real-only and its validation-chosen setting); resnet18 has none.
+    for adj, ratio in ((None, 0.0), ("dark", 1.0)):
+        torch.manual_seed(0)
+        model = build_classifier("squeezenet1_1", len(CLASSES))
+        buf = storage.join(run_dir, "trials", _trial_id("squeezenet1_1", adj, ratio, 0), "model.pt")
+        storage.makedirs(storage.join(run_dir, "trials", _trial_id("squeezenet1_1", adj, ratio, 0)))
+        torch.save({"state_dict": model.state_dict(), "classifier": "squeezenet1_1", "classes": CLASSES,
+                    "image_size": 32}, buf)
+    cfg = load_config("demo", [f"run_dir={run_dir}", "report.gradcam_images=2", "report.contact_sheet_per_cell=2"])
+    from meddap.stages import report as stage
+
+    return cfg, stage.run(cfg)
+
+
+def test_report_files_and_links(report_run):
+    cfg, out = report_run
+    lay = RunLayout(cfg.run_dir)
+    for name in ("table1", "table2", "table3", "fig1a"):
+        assert storage.exists(lay.summary(name)), name
+    md = storage.read_text(lay.path("report.md"))
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    expected = {"figures/accuracy_resnet18.png", "figures/accuracy_squeezenet1_1.png", "figures/contact_none.png",
+                "figures/contact_dark.png", "figures/fig1a.png", "figures/gradcam_squeezenet1_1.png"}
+    assert set(links) == expected
+    for rel in links:
+        data = storage.read_bytes(storage.join(cfg.run_dir, rel))
+        assert data[:8] == b"\x89PNG\r\n\x1a\n", rel
+    html = storage.read_text(lay.path("report.html"))
+    assert html.count("data:image/png;base64,") == len(links)
+    assert "figures/fid.png" not in md                     # no FID figure without FID values
+    t2 = storage.read_parquet(lay.summary("table2"))
+    assert set(t2.selected_by) == {"val_accuracy"}
+
+
+def test_report_notes_missing_parts(report_run):
+    cfg, out = report_run
+    md = storage.read_text(RunLayout(cfg.run_dir).path("report.md"))
+    assert any("missing_weights" in n for n in out["notes"])
+    assert "missing_weights: pytorch-fid Inception weights not found" in md
+    assert any("resnet18" in s and "model file absent" in s for s in out["skipped"])
+    assert "real + 100% dark" in md                       # squeezenet's validation-chosen setting
+
+
+def test_report_stage_without_trials_says_run_sweep(tmp_path):
+    from meddap.stages import report as stage
+
+    cfg = load_config("demo", [f"run_dir={tmp_path / 'empty'}"])
+    with pytest.raises(MeddapError, match="meddap sweep"):
+        stage.run(cfg)
