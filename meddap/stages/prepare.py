@@ -60,6 +60,9 @@ def _decode_one(path: str) -> dict:
     except ImageDecodeError as e:
         row["error"] = e.reason
         return row
+    except FileNotFoundError:
+        row["error"] = "file not found"
+        return row
     except OSError as e:
         row["error"] = f"cannot access file: {e.strerror or e}"
         return row

@@ -56,7 +56,7 @@ def truncated_png(path: Path, seed: int = 999) -> Path:
     return path
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def builders():
     return SimpleNamespace(pattern=pattern, save=save, save_rgb=save_rgb, busi_tree=busi_tree,
                            truncated_png=truncated_png)
