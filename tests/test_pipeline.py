@@ -172,3 +172,54 @@ def test_choose_rank_never_invents_a_number():
     none = [dict(r, fid=nan, kid=None, status="missing_weights: pt_inception not found") for r in rows]
     i, why = pipeline.choose_rank(none)
     assert i == 0 and "no FID or KID" in why and "missing_weights" in why
+
+
+# ---------------------------------------------------------------------------------------------
+# The real demo run dir (submitted once as a Ray job by tests/_demo_run.py).
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def demo_cfg():
+    from _demo_run import demo_job
+
+    job = demo_job()
+    assert job["returncode"] == 0, "demo job failed:\n" + job["log"][-6000:]
+    return load_config("demo", [f"run_dir={job['run_dir']}"])
+
+
+@pytest.mark.slow
+def test_rerun_of_the_demo_skips_every_stage(demo_cfg, ray_session):
+    result = pipeline.run(demo_cfg)
+    actions = {t["stage"]: t["action"] for t in result["timings"]}
+    assert all(actions[s] == "skipped" for s in state.STAGES), actions
+    assert result["report"].endswith("report.md")
+
+
+@pytest.mark.slow
+def test_force_report_redoes_only_the_report(demo_cfg, ray_session):
+    lay = RunLayout(demo_cfg.run_dir)
+    before = {s: state.read_record(demo_cfg, s) for s in state.STAGES}
+    trials = storage.read_bytes(lay.summary("trials"))
+    result = pipeline.run(demo_cfg, force=["report"])
+    actions = {t["stage"]: t["action"] for t in result["timings"]}
+    assert actions["report"] == "ran" and all(actions[s] == "skipped" for s in state.STAGES[:-1])
+    assert state.read_record(demo_cfg, "report")["finished_at"] >= before["report"]["finished_at"]
+    assert state.read_record(demo_cfg, "sweep") == before["sweep"]
+    assert storage.read_bytes(lay.summary("trials")) == trials
+    assert storage.exists(lay.path("report.md")) and storage.exists(lay.summary("table1"))
+
+
+@pytest.mark.slow
+def test_changed_settings_on_the_demo_are_refused(demo_cfg, ray_session):
+    lay = RunLayout(demo_cfg.run_dir)
+    adapter = storage.read_bytes(storage.join(lay.adapter_dir(0), "adapter.json"))
+    rank = load_config("demo", [f"run_dir={demo_cfg.run_dir}", "diffusion.lora.rank=8"])
+    with pytest.raises(MeddapError, match=r"diffusion\.lora\.rank: 4 -> 8[\s\S]*--force finetune"):
+        pipeline.run(rank)
+    adj = load_config("demo", [f"run_dir={demo_cfg.run_dir}", "generate.adjectives=['', bright]"])
+    with pytest.raises(MeddapError, match=r"generate\.adjectives[\s\S]*--force generate"):
+        pipeline.run(adj)
+    seed = load_config("demo", [f"run_dir={demo_cfg.run_dir}", "data.seed=1"])
+    with pytest.raises(MeddapError, match=r"data\.seed: 0 -> 1[\s\S]*--force prepare"):
+        pipeline.run(seed)
+    assert storage.read_bytes(storage.join(lay.adapter_dir(0), "adapter.json")) == adapter
+    assert state.check_stage(demo_cfg, "finetune").state == "done"

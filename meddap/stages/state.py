@@ -142,18 +142,23 @@ def stage_inputs(cfg, stage: str) -> dict[str, str]:
 def stage_outputs(cfg, stage: str) -> list[str]:
     """Paths (files or folders) a stage writes; `--force STAGE` removes them before redoing it."""
     lay = RunLayout(cfg.run_dir)
-    ray = lay.ray_storage
-    return {
-        # data/ holds the manifest, the audit and the phantom images prepare writes.
+    outputs = {
+        # data/ holds the manifest, the audit, the decode cache and the phantom images prepare writes.
         "prepare": [lay.path("data")],
-        "finetune": [lay.path("adapters"), storage.join(ray, "finetune")],
+        "finetune": [lay.path("adapters")],
         "generate": [lay.synthetic_dir],
         "fid": [lay.summary("fid"), lay.summary("memorization")],
         "sweep": [lay.summary("trials"), lay.summary("predictions"), lay.summary("synthetic_eval"),
-                  lay.path("trials"), storage.join(ray, "sweep")],
+                  lay.path("trials")],
         "report": [lay.path("report.md"), lay.path("report.html"), lay.figures]
         + [lay.summary(n) for n in ("table1", "table2", "table3", "fig1a")],
     }[stage]
+    # Ray Train/Tune checkpoints are cleared only when they live in the run dir: a user-set
+    # ray.storage_path may be shared by several runs (stale checkpoints there are never resumed,
+    # because the stages' Ray run names hash the settings).
+    if stage in ("finetune", "sweep") and cfg.ray.storage_path is None:
+        outputs.append(storage.join(lay.ray_storage, stage))
+    return outputs
 
 
 def _key_outputs(cfg, stage: str) -> list[str]:

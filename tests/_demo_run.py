@@ -1,0 +1,111 @@
+"""The demo, submitted once per test session as a Ray job to a real local head (not a test module).
+
+`demo_job()` starts `ray start --head --block` on loopback ports in its own temp dir (so no other
+Ray on this machine, and no `ray.init()` elsewhere, ever finds or joins it), submits
+`python jobs/pipeline.py --config demo run_dir=...` with `ray job submit`, waits for it, then stops
+exactly that head by signalling the `ray start --block` process it started (never `ray stop`, which
+would end every Ray on a shared machine). tests/test_jobs.py and tests/test_pipeline.py both use
+the result; the module-level cache makes the demo run once.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+_RESULT: dict | None = None
+JOB_TIMEOUT_S = 900
+
+
+def _free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def _ray_cli() -> list[str]:
+    return [sys.executable, "-m", "ray.scripts.scripts"]
+
+
+def start_head(tmp: str) -> tuple[subprocess.Popen, str]:
+    """A 2-CPU head with its dashboard (hence job server) on 127.0.0.1; returns (process, dashboard URL)."""
+    names = ["port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port",
+             "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
+             "node-manager-port", "object-manager-port"]
+    ports = {n: _free_port() for n in names}
+    # Short temp dir: Ray's unix sockets live under it and paths are limited to ~107 bytes.
+    ray_tmp = tempfile.mkdtemp(prefix="rj", dir="/tmp")
+    atexit.register(shutil.rmtree, ray_tmp, ignore_errors=True)
+    cmd = _ray_cli() + ["start", "--head", "--block", "--num-cpus=2", "--include-dashboard=true",
+                        "--dashboard-host=127.0.0.1", f"--temp-dir={ray_tmp}"] + [f"--{k}={v}" for k, v in ports.items()]
+    env = dict(os.environ, RAY_DEDUP_LOGS="1", PYTHONUNBUFFERED="1")
+    env.pop("RAY_ADDRESS", None)
+    log = open(os.path.join(tmp, "ray-head.log"), "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{ports['dashboard-port']}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ray start exited with {proc.returncode}; see {log.name}")
+        try:
+            urllib.request.urlopen(url + "/api/version", timeout=2)
+            return proc, url
+        except urllib.error.HTTPError:
+            return proc, url  # 401: the job server is up and wants the token
+        except OSError:
+            time.sleep(1)
+    stop_head(proc)
+    raise RuntimeError(f"the dashboard at {url} did not come up in 120 s; see {log.name}")
+
+
+def stop_head(proc: subprocess.Popen) -> None:
+    """SIGTERM to `ray start --block` shuts down the processes of that one head (and only those)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
+def submit(url: str, args: list[str], token: bool = True, timeout: int = JOB_TIMEOUT_S) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("RAY_ADDRESS", None)
+    env["RAY_AUTH_MODE"] = "token" if token else "disabled"
+    cmd = _ray_cli() + ["job", "submit", "--address", url, "--working-dir", str(ROOT), "--", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def demo_job() -> dict:
+    """Run the demo as a Ray job once; {run_dir, returncode, log, seconds, unauthorized}."""
+    global _RESULT
+    if _RESULT is not None:
+        return _RESULT
+    tmp = tempfile.mkdtemp(prefix="meddap-demo-job-")
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+    run_dir = os.path.join(tmp, "run")
+    proc, url = start_head(tmp)
+    try:
+        no_token = submit(url, ["python", "-c", "print('should not run')"], token=False, timeout=120)
+        t0 = time.perf_counter()
+        res = submit(url, ["python", "jobs/pipeline.py", "--config", "demo", f"run_dir={run_dir}"])
+        seconds = time.perf_counter() - t0
+    finally:
+        stop_head(proc)
+    _RESULT = {"run_dir": run_dir, "returncode": res.returncode, "log": res.stdout + res.stderr,
+               "seconds": seconds, "unauthorized": no_token, "head_stopped": proc.poll() is not None}
+    return _RESULT

@@ -1,0 +1,130 @@
+"""`ray job submit` of the demo to a real local Ray head, and everything the demo must produce.
+
+This is the suite's end-to-end run (marked slow, run by default): tests/_demo_run.py starts a head on
+loopback (dashboard = job server on 127.0.0.1, token auth on as Ray 2.60 ships it), submits
+`python jobs/pipeline.py --config demo run_dir=...`, waits, and stops that head. The checks below
+read the run dir the job wrote; tests/test_pipeline.py reruns the same run dir to test skipping,
+--force and change detection.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from _demo_run import demo_job
+from meddap import storage
+from meddap.config import load_config
+from meddap.layout import RunLayout, adapter_name, adjective_slug
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def job() -> dict:
+    result = demo_job()
+    assert result["returncode"] == 0, "demo job failed:\n" + result["log"][-6000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def cfg(job):
+    return load_config("demo", [f"run_dir={job['run_dir']}"])
+
+
+def test_job_server_wants_the_token(job):
+    res = job["unauthorized"]
+    assert res.returncode != 0
+    assert "401" in res.stdout + res.stderr or "Unauthorized" in res.stdout + res.stderr
+    assert job["head_stopped"], "the test's Ray head must be stopped after the job"
+
+
+def test_job_ran_the_pipeline_and_said_where_the_report_is(job):
+    log = job["log"]
+    assert re.search(r"Job '\S+' succeeded", log)
+    assert f"report: {job['run_dir']}/report.md" in log
+    for stage in ("prepare", "finetune", "generate", "fid", "sweep", "report"):
+        assert f"[pipeline] {stage}: finished in" in log
+
+
+def test_manifest_and_adapters(cfg):
+    lay = RunLayout(cfg.run_dir)
+    m = storage.read_parquet(lay.manifest)
+    assert set(m["split"]) == {"train", "test", "external"}
+    assert sorted(m.loc[m["split"] == "train", "fold"].unique()) == list(range(cfg.data.folds))
+    for fold in range(cfg.data.folds):
+        d = lay.adapter_dir(fold)
+        meta = json.loads(storage.read_text(storage.join(d, "adapter.json")))
+        assert meta["rank"] == cfg.diffusion.lora.rank and meta["fold"] == fold
+        assert storage.exists(storage.join(d, "pytorch_lora_weights.safetensors"))
+        assert len(storage.read_parquet(storage.join(d, "loss.parquet"))) > 0
+
+
+def test_synthetic_manifest_has_every_fold_adjective_class(cfg):
+    lay = RunLayout(cfg.run_dir)
+    m = storage.read_parquet(lay.manifest)
+    s = storage.read_parquet(lay.synthetic_manifest)
+    assert s["image_id"].is_unique
+    top = max(cfg.generate.ratios)
+    for fold in range(cfg.data.folds):
+        train = m[(m["split"] == "train") & (m["fold"] != fold)]
+        for adj in cfg.generate.adjectives:
+            for cls in cfg.data.classes:
+                n = ((s["fold"] == fold) & (s["adjective"] == adj) & (s["class_name"] == cls)).sum()
+                assert n == round(top * (train["class_name"] == cls).sum()), (fold, adj, cls)
+    assert all(Path(p).is_file() for p in s["path"].head(20))
+
+
+def test_trials_cover_the_grid(cfg):
+    t = storage.read_parquet(RunLayout(cfg.run_dir).summary("trials"))
+    c = cfg.classify
+    n_grid = len(c.models) * cfg.data.folds * (len(cfg.generate.adjectives) * len(cfg.generate.ratios) + 1)
+    assert t["trial_id"].nunique() == n_grid
+    assert set(t["eval_set"]) == {"val", "test", "external"}
+    assert len(t) == 3 * n_grid
+    assert t[["accuracy", "f1"]].apply(lambda col: col.between(0, 1)).all().all()
+    real = t[t["ratio"] == 0.0]
+    assert real["adjective"].isna().all() and real["trial_id"].nunique() == len(c.models) * cfg.data.folds
+    expected = {f"{m}__{adjective_slug(a)}__r{r:g}__f{f}" for m in c.models for a in cfg.generate.adjectives
+                for r in cfg.generate.ratios for f in range(cfg.data.folds)}
+    assert expected <= set(t["trial_id"])
+
+
+def test_fid_is_missing_not_invented(cfg):
+    fid = storage.read_parquet(RunLayout(cfg.run_dir).summary("fid"))
+    assert len(fid) > 0
+    ok = fid["status"] == "ok"
+    # No Inception weights on this machine: every FID must be recorded as missing with its reason.
+    assert (~ok).all() and fid["fid"].isna().all()
+    assert fid["status"].str.startswith("missing_weights").all()
+
+
+def test_tables_figures_and_report(cfg):
+    lay = RunLayout(cfg.run_dir)
+    for name in ("table1", "table2", "table3", "fig1a", "synthetic_eval", "predictions"):
+        assert len(storage.read_parquet(lay.summary(name))) > 0, name
+    report = storage.read_text(lay.path("report.md"))
+    assert storage.exists(lay.path("report.html"))
+    figures = storage.listdir(lay.figures)
+    assert len(figures) >= 5
+    linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+    assert linked, "the report shows figures"
+    for rel in linked:
+        assert storage.exists(storage.join(cfg.run_dir, rel)), rel
+    names = " ".join(Path(f).name for f in figures)
+    for what in ("gradcam", "fig1a", "contact"):
+        assert what in names.lower(), f"no {what} figure among {names}"
+    for m in cfg.classify.models:
+        assert m in report
+
+
+def test_stage_records_written(cfg):
+    from meddap.stages import state
+
+    for s in state.STAGES:
+        st = state.check_stage(cfg, s)
+        assert st.state == "done", st
+        assert st.record["seconds"] > 0
