@@ -36,6 +36,7 @@ __all__ = [
     "build_tiny_sd",
     "resolve_base_model",
     "load_pipeline",
+    "check_base_model",
     "load_components",
     "sd14_config",
     "build_sd14_unet",
@@ -245,6 +246,17 @@ def _load_errors() -> tuple[type[BaseException], ...]:
     except ImportError:  # pragma: no cover - older huggingface_hub
         pass
     return tuple(errs)
+
+
+def check_base_model(model: str) -> None:
+    """Fail early (before starting workers) when `model` cannot be found: reads only its index file."""
+    from diffusers import DiffusionPipeline
+
+    _check_local(model)
+    try:
+        DiffusionPipeline.load_config(model, local_files_only=_offline())
+    except _load_errors() as e:
+        raise _wrap_load_error(model, e) from None
 
 
 def load_pipeline(model: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):

@@ -1,0 +1,443 @@
+"""USLoRA fine-tuning core: plain PyTorch, no Ray.
+
+`LoraFinetuner` trains a LoRA adapter on a frozen Stable Diffusion with the paper's objective
+(equation 1): MSE between the noise added at a random timestep and the UNet's prediction of it (or
+of the velocity, when the scheduler's `prediction_type` is `v_prediction`). One epoch at a time
+(`train_epoch`), with a `state_dict()` that holds everything a resumed run needs (LoRA weights,
+optimizer, step, epoch, RNG, losses), so the Ray Train stage can checkpoint each epoch and the
+benchmark can time steps without Ray.
+
+Data parallelism is plain `torch.distributed`: when a process group is up (Ray Train sets one), each
+rank takes its share of every step's global batch and the LoRA gradients (~0.4 M numbers on SD-1.4,
+not the 860 M frozen weights) are averaged with one all_reduce per step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from meddap.config import ConfigError
+from meddap.diffusion.lora import add_uslora, count_trainable, load_lora_state, lora_parameters, lora_state
+
+__all__ = [
+    "FinetuneSettings",
+    "Example",
+    "LoraFinetuner",
+    "training_prompt",
+    "class_prompts",
+    "load_image",
+    "resolve_precision",
+]
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training image: its file and the prompt of its class."""
+    path: str
+    prompt: str
+
+
+@dataclass
+class FinetuneSettings:
+    """The settings of one adapter's training (from `diffusion.*` of the config)."""
+    resolution: int = 224
+    epochs: int = 100
+    lr: float = 1e-4
+    batch_size: int = 1
+    random_flip: bool = True
+    mixed_precision: str = "auto"
+    gradient_checkpointing: bool = False
+    cache_latents: bool = True
+    seed: int = 0
+    rank: int = 4
+    alpha: float | None = None
+    targets: str = "cross_attention"
+
+    @classmethod
+    def from_config(cls, cfg, rank: int | None = None) -> "FinetuneSettings":
+        d, t = cfg.diffusion, cfg.diffusion.train
+        ranks = d.lora.ranks
+        if rank is None:
+            if len(ranks) != 1:
+                raise ConfigError(f"config key 'diffusion.lora.rank' = {d.lora.rank!r}: finetune trains one rank; "
+                                  "give one (e.g. diffusion.lora.rank=4). `run` selects among a list of ranks.")
+            rank = ranks[0]
+        return cls(resolution=d.resolution, epochs=t.epochs, lr=t.lr, batch_size=t.batch_size,
+                   random_flip=t.random_flip, mixed_precision=t.mixed_precision,
+                   gradient_checkpointing=t.gradient_checkpointing, cache_latents=t.cache_latents,
+                   seed=t.seed, rank=rank, alpha=d.lora.alpha, targets=d.lora.targets)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts and images
+# ---------------------------------------------------------------------------------------------
+def training_prompt(template: str, class_phrase: str) -> str:
+    """Fill `{class_phrase}`; words joined by exactly one space (the authors' code glued words).
+
+    >>> training_prompt("ultrasound image of {class_phrase} tumor in the breast", "no")
+    'ultrasound image of no tumor in the breast'
+    """
+    if "{class_phrase}" not in template:
+        raise ConfigError(f"config key 'diffusion.prompt_template' = {template!r} must contain {{class_phrase}}.")
+    try:
+        text = template.format(class_phrase=class_phrase.strip())
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConfigError(f"config key 'diffusion.prompt_template' = {template!r}: only {{class_phrase}} is "
+                          f"filled in at training time ({type(e).__name__}: {e}).") from None
+    return " ".join(text.split())
+
+
+def class_prompts(cfg) -> dict[str, str]:
+    """Training prompt of each class in `data.classes`."""
+    phrases = cfg.diffusion.class_phrases
+    missing = [c for c in cfg.data.classes if c not in phrases]
+    if missing:
+        raise ConfigError(f"config key 'diffusion.class_phrases' has no phrase for {missing}.")
+    return {c: training_prompt(cfg.diffusion.prompt_template, phrases[c]) for c in cfg.data.classes}
+
+
+def load_image(path: str, resolution: int) -> torch.Tensor:
+    """(3, R, R) float in [-1, 1]: the canonical grey image, resized, replicated to SD's 3 channels."""
+    from meddap.data.decode import read_grey
+
+    grey = torch.from_numpy(np.ascontiguousarray(read_grey(path, resolution)))  # (R, R) uint8
+    x = grey.float().div(127.5).sub(1.0)
+    return x.unsqueeze(0).expand(3, -1, -1).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# Precision
+# ---------------------------------------------------------------------------------------------
+def resolve_precision(mixed_precision: str, device: torch.device) -> tuple[torch.dtype, torch.dtype | None, bool]:
+    """(dtype of frozen weights, autocast dtype or None, use a GradScaler).
+
+    CUDA: auto/fp16 -> fp16 with loss scaling (the paper), bf16 -> bf16, no -> fp32.
+    CPU: always fp32 (CPU half-precision kernels are slow or missing); asking otherwise is noted.
+    """
+    if mixed_precision not in ("auto", "no", "fp16", "bf16"):
+        raise ConfigError(f"config key 'diffusion.train.mixed_precision' = {mixed_precision!r}: expected auto, no, fp16 or bf16.")
+    if device.type != "cuda":
+        if mixed_precision in ("fp16", "bf16"):
+            print(f"[finetune] mixed_precision={mixed_precision} applies on CUDA only; training in fp32 on {device}.")
+        return torch.float32, None, False
+    if mixed_precision == "no":
+        return torch.float32, None, False
+    if mixed_precision == "bf16":
+        return torch.bfloat16, torch.bfloat16, False
+    return torch.float16, torch.float16, True
+
+
+def _move(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Move, and cast only when the dtype changes (diffusers warns on no-op casts)."""
+    module.to(device)
+    if next(module.parameters()).dtype != dtype:
+        module.to(dtype)
+
+
+def _dist():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer
+# ---------------------------------------------------------------------------------------------
+class LoraFinetuner:
+    """Trains one USLoRA adapter. `components` as from `meddap.diffusion.base.load_components`.
+
+    The UNet is modified in place (LoRA added, base frozen). `rank`/`world_size` default to the
+    torch.distributed process group when one is up.
+    """
+
+    def __init__(self, components: dict[str, Any], examples: Sequence[Example], settings: FinetuneSettings,
+                 device: str | torch.device = "cpu", rank: int | None = None, world_size: int | None = None):
+        if not examples:
+            raise ValueError("no training images")
+        if settings.epochs < 1:
+            raise ConfigError(f"config key 'diffusion.train.epochs' = {settings.epochs!r}: expected an integer >= 1.")
+        if settings.batch_size < 1:
+            raise ConfigError(f"config key 'diffusion.train.batch_size' = {settings.batch_size!r}: expected >= 1.")
+        dist = _dist()
+        self.rank = rank if rank is not None else (dist.get_rank() if dist else 0)
+        self.world_size = world_size if world_size is not None else (dist.get_world_size() if dist else 1)
+        self.settings = settings
+        self.examples = list(examples)
+        self.device = torch.device(device)
+        self.weight_dtype, self.amp_dtype, use_scaler = resolve_precision(settings.mixed_precision, self.device)
+
+        self.unet = components["unet"]
+        self.vae = components["vae"]
+        self.text_encoder = components["text_encoder"]
+        self.tokenizer = components["tokenizer"]
+        self.noise_scheduler = components["noise_scheduler"]
+        self.prediction_type = self.noise_scheduler.config.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"scheduler prediction_type {self.prediction_type!r} is not supported "
+                             "(epsilon or v_prediction)")
+        self.num_train_timesteps = self.noise_scheduler.config.num_train_timesteps
+        self.scaling_factor = self.vae.config.scaling_factor
+        self.shift_factor = getattr(self.vae.config, "shift_factor", None) or 0.0
+
+        # Frozen parts in the training dtype; the VAE stays fp32 when its config asks (SD's VAE
+        # overflows in fp16).
+        vae_dtype = torch.float32 if getattr(self.vae.config, "force_upcast", False) else self.weight_dtype
+        _move(self.vae.requires_grad_(False).eval(), self.device, vae_dtype)
+        _move(self.text_encoder.requires_grad_(False).eval(), self.device, self.weight_dtype)
+
+        # Same seed on every rank -> identical LoRA init everywhere (also broadcast below).
+        torch.manual_seed(settings.seed)
+        add_uslora(self.unet, settings.rank, settings.alpha, settings.targets)
+        _move(self.unet, self.device, self.weight_dtype)
+        for p in lora_parameters(self.unet):
+            p.data = p.data.float()  # LoRA weights (and so their grads and Adam moments) stay fp32
+        if settings.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        self.unet.train()
+        self.params = lora_parameters(self.unet)
+        self.trainable, self.total, self.share = count_trainable(self.unet)
+        if dist and self.world_size > 1:
+            for p in self.params:
+                dist.broadcast(p.data, src=0)
+
+        self.optimizer = torch.optim.AdamW(self.params, lr=settings.lr)
+        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+        self.generator = torch.Generator()
+        self._reseed(0)
+        self.step = 0
+        self.epoch = 0  # completed epochs
+        self.losses: list[tuple[int, int, float]] = []  # (epoch, step, loss), mean over ranks
+
+        self._prepare_data()
+
+    # -- data ---------------------------------------------------------------------------------
+    def _prepare_data(self) -> None:
+        s = self.settings
+        prompts = sorted({e.prompt for e in self.examples})
+        self._prompt_index = {p: i for i, p in enumerate(prompts)}
+        self.prompt_ids = torch.tensor([self._prompt_index[e.prompt] for e in self.examples])
+        self.prompts = prompts
+        self.tokens = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                                     truncation=True, return_tensors="pt").input_ids  # (P, 77)
+        # Decode every image once: the set is small (545 x 224^2 bytes for the paper) and reading files
+        # every epoch is waste.
+        from meddap.data.decode import read_grey
+
+        self.pixels = torch.stack([torch.from_numpy(np.ascontiguousarray(read_grey(e.path, s.resolution)))
+                                   for e in self.examples])  # (N, R, R) uint8 grey
+        self.cached_text = self._encode_text(torch.arange(len(prompts)))  # always small: one row per class
+        self.latent_mean = self.latent_std = None
+        if s.cache_latents:
+            means, stds = [], []
+            flips = (False, True) if s.random_flip else (False,)
+            for flip in flips:
+                m, sd = [], []
+                for i in range(0, len(self.examples), 8):
+                    idx = torch.arange(i, min(i + 8, len(self.examples)))
+                    mean, std = self._encode_images(idx, torch.full((len(idx),), flip))
+                    m.append(mean), sd.append(std)
+                means.append(torch.cat(m)), stds.append(torch.cat(sd))
+            self.latent_mean = torch.stack(means, 1)  # (N, F, 4, R/8, R/8), F = 2 with flips
+            self.latent_std = torch.stack(stds, 1)
+            if self.device.type == "cuda":
+                # Encoders have done their work: free their GPU memory for the UNet.
+                self.vae.to("cpu"), self.text_encoder.to("cpu")
+                torch.cuda.empty_cache()
+
+    def _pixel_batch(self, idx: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+        x = self.pixels[idx].float().div(127.5).sub(1.0)  # (B, R, R) in [-1, 1]
+        x = torch.where(flips.view(-1, 1, 1), x.flip(-1), x)
+        return x.unsqueeze(1).expand(-1, 3, -1, -1)  # (B, 3, R, R): grey replicated as SD wants RGB
+
+    @torch.no_grad()
+    def _encode_images(self, idx: torch.Tensor, flips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and std of the VAE's latent distribution: (B, 4, R/8, R/8) each, fp32."""
+        vae_dtype = next(self.vae.parameters()).dtype
+        x = self._pixel_batch(idx, flips).to(self.device, vae_dtype)
+        dist = self.vae.encode(x).latent_dist
+        return dist.mean.float(), dist.std.float()
+
+    @torch.no_grad()
+    def _encode_text(self, prompt_idx: torch.Tensor) -> torch.Tensor:
+        ids = self.tokens[prompt_idx].to(self.device)
+        return self.text_encoder(ids)[0].to(self.weight_dtype)  # (B, 77, D) last hidden state
+
+    # -- schedule -----------------------------------------------------------------------------
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.examples) / (self.settings.batch_size * self.world_size))
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.settings.epochs
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        """Global order of the epoch, the same on every rank, padded by wrapping to whole steps."""
+        order = np.random.default_rng([self.settings.seed, epoch]).permutation(len(self.examples))
+        need = self.steps_per_epoch * self.settings.batch_size * self.world_size
+        return np.resize(order, need)
+
+    # -- training -----------------------------------------------------------------------------
+    def _reseed(self, epoch: int) -> None:
+        """Noise, timesteps and flips come from a stream seeded by (seed, rank, epoch): an epoch is
+        reproduced exactly on resume, whatever happened before it."""
+        self.generator.manual_seed(int(np.random.default_rng([self.settings.seed, self.rank, epoch]).integers(2**62)))
+
+    def _latents(self, idx: torch.Tensor) -> torch.Tensor:
+        b = len(idx)
+        if self.settings.random_flip:
+            flips = torch.rand(b, generator=self.generator) < 0.5
+        else:
+            flips = torch.zeros(b, dtype=torch.bool)
+        if self.latent_mean is not None:
+            f = flips.long()
+            mean = self.latent_mean[idx.to(self.latent_mean.device), f.to(self.latent_mean.device)]
+            std = self.latent_std[idx.to(self.latent_std.device), f.to(self.latent_std.device)]
+        else:
+            mean, std = self._encode_images(idx, flips)
+        eps = torch.randn(mean.shape, generator=self.generator).to(self.device)
+        latents = mean + std * eps  # a sample of the VAE posterior, as without caching
+        return (latents - self.shift_factor) * self.scaling_factor  # (B, 4, R/8, R/8)
+
+    def _text(self, idx: torch.Tensor) -> torch.Tensor:
+        pid = self.prompt_ids[idx]
+        if self.settings.cache_latents:
+            return self.cached_text[pid.to(self.cached_text.device)]
+        return self._encode_text(pid)
+
+    def loss_on(self, idx: torch.Tensor) -> torch.Tensor:
+        """Equation (1) on the examples `idx`: || target - unet(z_t, t, c) ||^2, mean over elements."""
+        latents = self._latents(idx)  # (B, 4, h, w)
+        noise = torch.randn(latents.shape, generator=self.generator).to(self.device)
+        t = torch.randint(0, self.num_train_timesteps, (len(idx),), generator=self.generator).to(self.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        if self.prediction_type == "epsilon":
+            target = noise
+        else:
+            target = self.noise_scheduler.get_velocity(latents, noise, t)
+        cond = self._text(idx)  # (B, 77, D)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            pred = self.unet(noisy.to(self.weight_dtype), t, encoder_hidden_states=cond).sample
+        return F.mse_loss(pred.float(), target.float())
+
+    @torch.no_grad()
+    def eval_loss(self, seed: int = 12345, repeats: int = 4) -> float:
+        """Equation (1) averaged over every example `repeats` times with fixed noise and timesteps:
+        a comparable number before and after training (the training loss itself is noisy)."""
+        saved = self.generator.get_state()
+        self.generator.manual_seed(seed)
+        total, n = 0.0, 0
+        for _ in range(repeats):
+            for i in range(len(self.examples)):
+                total += float(self.loss_on(torch.tensor([i])).item())
+                n += 1
+        self.generator.set_state(saved)
+        return total / n
+
+    def _sync_grads(self) -> None:
+        dist = _dist()
+        if not dist or self.world_size == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world_size
+        off = 0
+        for p, g in zip(self.params, grads):
+            n = g.numel()
+            p.grad = flat[off:off + n].view_as(p).clone()
+            off += n
+
+    def _mean_over_ranks(self, value: float) -> float:
+        dist = _dist()
+        if not dist or self.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(t)
+        return float(t.item()) / self.world_size
+
+    def train_step(self, idx: torch.Tensor) -> float:
+        loss = self.loss_on(idx)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+            self._sync_grads()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self._sync_grads()
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return float(loss.detach().item())
+
+    def train_epoch(self, epoch: int | None = None, max_steps: int | None = None,
+                    on_step: Callable[[int, float], None] | None = None) -> list[tuple[int, int, float]]:
+        """Run one epoch (or its first `max_steps` steps, for benchmarks). Returns (epoch, step, loss) rows."""
+        epoch = self.epoch if epoch is None else epoch
+        order = self._epoch_order(epoch)
+        self._reseed(epoch)
+        b, w = self.settings.batch_size, self.world_size
+        rows = []
+        n_steps = self.steps_per_epoch if max_steps is None else min(max_steps, self.steps_per_epoch)
+        for s in range(n_steps):
+            glob = order[s * b * w:(s + 1) * b * w]
+            mine = torch.from_numpy(glob[self.rank * b:(self.rank + 1) * b].copy())
+            loss = self._mean_over_ranks(self.train_step(mine))
+            rows.append((epoch, self.step, loss))
+            if on_step is not None:
+                on_step(self.step, loss)
+        self.losses.extend(rows)
+        if max_steps is None:
+            self.epoch = epoch + 1
+        return rows
+
+    def fit(self, epochs: int | None = None, on_epoch: Callable[["LoraFinetuner"], None] | None = None) -> None:
+        """Train from the current epoch to `epochs` (default: settings.epochs)."""
+        for e in range(self.epoch, epochs or self.settings.epochs):
+            self.train_epoch(e)
+            if on_epoch is not None:
+                on_epoch(self)
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "lora": lora_state(self.unet),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "step": self.step,
+            "epoch": self.epoch,
+            "rng": {"seed": self.settings.seed, "scheme": "generator reseeded from (seed, rank, epoch)",
+                    "generator": self.generator.get_state()},
+            "losses": list(self.losses),
+            "settings": self.settings.to_dict(),
+            "world_size": self.world_size,
+            "saved_at": time.time(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.settings.to_dict()
+        theirs = state.get("settings", {})
+        differ = {k: (theirs.get(k), v) for k, v in mine.items() if k != "epochs" and theirs.get(k) != v}
+        if differ:
+            raise ValueError(f"checkpoint was made with other settings: {differ}")
+        load_lora_state(self.unet, state["lora"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        self.epoch = int(state["epoch"])
+        self._reseed(self.epoch)  # the next epoch reseeds anyway; RNG state is a function of the epoch
+        self.losses = [tuple(r) for r in state["losses"]]

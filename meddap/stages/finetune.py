@@ -1,0 +1,319 @@
+"""finetune stage: one USLoRA adapter per fold (or one shared), each trained by a Ray Train TorchTrainer.
+
+    python -m meddap finetune [--config demo] [key=value ...]
+
+For each adapter (`adapters/fold-<k>/`, or `adapters/all/` when diffusion.lora.per_fold is false):
+  - training images: fold k's training images (train rows with fold != k), or every train row;
+  - a TorchTrainer with `diffusion.train.num_workers` workers (one GPU each when use_gpu), the
+    LoRA gradients averaged across workers each step (see meddap.diffusion.train);
+  - a checkpoint every epoch (LoRA weights, optimizer, step, epoch, RNG, losses) through
+    `ray.train.report`; the run is named after its settings and images, so a killed run started
+    again with the same config finds its checkpoints (`ray.train.get_checkpoint`) and continues,
+    ending with the same number of steps; `diffusion.train.max_failures` restarts a failed worker
+    group from the last checkpoint;
+  - rank 0 writes `pytorch_lora_weights.safetensors`, `loss.parquet` and, last, `adapter.json`.
+An adapter whose `adapter.json` exists is complete and is not trained again.
+
+Adapters run one after another, each on all the workers: a trainer already spreads over every GPU
+it is given, sequential runs keep checkpoints and resumption per adapter simple, and on the 2-CPU
+dev box two trainers side by side would only contend for the same cores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from typing import Any
+
+from meddap import storage
+from meddap.config import Config
+from meddap.errors import MeddapError
+from meddap.layout import RunLayout, adapter_name
+
+__all__ = ["run", "adapter_plan", "finetune_adapter", "ADAPTER_JSON", "LOSS_PARQUET", "STATE_FILE"]
+
+ADAPTER_JSON = "adapter.json"
+LOSS_PARQUET = "loss.parquet"
+STATE_FILE = "state.pt"
+
+
+def _log(msg: str) -> None:
+    # sys.stdout, not print: Ray Train patches print in workers and would show each line twice.
+    sys.stdout.write(f"[finetune] {msg}\n")
+    sys.stdout.flush()
+
+
+# ---------------------------------------------------------------------------------------------
+# What to train
+# ---------------------------------------------------------------------------------------------
+def _read_manifest(cfg: Config):
+    path = RunLayout(cfg.run_dir).manifest
+    if not storage.exists(path):
+        raise MeddapError(f"no manifest at {path}: run `python -m meddap prepare` with this config first.")
+    df = storage.read_parquet(path)
+    need = {"image_id", "path", "class_name", "split", "fold", "sha256"}
+    missing = sorted(need - set(df.columns))
+    if missing:
+        raise MeddapError(f"manifest {path} lacks columns {missing}; it was not written by meddap prepare.")
+    return df
+
+
+def adapter_plan(cfg: Config, manifest=None) -> list[dict[str, Any]]:
+    """One entry per adapter: fold (-1 = shared), its training rows (sorted by image_id), their hash."""
+    df = _read_manifest(cfg) if manifest is None else manifest
+    train = df[df["split"] == "train"]
+    unknown = sorted(set(train["class_name"]) - set(cfg.data.classes))
+    if unknown:
+        raise MeddapError(f"manifest has training images of classes {unknown} not in data.classes "
+                          f"{cfg.data.classes}; rerun prepare with this config.")
+    folds = list(range(cfg.data.folds)) if cfg.diffusion.lora.per_fold else [-1]
+    plan = []
+    for k in folds:
+        rows = train if k < 0 else train[train["fold"] != k]
+        if k >= 0 and not (train["fold"] == k).any():
+            raise MeddapError(f"manifest has no validation images for fold {k} (data.folds={cfg.data.folds}); "
+                              "rerun prepare with this config.")
+        rows = rows.sort_values("image_id").reset_index(drop=True)
+        if rows.empty:
+            raise MeddapError(f"no training images for adapter {adapter_name(k)} in {RunLayout(cfg.run_dir).manifest}.")
+        digest = hashlib.sha256("\n".join(f"{i}:{h}" for i, h in zip(rows["image_id"], rows["sha256"])).encode())
+        plan.append({"fold": k, "rows": rows, "images_sha256": digest.hexdigest()})
+    return plan
+
+
+def _run_name(cfg: Config, entry: dict, model: str) -> str:
+    """Ray run name: changes whenever anything that shapes the adapter changes, so a rerun with the
+    same settings resumes its own checkpoints and never someone else's."""
+    from meddap.diffusion.train import FinetuneSettings, class_prompts
+
+    key = json.dumps({"settings": FinetuneSettings.from_config(cfg).to_dict(), "base_model": cfg.diffusion.base_model,
+                      "prompts": class_prompts(cfg), "images": entry["images_sha256"],
+                      "num_workers": cfg.diffusion.train.num_workers}, sort_keys=True)
+    return f"{adapter_name(entry['fold'])}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker loop (runs inside Ray Train; all arguments are plain data)
+# ---------------------------------------------------------------------------------------------
+def _train_loop(config: dict) -> None:
+    import ray.train
+    import torch
+
+    from meddap.diffusion.base import load_components
+    from meddap.diffusion.train import Example, FinetuneSettings, LoraFinetuner
+    from meddap.progress import Progress
+
+    cfg = Config.from_dict(config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(config["threads"])
+    if cfg.diffusion.train.use_gpu:
+        import ray.train.torch
+        device = ray.train.torch.get_device()
+    else:
+        device = torch.device("cpu")
+
+    settings = FinetuneSettings.from_config(cfg)
+    examples = [Example(p, q) for p, q in zip(config["paths"], config["prompts"])]
+    ft = LoraFinetuner(load_components(config["model"]), examples, settings, device=device,
+                       rank=rank, world_size=world)
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            ft.load_state_dict(torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False))
+        if rank == 0:
+            _log(f"{config['name']}: resumed from checkpoint at epoch {ft.epoch}, step {ft.step}")
+    elif rank == 0:
+        _log(f"{config['name']}: LoRA rank {settings.rank} on {settings.targets}: {ft.trainable:,} trainable of "
+             f"{ft.total:,} UNet parameters ({100 * ft.share:.4f} %); {len(examples)} images, "
+             f"{ft.steps_per_epoch} steps/epoch x {settings.epochs} epochs on {world} worker(s), {device}")
+
+    remaining = ft.total_steps - ft.step
+    progress = Progress(max(remaining, 1), f"finetune {config['name']}", unit="steps",
+                        stream=None) if rank == 0 else None
+    fail_at = config.get("fail_after_epoch")
+    for epoch in range(ft.epoch, settings.epochs):
+        t0 = time.perf_counter()
+        rows = ft.train_epoch(epoch, on_step=(lambda s, l: progress.update(
+            1, f"epoch {epoch + 1}/{settings.epochs} step {s}/{ft.total_steps} loss {l:.4f}")) if progress else None)
+        mean_loss = sum(r[2] for r in rows) / len(rows)
+        metrics = {"epoch": epoch + 1, "step": ft.step, "loss": mean_loss,
+                   "steps_per_s": len(rows) / max(time.perf_counter() - t0, 1e-9)}
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint = None
+            if rank == 0:
+                torch.save(ft.state_dict(), os.path.join(d, STATE_FILE))
+                checkpoint = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(metrics, checkpoint=checkpoint)
+        if rank == 0:
+            _log(f"{config['name']}: epoch {epoch + 1}/{settings.epochs} done: step {ft.step}, "
+                 f"mean loss {mean_loss:.4f}, {metrics['steps_per_s']:.2f} steps/s")
+        if fail_at is not None and epoch + 1 == fail_at and ckpt is None:
+            # Fault injection for tests: fail once, after a checkpoint, on the first attempt only.
+            raise RuntimeError(f"injected failure after epoch {fail_at}")
+
+    if rank == 0:
+        _write_outputs(ft, config)
+
+
+def _write_outputs(ft, config: dict) -> None:
+    """Adapter weights and loss table first, adapter.json last (its presence marks completion)."""
+    import pandas as pd
+
+    from meddap.diffusion.lora import LORA_WEIGHTS_NAME, lora_targets, save_lora
+
+    out = config["out_dir"]
+    with tempfile.TemporaryDirectory() as d:
+        save_lora(ft.unet, d)
+        storage.write_bytes(storage.join(out, LORA_WEIGHTS_NAME),
+                            open(os.path.join(d, LORA_WEIGHTS_NAME), "rb").read())
+    losses = pd.DataFrame(ft.losses, columns=["epoch", "step", "loss"]).astype(
+        {"epoch": "int64", "step": "int64", "loss": "float64"})
+    storage.write_parquet(losses, storage.join(out, LOSS_PARQUET))
+    s = ft.settings
+    meta = dict(config["meta"])
+    meta.update({
+        "rank": s.rank,
+        "alpha": s.alpha if s.alpha is not None else float(s.rank),
+        "targets": s.targets,
+        "target_modules": len(lora_targets(ft.unet)),
+        "trainable_params": ft.trainable,
+        "total_params": ft.total,
+        "trainable_share": ft.share,
+        "epochs": s.epochs,
+        "steps": ft.step,
+        "steps_per_epoch": ft.steps_per_epoch,
+        "resolution": s.resolution,
+        "lr": s.lr,
+        "batch_size": s.batch_size,
+        "num_workers": ft.world_size,
+        "random_flip": s.random_flip,
+        "mixed_precision": s.mixed_precision,
+        "gradient_checkpointing": s.gradient_checkpointing,
+        "cache_latents": s.cache_latents,
+        "seed": s.seed,
+        "prediction_type": ft.prediction_type,
+        "final_loss": float(sum(r[2] for r in ft.losses[-ft.steps_per_epoch:]) / ft.steps_per_epoch),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    })
+    storage.write_text(storage.join(out, ADAPTER_JSON), json.dumps(meta, indent=2))
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver side
+# ---------------------------------------------------------------------------------------------
+def finetune_adapter(cfg: Config, entry: dict, model: str, fail_after_epoch: int | None = None) -> dict | None:
+    """Train one adapter with a TorchTrainer unless its adapter.json exists; returns adapter.json's content."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+    from ray.train.torch import TorchTrainer
+
+    from meddap.diffusion.train import class_prompts
+
+    lay = RunLayout(cfg.run_dir)
+    fold = entry["fold"]
+    out = lay.adapter_dir(fold)
+    done = storage.join(out, ADAPTER_JSON)
+    if storage.exists(done):
+        _log(f"{adapter_name(fold)}: complete already ({done}); not retrained")
+        return json.loads(storage.read_text(done))
+
+    rows = entry["rows"]
+    prompts = class_prompts(cfg)
+    t = cfg.diffusion.train
+    name = _run_name(cfg, entry, model)
+    meta = {
+        "base_model": cfg.diffusion.base_model,
+        "base_model_path": model,
+        "per_fold": cfg.diffusion.lora.per_fold,
+        "fold": fold,
+        "adapter": adapter_name(fold),
+        "n_images": int(len(rows)),
+        "images_sha256": entry["images_sha256"],
+        "image_ids": [str(i) for i in rows["image_id"]],
+        "class_counts": {c: int((rows["class_name"] == c).sum()) for c in cfg.data.classes},
+        "prompt_template": cfg.diffusion.prompt_template,
+        "class_phrases": dict(cfg.diffusion.class_phrases),
+        "prompts": prompts,
+        "ray_run": name,
+    }
+    cpus = 1.0
+    threads = max(1, int(cfg.ray.num_cpus or os.cpu_count() or 1) // max(1, t.num_workers)) if not t.use_gpu else 4
+    loop_config = {
+        "cfg": cfg.to_dict(), "model": model, "name": adapter_name(fold), "out_dir": out,
+        "paths": [str(p) for p in rows["path"]], "prompts": [prompts[c] for c in rows["class_name"]],
+        "meta": meta, "threads": min(threads, 8), "fail_after_epoch": fail_after_epoch,
+    }
+    storage_path = storage.join(cfg.ray.storage_path or lay.ray_storage, "finetune")
+    if not storage.is_uri(storage_path):
+        os.makedirs(storage_path, exist_ok=True)
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                     resources_per_worker={"CPU": cpus, **({"GPU": 1} if t.use_gpu else {})}),
+        run_config=RunConfig(storage_path=storage_path, name=name,
+                             failure_config=FailureConfig(max_failures=t.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    _log(f"{adapter_name(fold)}: training on {len(rows)} images (Ray run {name} in {storage_path})")
+    t0 = time.perf_counter()
+    try:
+        trainer.fit()  # Train V2's Result.metrics may be None: the worker wrote the outputs itself
+    except TrainingFailedError as e:
+        lines = [ln for ln in str(e).splitlines() if ln.strip()]
+        raise MeddapError(
+            f"fine-tuning adapter {adapter_name(fold)} failed (after diffusion.train.max_failures={t.max_failures} "
+            f"retries): {lines[-1] if lines else type(e).__name__}. Fix the cause and rerun: training resumes from "
+            f"the last epoch checkpoint under {storage_path}/{name}.") from None
+    if not storage.exists(done):
+        raise MeddapError(f"Ray Train finished adapter {adapter_name(fold)} without writing {done}; "
+                          f"see the worker logs above (checkpoints under {storage_path}/{name}).")
+    meta = json.loads(storage.read_text(done))
+    _log(f"{adapter_name(fold)}: done in {time.perf_counter() - t0:.1f}s: {meta['steps']} steps, final loss "
+         f"{meta['final_loss']:.4f} -> {out}")
+    return meta
+
+
+def run(cfg: Config) -> dict:
+    """Train every adapter that is not complete yet; returns {adapter name: adapter.json content}."""
+    from meddap.diffusion.base import check_base_model, resolve_base_model
+    from meddap.raytools import ensure_ray
+
+    plan = adapter_plan(cfg)
+    lay = RunLayout(cfg.run_dir)
+    todo = [e for e in plan if not storage.exists(storage.join(lay.adapter_dir(e["fold"]), ADAPTER_JSON))]
+    results: dict[str, dict] = {}
+    if todo:
+        model = resolve_base_model(cfg)
+        check_base_model(model)
+        _print_accounting(cfg, model)
+        ensure_ray(cfg)
+    else:
+        model = cfg.diffusion.base_model
+    for entry in plan:
+        results[adapter_name(entry["fold"])] = finetune_adapter(cfg, entry, model)
+    return results
+
+
+def _print_accounting(cfg: Config, model: str) -> None:
+    """Trainable parameters of this config's LoRA on the base UNet, counted without loading weights."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from meddap.diffusion.lora import add_uslora, count_trainable, lora_targets
+
+    try:
+        unet_cfg = UNet2DConditionModel.load_config(model, subfolder="unet")
+    except OSError as e:
+        raise MeddapError(f"base model {model!r} has no readable unet/config.json ({e}).") from None
+    l = cfg.diffusion.lora
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(unet_cfg)
+        add_uslora(unet, l.ranks[0], l.alpha, l.targets)
+    n, total, share = count_trainable(unet)
+    _log(f"USLoRA rank {l.ranks[0]} on {l.targets} ({len(lora_targets(unet))} projections): {n:,} trainable of "
+         f"{total:,} UNet parameters = {100 * share:.4f} %")
