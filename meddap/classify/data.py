@@ -209,10 +209,6 @@ def load_sweep_images(manifest: pd.DataFrame, synthetic: Optional[pd.DataFrame],
     """Decode the real images and, per (source fold, adjective), the synthetic images the largest
     ratio of any trial needs. Raises MeddapError before any training when the synthetic manifest
     lacks a needed (fold, adjective) or holds too few images."""
-    real_rows = manifest[manifest["split"].isin(("train", *_EVAL_SPLITS))].reset_index(drop=True).copy()
-    real_rows["row"] = np.arange(len(real_rows))
-    real_images = decode_images(real_rows["path"].tolist(), image_size, decode, "decode real")
-
     # For each synthetic pool, the most images per class any trial draws from it.
     needed: dict[tuple[int, str], pd.DataFrame] = {}
     for spec in specs:
@@ -222,6 +218,10 @@ def load_sweep_images(manifest: pd.DataFrame, synthetic: Optional[pd.DataFrame],
         key = (synthetic_source_fold(synthetic, spec.fold, spec.adjective), spec.adjective)
         if key not in needed or len(rows) > len(needed[key]):
             needed[key] = rows  # nested ratios: the largest selection contains every smaller one
+    # Checked first (above), decoded second: a missing synthetic set fails before minutes of decoding.
+    real_rows = manifest[manifest["split"].isin(("train", *_EVAL_SPLITS))].reset_index(drop=True).copy()
+    real_rows["row"] = np.arange(len(real_rows))
+    real_images = decode_images(real_rows["path"].tolist(), image_size, decode, "decode real")
     syn_rows, syn_images = {}, {}
     for key, rows in sorted(needed.items()):
         rows = rows.sort_values(["label", "index"]).reset_index(drop=True).copy()

@@ -1,0 +1,415 @@
+"""sweep stage: the classifier grid on Ray Tune.
+
+Grid: classify.models x generate.adjectives x generate.ratios x folds, plus one real-only baseline
+(adjective None, ratio 0) per classifier and fold: M x F x (A x R + 1) trials (paper: 3 x 5 x 31 = 465).
+
+How it runs
+- The driver reads the manifests, checks that every needed (fold, adjective) has enough synthetic
+  images (MeddapError before any training otherwise), and decodes every image any pending trial
+  uses ONCE into uint8 arrays that it puts in Ray's object store. Trials read them zero-copy on the
+  driver's node (Ray copies them once to any other node), so no trial decodes a file.
+- Each trial is a Tune function trainable around `meddap.classify.trial.train_trial`, with
+  `classify.cpus_per_trial` CPUs and `classify.gpus_per_trial` GPU (fractions pack several trials on
+  one GPU), at most `classify.max_concurrent_trials` at once, retried `classify.max_failures` times.
+  Every `classify.checkpoint_every` epochs it reports a checkpoint (`ray.tune.report(..., checkpoint=)`),
+  so a retried trial continues from there (`ray.tune.get_checkpoint()`).
+- Outputs, written by each trial as it finishes under `run_dir/trials/<trial_id>/`:
+  `predictions.parquet`, `synthetic_eval.parquet` (real-only trials), `model.pt` (per
+  classify.save_models), and LAST `trials.parquet`, the marker that the trial is done. The driver
+  merges these parts into `summary/trials.parquet`, `summary/predictions.parquet` and
+  `summary/synthetic_eval.parquet` (atomic rewrites) after every finished trial.
+
+Resume (our choice instead of Tuner.restore, which cannot follow a grid that changed): a new sweep
+skips every trial whose `trials.parquet` part exists and runs only the others in a fresh Tune
+experiment `<storage>/sweep/run-<time>/`; a trial with a checkpoint from an earlier experiment
+(`<storage>/sweep/*/<trial_id>/checkpoint_*/`) resumes from the latest one. Parts are keyed by
+trial_id and merged from scratch, so rows are never lost or duplicated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from typing import Optional
+
+import pandas as pd
+
+from meddap import storage
+from meddap.config import Config
+from meddap.errors import MeddapError
+from meddap.layout import RunLayout
+
+__all__ = ["run", "build_grid", "grid_size", "TRIAL_COLUMNS"]
+
+TRIAL_COLUMNS = ["trial_id", "classifier", "adjective", "ratio", "fold", "eval_set", "accuracy", "sensitivity",
+                 "specificity", "precision", "f1", "n_real", "n_synthetic", "best_epoch", "train_seconds",
+                 "images_per_second", "n_eval", "confusion", "seed", "epochs", "resumed_from_epoch"]
+_PARTS = ("trials", "predictions", "synthetic_eval")   # per-trial part files; "trials" is written last
+_STATE_FILE = "state.pt"
+_META_FILE = "meta.json"
+
+
+def _log(msg: str) -> None:
+    print(f"[sweep] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The grid
+# ---------------------------------------------------------------------------------------------
+def build_grid(cfg: Config):
+    """Every trial of the sweep, fold by fold, a classifier's baseline before its synthetic trials."""
+    from meddap.classify.data import TrialSpec
+
+    specs = []
+    for fold in range(cfg.data.folds):
+        for model in cfg.classify.models:
+            specs.append(TrialSpec(model, fold))
+            for adjective in cfg.generate.adjectives:
+                for ratio in cfg.generate.ratios:
+                    specs.append(TrialSpec(model, fold, adjective, float(ratio)))
+    return specs
+
+
+def grid_size(cfg: Config) -> int:
+    c = cfg
+    return len(c.classify.models) * c.data.folds * (len(c.generate.adjectives) * len(c.generate.ratios) + 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-trial parts and their merge
+# ---------------------------------------------------------------------------------------------
+def _part(lay: RunLayout, trial_id: str, name: str) -> str:
+    return lay.path("trials", trial_id, f"{name}.parquet")
+
+
+def _done_trials(lay: RunLayout) -> set[str]:
+    marker = os.sep + "trials.parquet"
+    return {os.path.basename(os.path.dirname(p)) for p in storage.listdir(lay.path("trials"), recursive=True)
+            if p.replace("/", os.sep).endswith(marker)}
+
+
+def _trial_rows(result) -> pd.DataFrame:
+    spec = result.spec
+    rows = []
+    for eval_set, m in result.metrics.items():
+        rows.append({
+            "trial_id": spec.trial_id, "classifier": spec.classifier, "adjective": spec.adjective,
+            "ratio": float(spec.ratio), "fold": int(spec.fold), "eval_set": eval_set,
+            **{k: float(m[k]) for k in ("accuracy", "sensitivity", "specificity", "precision", "f1")},
+            "n_real": result.n_real, "n_synthetic": result.n_synthetic, "best_epoch": result.best_epoch,
+            "train_seconds": float(result.train_seconds), "images_per_second": float(result.images_per_second),
+            "n_eval": int(m["n"]), "confusion": json.dumps(m["confusion"]), "seed": result.seed,
+            "epochs": result.epochs, "resumed_from_epoch": result.resumed_from_epoch})
+    return _typed(pd.DataFrame(rows, columns=TRIAL_COLUMNS))
+
+
+def _typed(df: pd.DataFrame) -> pd.DataFrame:
+    if "adjective" in df:  # null for real-only; keep a string column even when every row is null
+        df["adjective"] = df["adjective"].astype("string")
+    return df
+
+
+def _write_trial_outputs(cfg: Config, result) -> None:
+    """Parts of one finished trial; `trials.parquet` last, so its presence means complete."""
+    import torch
+
+    lay = RunLayout(cfg.run_dir)
+    spec = result.spec
+    storage.write_parquet(result.predictions, _part(lay, spec.trial_id, "predictions"))
+    if spec.real_only:
+        syn = pd.DataFrame([{"trial_id": spec.trial_id, "classifier": spec.classifier, "fold": spec.fold,
+                             "adjective": adjective, "accuracy": v["accuracy"], "n": v["n"]}
+                            for adjective, v in sorted(result.synthetic_eval.items())],
+                           columns=["trial_id", "classifier", "fold", "adjective", "accuracy", "n"])
+        storage.write_parquet(syn, _part(lay, spec.trial_id, "synthetic_eval"))
+    keep = cfg.classify.save_models
+    if keep == "all" or (keep == "fold0" and spec.fold == 0):
+        with storage.open_output(lay.path("trials", spec.trial_id, "model.pt")) as f:
+            torch.save({"state_dict": result.state_dict, "classifier": spec.classifier,
+                        "classes": list(cfg.data.classes), "image_size": cfg.classify_image_size,
+                        "trial_id": spec.trial_id, "best_epoch": result.best_epoch}, f)
+    storage.write_parquet(_trial_rows(result), _part(lay, spec.trial_id, "trials"))
+
+
+class _Summaries:
+    """The merged summary files, rebuilt from per-trial parts (the source of truth)."""
+
+    def __init__(self, cfg: Config):
+        self.lay = RunLayout(cfg.run_dir)
+        self.frames: dict[str, dict[str, pd.DataFrame]] = {name: {} for name in _PARTS}
+
+    def add(self, trial_id: str) -> bool:
+        """Load a finished trial's parts; False when it has not finished (no trials part)."""
+        if not storage.exists(_part(self.lay, trial_id, "trials")):
+            return False
+        for name in _PARTS:
+            path = _part(self.lay, trial_id, name)
+            if storage.exists(path):
+                self.frames[name][trial_id] = storage.read_parquet(path)
+        return True
+
+    def write(self) -> None:
+        for name in _PARTS:
+            parts = [self.frames[name][t] for t in sorted(self.frames[name])]
+            if not parts:
+                continue
+            merged = _typed(pd.concat(parts, ignore_index=True))
+            storage.write_parquet(merged, self.lay.summary(name))
+
+    @property
+    def trials(self) -> pd.DataFrame:
+        parts = list(self.frames["trials"].values())
+        return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=TRIAL_COLUMNS)
+
+    def best_line(self) -> str:
+        val = self.trials
+        val = val[val["eval_set"] == "val"]
+        if val.empty:
+            return "best so far: -"
+        row = val.sort_values(["accuracy", "trial_id"], ascending=[False, True]).iloc[0]
+        return f"best so far (val accuracy): {row['trial_id']} {row['accuracy']:.3f}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints from earlier sweeps
+# ---------------------------------------------------------------------------------------------
+def _tune_root(cfg: Config) -> str:
+    base = cfg.ray.storage_path or RunLayout(cfg.run_dir).ray_storage
+    if not storage.is_uri(base):
+        base = os.path.abspath(base)  # Tune wants an absolute path or a URI
+    return storage.join(base, "sweep")
+
+
+def _drop_checkpoints(root: str, trial_id: str) -> None:
+    """Delete a finished trial's checkpoints in every experiment: its results are in its parts now, and
+    a paper-size grid would otherwise keep ~465 x (model + optimizer + best weights)."""
+    import pyarrow.fs as pafs
+
+    fs, base = storage.filesystem(root)
+    if fs.get_file_info(base).type == pafs.FileType.NotFound:
+        return
+    for exp in fs.get_file_info(pafs.FileSelector(base)):
+        if exp.type != pafs.FileType.Directory:
+            continue
+        trial_dir = exp.path.rstrip("/") + "/" + trial_id
+        if fs.get_file_info(trial_dir).type != pafs.FileType.Directory:
+            continue
+        for item in fs.get_file_info(pafs.FileSelector(trial_dir)):
+            if item.type == pafs.FileType.Directory and item.base_name.startswith("checkpoint_"):
+                fs.delete_dir(item.path)
+
+
+def _earlier_checkpoints(root: str) -> dict[str, str]:
+    """trial_id -> directory of its latest checkpoint (highest epoch) in any earlier experiment."""
+    best: dict[str, tuple[int, str]] = {}
+    for path in storage.listdir(root, recursive=True):
+        if not path.endswith("/" + _META_FILE) and not path.endswith(os.sep + _META_FILE):
+            continue
+        try:
+            meta = json.loads(storage.read_text(path))
+        except (OSError, ValueError):
+            continue  # a checkpoint cut off while being written: ignore it, an older one will do
+        ckpt_dir = path[: -len(_META_FILE) - 1]
+        if not storage.exists(storage.join(ckpt_dir, _STATE_FILE)):
+            continue
+        tid, epoch = meta.get("trial_id"), int(meta.get("epoch", -1))
+        if tid and epoch > best.get(tid, (-1, ""))[0]:
+            best[tid] = (epoch, ckpt_dir)
+    return {tid: d for tid, (_, d) in best.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The Tune trainable (runs in a Ray worker)
+# ---------------------------------------------------------------------------------------------
+def _load_state(checkpoint) -> dict:
+    import torch
+
+    with checkpoint.as_directory() as d:
+        return torch.load(os.path.join(d, _STATE_FILE), map_location="cpu", weights_only=False)
+
+
+def _trainable(config: dict, shared: dict) -> None:
+    import ray
+    import torch
+    from ray import tune
+
+    from meddap.classify.data import TrialSpec, trial_tensors
+    from meddap.classify.trial import train_trial
+
+    cfg = Config.from_dict(shared["cfg"])
+    spec = TrialSpec.from_dict(config["trial"])
+    lay = RunLayout(cfg.run_dir)
+    if storage.exists(_part(lay, spec.trial_id, "trials")):  # finished before a retry: nothing to redo
+        tune.report({"done": 1})
+        return
+    c = cfg.classify
+    torch.set_num_threads(c.threads_per_trial or max(1, int(c.cpus_per_trial)))
+    use_cuda = c.gpus_per_trial > 0 and torch.cuda.is_available()
+    device = torch.device("cuda" if use_cuda else "cpu")
+
+    checkpoint = tune.get_checkpoint()  # a retry inside this sweep
+    if checkpoint is None and config.get("resume_from"):  # a checkpoint left by an earlier sweep
+        checkpoint = tune.Checkpoint(config["resume_from"])
+    state = _load_state(checkpoint) if checkpoint is not None else None
+
+    tensors = trial_tensors(shared["images"], spec, get=ray.get)
+    fail_at = shared.get("fail_after_epoch", {}).get(spec.trial_id)
+
+    def report(epoch: int, metrics: dict, ckpt_state: Optional[dict]) -> None:
+        if ckpt_state is None:
+            tune.report(metrics)
+        else:
+            with tempfile.TemporaryDirectory() as d:
+                torch.save(ckpt_state, os.path.join(d, _STATE_FILE))
+                with open(os.path.join(d, _META_FILE), "w") as f:
+                    json.dump({"trial_id": spec.trial_id, "epoch": epoch}, f)
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+        if fail_at is not None and epoch == fail_at:  # test hook: a node lost mid-trial
+            raise RuntimeError(f"injected failure in {spec.trial_id} after epoch {epoch}")
+
+    result = train_trial(spec, tensors, c, cfg.data.classes, device, checkpoint=state, report=report)
+    _write_trial_outputs(cfg, result)
+    tune.report({"done": 1, "val_accuracy": result.metrics["val"]["accuracy"],
+                 "test_accuracy": result.metrics["test"]["accuracy"] if "test" in result.metrics else float("nan")})
+
+
+def _progress_callback(summaries: _Summaries, total: int, already: int, root: str):
+    from ray.tune import Callback
+
+    class _SweepProgress(Callback):
+        def __init__(self):
+            self.t0 = time.perf_counter()
+            self.failed: list[str] = []
+            self.running: set[str] = set()
+
+        def _line(self, what: str) -> None:
+            done = len(summaries.frames["trials"])
+            _log(f"{what} | trials {done}/{total} done ({done - already} this run), {len(self.running)} running, "
+                 f"{len(self.failed)} failed, {time.perf_counter() - self.t0:.0f}s | {summaries.best_line()}")
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.running.add(trial.config["trial"]["trial_id"])
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            tid = trial.config["trial"]["trial_id"]
+            self.running.discard(tid)
+            if summaries.add(tid):
+                summaries.write()
+                _drop_checkpoints(root, tid)
+                self._line(f"finished {tid}")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            tid = trial.config["trial"]["trial_id"]
+            self.running.discard(tid)
+            self.failed.append(tid)
+            self._line(f"FAILED {tid}")
+
+    return _SweepProgress()
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------
+def _read_inputs(cfg: Config) -> tuple[pd.DataFrame, Optional[pd.DataFrame]]:
+    lay = RunLayout(cfg.run_dir)
+    if not storage.exists(lay.manifest):
+        raise MeddapError(f"no manifest at {lay.manifest}: run `python -m meddap prepare` first.")
+    manifest = storage.read_parquet(lay.manifest)
+    synthetic = storage.read_parquet(lay.synthetic_manifest) if storage.exists(lay.synthetic_manifest) else None
+    if synthetic is None:
+        raise MeddapError(f"no synthetic manifest at {lay.synthetic_manifest}: the grid's synthetic trials need "
+                          f"it; run `python -m meddap generate` first.")
+    synthetic["adjective"] = synthetic["adjective"].fillna("").astype(str)
+    return manifest, synthetic
+
+
+def run(cfg: Config, *, _fail_after_epoch: Optional[dict] = None) -> dict:
+    """Run every grid trial not finished yet; returns counts. `_fail_after_epoch` ({trial_id: epoch})
+    is a test hook that makes those trials fail right after that epoch's checkpoint."""
+    from meddap.classify.data import load_sweep_images
+    from meddap.classify.models import classifier_names
+
+    unknown = [m for m in cfg.classify.models if m not in classifier_names()]
+    if unknown:
+        from meddap.classify.models import build_classifier
+        build_classifier(unknown[0], len(cfg.data.classes))  # raises the MeddapError with close names
+
+    lay = RunLayout(cfg.run_dir)
+    specs = build_grid(cfg)
+    total = len(specs)
+    summaries = _Summaries(cfg)
+    done = {s.trial_id for s in specs if s.trial_id in _done_trials(lay)}
+    for tid in sorted(done):
+        summaries.add(tid)
+    summaries.write()  # a sweep killed between a trial's parts and the merge loses nothing
+    todo = [s for s in specs if s.trial_id not in done]
+    _log(f"grid {total} trials ({len(cfg.classify.models)} classifiers x {len(cfg.generate.adjectives)} adjectives "
+         f"x {len(cfg.generate.ratios)} ratios x {cfg.data.folds} folds + baselines); {len(done)} already done, "
+         f"{len(todo)} to run")
+    if not todo:
+        return {"total": total, "done": len(done), "ran": 0, "failed": 0}
+
+    manifest, synthetic = _read_inputs(cfg)
+    todo_folds = {s.fold for s in todo}
+    # Real-only trials also score every adjective's synthetic set of their fold (Figure 1a): decode
+    # the pools of every fold with pending work.
+    images = load_sweep_images(manifest, synthetic, [s for s in specs if s.fold in todo_folds],
+                               cfg.data.classes, cfg.classify_image_size)
+    _log(f"decoded images: {images.nbytes() / 2**20:.1f} MiB as uint8, shared through Ray's object store")
+
+    import ray
+    from ray import tune
+
+    from meddap.raytools import ensure_ray
+
+    ensure_ray(cfg)
+    images.real_images = ray.put(images.real_images)
+    images.synthetic_images = {k: ray.put(v) for k, v in images.synthetic_images.items()}
+
+    root = _tune_root(cfg)
+    earlier = _earlier_checkpoints(root)
+    resumed = [s.trial_id for s in todo if s.trial_id in earlier]
+    if resumed:
+        _log(f"{len(resumed)} unfinished trials resume from their checkpoints: {', '.join(resumed[:5])}"
+             f"{' ...' if len(resumed) > 5 else ''}")
+    param_space = {"trial": tune.grid_search([{**s.to_dict(), "resume_from": earlier.get(s.trial_id)} for s in todo])}
+    shared = {"cfg": cfg.to_dict(), "images": images, "fail_after_epoch": dict(_fail_after_epoch or {})}
+    c = cfg.classify
+    trainable = tune.with_resources(tune.with_parameters(_trainable, shared=shared),
+                                    {"cpu": c.cpus_per_trial, "gpu": c.gpus_per_trial})
+    name = time.strftime("run-%Y%m%d-%H%M%S", time.gmtime()) + f"-{os.getpid()}"
+    progress = _progress_callback(summaries, total, len(done), root)
+    # Checkpoints every few epochs force experiment snapshots; Tune's warning about that is noise here.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    tuner = tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=c.max_concurrent_trials,
+            reuse_actors=True,  # a new trial skips the worker start and torch import (seconds per trial)
+            trial_name_creator=lambda t: t.config["trial"]["trial_id"],
+            trial_dirname_creator=lambda t: t.config["trial"]["trial_id"],
+        ),
+        run_config=tune.RunConfig(
+            name=name, storage_path=root, verbose=0, callbacks=[progress],
+            failure_config=tune.FailureConfig(max_failures=c.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        ),
+    )
+    tuner.fit()
+
+    # Trials that finished in a worker whose completion the driver missed are still picked up here.
+    for s in todo:
+        summaries.add(s.trial_id)
+    summaries.write()
+    finished = set(summaries.frames["trials"])
+    failed = [s.trial_id for s in todo if s.trial_id not in finished]
+    _log(f"{len(finished)}/{total} trials done; {summaries.best_line()}; summaries in {lay.summary('trials')}")
+    if failed:
+        raise MeddapError(
+            f"{len(failed)} of {total} trials did not finish ({', '.join(failed[:5])}{' ...' if len(failed) > 5 else ''}); "
+            f"their errors are in {storage.join(root, name)}. Finished trials are kept: rerun `python -m meddap sweep` "
+            f"to run the missing ones (each resumes from its last checkpoint).")
+    return {"total": total, "done": len(finished), "ran": len(todo), "failed": 0}

@@ -1,0 +1,102 @@
+"""A trial's training set holds exactly the right real and synthetic images, and nothing else."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import CLASSES, write_tiny_run
+from meddap.classify.data import (IMAGENET_MEAN, IMAGENET_STD, TrialSpec, load_sweep_images, model_input,
+                                  select_training_rows, trial_tensors)
+from meddap.errors import MeddapError
+
+
+@pytest.fixture(scope="module")
+def images(tiny_run):
+    specs = [TrialSpec("squeezenet1_1", f, a, r) for f in (0, 1) for a in ("", "dark") for r in (0.5, 1.0)]
+    specs += [TrialSpec("squeezenet1_1", f) for f in (0, 1)]
+    return load_sweep_images(tiny_run["manifest"], tiny_run["synthetic"], specs, CLASSES, 32)
+
+
+@pytest.mark.parametrize("fold,adjective,ratio", [(0, "dark", 0.5), (1, "", 1.0), (1, "dark", 0.5)])
+def test_training_set_is_exactly_fold_real_plus_first_synthetic(tiny_run, images, fold, adjective, ratio):
+    man, syn = tiny_run["manifest"], tiny_run["synthetic"]
+    spec = TrialSpec("squeezenet1_1", fold, adjective, ratio)
+    real_train = man[(man.split == "train") & (man.fold != fold)]
+    expected = set(real_train.image_id)
+    for label in range(3):
+        n = int(round(ratio * (real_train.label == label).sum()))
+        pool = syn[(syn.fold == fold) & (syn.adjective == adjective) & (syn.label == label)].sort_values("index")
+        expected |= set(pool.image_id.iloc[:n])
+    real, synthetic = select_training_rows(man, syn, spec, CLASSES)
+    assert set(real.image_id) | set(synthetic.image_id) == expected
+    t = trial_tensors(images, spec)
+    assert sorted(t.train_image_ids) == sorted(expected) and len(t.train_image_ids) == len(expected)
+    assert t.n_real == len(real_train) and t.n_synthetic == len(expected) - len(real_train)
+    # Nothing from validation, test, external or another fold's / adjective's synthetic set.
+    forbidden = set(man[(man.split != "train") | (man.fold == fold)].image_id)
+    forbidden |= set(syn[(syn.fold != fold) | (syn.adjective != adjective)].image_id)
+    assert not forbidden & set(t.train_image_ids)
+    # Labels and pixels travel with their ids.
+    by_id = dict(zip(pd.concat([man, syn]).image_id, pd.concat([man, syn]).label))
+    assert t.train_labels.tolist() == [by_id[i] for i in t.train_image_ids]
+    assert t.train_images.dtype == torch.uint8 and t.train_images.shape[1:] == (1, 32, 32)
+    assert set(t.evals["val"].image_ids) == set(man[(man.split == "train") & (man.fold == fold)].image_id)
+    assert set(t.evals["external"].image_ids) == set(man[man.split == "external"].image_id)
+    assert not t.synthetic_evals
+
+
+def test_real_only_trial_has_no_synthetic_but_scores_each_adjective(images, tiny_run):
+    t = trial_tensors(images, TrialSpec("resnet18", 1))
+    assert t.n_synthetic == 0
+    assert sorted(t.synthetic_evals) == ["", "dark"]
+    syn = tiny_run["synthetic"]
+    assert set(t.synthetic_evals["dark"].image_ids) == set(syn[(syn.fold == 1) & (syn.adjective == "dark")].image_id)
+
+
+def test_pixels_match_decoded_files(images, tiny_run):
+    from meddap.data.decode import read_grey
+
+    t = trial_tensors(images, TrialSpec("squeezenet1_1", 0, "dark", 1.0))
+    paths = dict(zip(pd.concat([tiny_run["manifest"], tiny_run["synthetic"]]).image_id,
+                     pd.concat([tiny_run["manifest"], tiny_run["synthetic"]]).path))
+    for i in (0, len(t.train_image_ids) - 1):
+        np.testing.assert_array_equal(t.train_images[i, 0].numpy(), read_grey(paths[t.train_image_ids[i]], 32))
+
+
+def test_shared_adapter_images_serve_every_fold(tmp_path):
+    run = write_tiny_run(tmp_path, train_per_class=4, test_per_class=1, external_per_class=1, adjectives=("dark",),
+                         shared_adapter=True, size=24)
+    for fold in (0, 1):
+        real, syn = select_training_rows(run["manifest"], run["synthetic"], TrialSpec("resnet18", fold, "dark", 1.0),
+                                         CLASSES)
+        assert (syn.fold == -1).all() and len(syn) == len(real)
+
+
+def test_missing_fold_adjective_is_a_clear_error(tiny_run):
+    syn = tiny_run["synthetic"]
+    lacking = syn[~((syn.fold == 1) & (syn.adjective == "dark"))]
+    with pytest.raises(MeddapError) as e:
+        load_sweep_images(tiny_run["manifest"], lacking, [TrialSpec("resnet18", 1, "dark", 0.5)], CLASSES, 32)
+    assert "fold 1" in str(e.value) and "'dark'" in str(e.value) and "generate" in str(e.value)
+
+
+def test_too_few_synthetic_images_is_a_clear_error(tiny_run):
+    with pytest.raises(MeddapError) as e:
+        select_training_rows(tiny_run["manifest"], tiny_run["synthetic"], TrialSpec("resnet18", 0, "dark", 2.0),
+                             CLASSES)
+    assert "needs the first 8" in str(e.value) and "has 4" in str(e.value)
+
+
+def test_model_input_flip_grey_to_rgb_and_normalisation():
+    x = torch.arange(2 * 4 * 4, dtype=torch.uint8).view(2, 1, 4, 4) * 7                     # (2, 1, 4, 4)
+    plain = model_input(x)
+    assert plain.shape == (2, 3, 4, 4) and plain.dtype == torch.float32
+    for ch in range(3):
+        expected = (x[:, 0].float() / 255 - IMAGENET_MEAN[ch]) / IMAGENET_STD[ch]
+        torch.testing.assert_close(plain[:, ch], expected)
+    g = torch.Generator().manual_seed(0)
+    flipped = model_input(x, flip=True, generator=g)
+    coin = torch.rand(2, generator=torch.Generator().manual_seed(0)) < 0.5
+    for i in range(2):
+        torch.testing.assert_close(flipped[i], plain[i].flip(-1) if coin[i] else plain[i])
