@@ -338,7 +338,8 @@ def _summary(cfg, listings, manifest: pd.DataFrame, audit: pd.DataFrame, a_pairs
         ov = audit[audit["kind"] == "ab_overlap"]
         n_b = ov["path"].nunique()
         n_train = ov[ov["other_split"] == "train"]["path"].nunique()
-        say(f"A/B overlap: {len(ov)} pair(s) ({int((ov['distance'] == 0).sum())} at distance 0); "
+        n_exact_ov = int(ov["reason"].str.startswith("identical").sum())
+        say(f"A/B overlap: {len(ov)} pair(s) ({n_exact_ov} exact, {len(ov) - n_exact_ov} near); "
             f"{n_b} of {int((manifest['dataset'] == 'B').sum())} B images match an A image, "
             f"{n_train} match an A training image")
         for r in ov.head(5).itertuples():

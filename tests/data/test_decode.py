@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from meddap.data.decode import (ImageDecodeError, hamming, hamming_matrix, phash, phash_pair, pixel_sha256,
-                                read_grey)
+                                read_grey, thumbnail, thumbnail_correlation)
 from meddap.errors import MeddapError
 
 
@@ -165,3 +165,15 @@ def test_hamming_matrix_matches_scalar():
         for j, y in enumerate(vals):
             assert mat[i, j] == hamming(x, y)
     assert mat[0, 2] == 64
+
+
+def test_thumbnail_and_correlation(builders):
+    a = builders.pattern(11, 64)
+    t = thumbnail(a)
+    assert t.shape == (32, 32) and t.dtype == np.uint8
+    assert thumbnail_correlation(t, t) == pytest.approx(1.0)
+    assert thumbnail_correlation(t, t[:, ::-1].copy()) == pytest.approx(1.0)   # mirrored copies match
+    assert thumbnail_correlation(t, 255 - t) < 0.5                             # an inverted image does not
+    assert thumbnail_correlation(t, thumbnail(builders.pattern(12, 64))) < 0.9
+    flat = np.full((32, 32), 7, np.uint8)
+    assert thumbnail_correlation(flat, flat) == 1.0 and thumbnail_correlation(flat, t) == 0.0
