@@ -75,8 +75,8 @@ _DEVICES = {
                         attenuation_db=(12.0, 20.0), tgc_share=(0.55, 0.85), fan=False,
                         fan_half_angle_deg=(0.0, 0.0), frame_share=0.4, text_share=0.5, ruler_share=0.3,
                         caliper_share=0.35, smoothing=0.45),
-    "shifted": _Device(psf_axial=0.95, psf_lateral=2.3, dynamic_range_db=(34.0, 40.0), gain_db=(3.0, 7.0),
-                       attenuation_db=(18.0, 26.0), tgc_share=(0.35, 0.6), fan=True,
+    "shifted": _Device(psf_axial=1.1, psf_lateral=2.6, dynamic_range_db=(36.0, 42.0), gain_db=(4.0, 8.0),
+                       attenuation_db=(16.0, 24.0), tgc_share=(0.4, 0.65), fan=True,
                        fan_half_angle_deg=(24.0, 30.0), frame_share=0.0, text_share=0.7, ruler_share=0.6,
                        caliper_share=0.5, smoothing=0.0),
 }
@@ -88,6 +88,8 @@ _AMP_FAT = 0.22
 _AMP_LIGAMENT = 1.1
 _AMP_GLAND = 0.95
 _AMP_MUSCLE = 0.42
+# Chance of (posterior enhancement, no posterior feature, shadowing) per class.
+_POSTERIOR_ODDS = {"benign": (0.7, 0.22, 0.08), "malignant": (0.1, 0.22, 0.68)}
 _REFERENCE_DB = 18.0  # dB shown as white at 0 dB gain: gland lands mid-grey, skin near white
 
 _LABELS = (
@@ -215,15 +217,16 @@ def _lesion(rng: np.random.Generator, size: int, class_name: str) -> tuple[np.nd
     cx, cy = rng.uniform(0.3, 0.7), rng.uniform(0.4, 0.6)
     if class_name == "benign":
         half_w = rng.uniform(0.09, 0.2)
-        half_h = half_w * rng.uniform(0.42, 0.78)
+        half_h = half_w * rng.uniform(0.42, 0.9)
         angle = rng.normal(0.0, 0.12)                            # radians: parallel to the skin
         harmonics = [(k, rng.uniform(0.0, 0.06 if rng.uniform() < 0.3 else 0.02)) for k in (2, 3)]  # gently lobulated
         spicules = 0
     else:
         half_w = rng.uniform(0.07, 0.13)
-        half_h = half_w * rng.uniform(1.05, 1.6)
+        half_h = half_w * rng.uniform(0.85, 1.6)
         angle = rng.normal(0.0, 0.2)
-        harmonics = [(k, rng.uniform(0.04, 0.14)) for k in (3, 4, 5, 7, 9)]  # angular, microlobulated
+        roughness = 0.4 if rng.uniform() < 0.2 else 1.0         # a fifth look almost circumscribed
+        harmonics = [(k, roughness * rng.uniform(0.04, 0.14)) for k in (3, 4, 5, 7, 9)]  # angular, microlobulated
         spicules = int(rng.integers(0, 13))
     ca, sa = np.cos(angle), np.sin(angle)
     u = ((x - cx) * ca + (y - cy) * sa) / half_w                 # lesion frame, unit = half width/height
@@ -261,20 +264,22 @@ def _lesion(rng: np.random.Generator, size: int, class_name: str) -> tuple[np.nd
 
 
 def _posterior(rng: np.random.Generator, size: int, mask: np.ndarray, class_name: str) -> np.ndarray:
-    """(size, size) amplitude factor under the lesion: enhancement behind fluid-like benign lesions,
-    shadowing behind malignant ones (sound absorbed by desmoplastic tissue)."""
+    """(size, size) amplitude factor under the lesion: mostly enhancement behind fluid-like benign
+    lesions and shadowing behind malignant ones (sound absorbed by desmoplastic tissue), sometimes
+    neither or the other one (_POSTERIOR_ODDS), as in real images."""
     y, _ = _grid(size)
     cols = mask.any(axis=0)
-    if not cols.any():
+    feature = rng.choice(("enhancement", "none", "shadow"), p=_POSTERIOR_ODDS[class_name])
+    if not cols.any() or feature == "none":
         return np.ones((size, size), np.float32)
     rows = np.where(mask.any(axis=1))[0]
     # (size,) lateral weight: soft-edged; shadows are softer at their sides than enhancement
-    soften = (0.8 if class_name == "benign" else 2.0) * size / _REF_SIZE
+    soften = (0.8 if feature == "enhancement" else 2.0) * size / _REF_SIZE
     profile = ndimage.gaussian_filter1d(cols.astype(np.float32), max(soften, 0.5))
     # Start below the lesion's centre-of-mass depth per column: the lesion's own lower half is affected too.
     bottom_by_col = np.where(cols, size - 1 - np.argmax(mask[::-1], axis=0), rows.max()).astype(np.float32)
     below = np.clip((np.arange(size, dtype=np.float32)[:, None] - bottom_by_col[None, :]) / (0.04 * size) + 0.5, 0, 1)
-    if class_name == "benign":
+    if feature == "enhancement":
         gain = rng.uniform(0.6, 1.4)                             # +4 .. +7.6 dB
         fade = np.exp(-(y - rows.max() / size).clip(0) / rng.uniform(0.25, 0.6))
         return (1.0 + gain * profile[None, :] * below * fade).astype(np.float32)
