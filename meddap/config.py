@@ -114,7 +114,7 @@ class DataConfig:
     near_duplicate_bits: int = _f(
         6, "Hamming distance (of 64 perceptual-hash bits) at or under which two images are near-duplicate candidates.")
     near_duplicate_min_correlation: float = _f(
-        0.9, "A candidate is a near duplicate only if the Pearson correlation of the two 32x32 thumbnails (one "
+        0.95, "A candidate is a near duplicate only if the Pearson correlation of the two 32x32 thumbnails (one "
              "mirrored if that matched) reaches this; unrelated scans of one layout share many hash bits.")
     phantom: PhantomConfig = _f(PhantomConfig(), "Phantom settings when source is 'phantom'.")
     external: ExternalDataConfig = _f(ExternalDataConfig(), "The unseen test set (Dataset B).")

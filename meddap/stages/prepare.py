@@ -330,7 +330,7 @@ def _summary(cfg, listings, manifest: pd.DataFrame, audit: pd.DataFrame, a_pairs
     conflicting = int((a_dups["class_name"] != a_dups["other_class"]).sum())
     say(f"duplicates within A: {n_exact} exact, {len(a_pairs) - n_exact} near pair(s)"
         + (f", {conflicting} of them filed under different classes" if conflicting else "")
-        + f"; {len(groups)} leakage-safe groups (largest holds {int(groups.max()) if len(groups) else 0} images)")
+        + f"; {len(groups)} leakage-safe groups (largest: {int(groups.max()) if len(groups) else 0} images)")
     b_dups = audit[(audit["dataset"] == "B") & audit["kind"].isin(["exact_duplicate", "near_duplicate"])]
     if len(listings) > 1:
         say(f"duplicates within B: {int((b_dups['kind'] == 'exact_duplicate').sum())} exact, "
