@@ -115,9 +115,14 @@ def _files_under(folder: Path) -> list[Path]:
 
 
 def _read_class_folders(listing: SourceListing, class_root: Path, classes: list[str],
-                        require_all: bool) -> None:
-    """Fill `listing` from class_root/<class>/** (masks and system files set aside)."""
+                        require_all: bool, own_files: frozenset[str] = frozenset()) -> None:
+    """Fill `listing` from class_root/<class>/** (masks and system files set aside). Loose files in
+    class_root are reported as ignored, except `own_files` (e.g. the phantom's phantom.json)."""
     dataset = listing.dataset
+    for p in sorted(class_root.iterdir()):
+        if p.is_file() and p.name not in own_files and p.name.lower() not in _SYSTEM_FILES:
+            listing.findings.append(Finding("ignored", str(p.absolute()), dataset,
+                                            "not inside a class folder"))
     found, unknown = _match_classes(_subdirs(class_root), classes, f"Dataset {dataset} at {class_root}")
     if not found:
         present = [d.name for d in _subdirs(class_root)]
@@ -175,11 +180,11 @@ def _existing_dir(root: str | None, dataset: str, key: str) -> Path:
 
 
 def list_busi(root: str, classes: list[str], dataset: str = "A", key: str = "data.root",
-              require_all: bool = True) -> SourceListing:
+              require_all: bool = True, own_files: frozenset[str] = frozenset()) -> SourceListing:
     """root/<class>/* as BUSI ships it; masks set aside."""
     r = _existing_dir(root, dataset, key)
     listing = SourceListing(dataset, "busi", str(r))
-    _read_class_folders(listing, r, classes, require_all)
+    _read_class_folders(listing, r, classes, require_all, own_files)
     return listing
 
 
@@ -347,7 +352,8 @@ def list_source(cfg, dataset: str) -> SourceListing:
     if sec.source == "phantom":
         ph_classes = classes if dataset == "A" else _external_phantom_classes(classes)
         folder = write_phantom_dataset(cfg.run_dir, dataset, sec.phantom, ph_classes)
-        listing = list_busi(str(folder), classes, dataset, f"{prefix}.phantom", require_all)
+        listing = list_busi(str(folder), classes, dataset, f"{prefix}.phantom", require_all,
+                            own_files=frozenset({"phantom.json"}))
         listing.source = "phantom"
         return listing
     raise MeddapError(f"{prefix}.source {sec.source!r} is not a known source (busi, imagefolder, manifest, phantom).")

@@ -236,6 +236,9 @@ def run(cfg) -> dict:
                                    "other_path": o["path"], "class_name": t["class_name"],
                                    "other_class": o["class_name"],
                                    "reason": f"group {gid} has images in both the manifest's test and train splits"})
+    if fixed is not None:
+        listings[0].notes.append("held-out test split taken from the manifest's split column "
+                                 "(data.test_fraction not used)")
     sp = make_splits(a["label"], a["group_id"], len(classes), data.test_fraction, data.folds, data.seed,
                      fixed_split=fixed)
     a["split"], a["fold"] = sp["split"].to_numpy(), sp["fold"].to_numpy()
@@ -319,7 +322,7 @@ def _summary(cfg, listings, manifest: pd.DataFrame, audit: pd.DataFrame, a_pairs
         if len(skipped) > _MAX_LISTED:
             print(f"  ... {len(skipped) - _MAX_LISTED} more in {layout.audit}")
     for kind, what in (("unknown_class", "file(s) in folders of classes not in data.classes (not used)"),
-                       ("ignored", "hidden/system file(s) ignored"),
+                       ("ignored", "file(s) ignored (hidden/system files, files outside class folders)"),
                        ("split_conflict", "group(s) straddling the manifest's own train/test split")):
         if count(kind):
             say(f"{count(kind)} {what}; e.g. {audit[audit['kind'] == kind]['path'].iloc[0]}")
