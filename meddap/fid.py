@@ -74,18 +74,34 @@ def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x.mean(axis=0), np.cov(x, rowvar=False).reshape(x.shape[1], x.shape[1])
 
 
+def _psd_sqrt(a: np.ndarray) -> np.ndarray:
+    """Symmetric square root of a symmetric PSD matrix (eigenvalues clipped at 0 against round-off)."""
+    w, v = np.linalg.eigh((a + a.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-                     eps: float = 1e-6) -> float:
+                     eps: float = 1e-6, method: str = "sqrtm") -> float:
     """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrt(S1 S2)) between N(mu1, S1) and N(mu2, S2).
 
-    With fewer images than feature dimensions the covariances are singular and sqrtm of their product
-    is unstable; then, as pytorch-fid does, `eps` is added to both diagonals before the square root.
+    method "sqrtm" is pytorch-fid's computation: scipy's sqrtm of S1 S2; with fewer images than feature
+    dimensions the covariances are singular and that square root is unstable, so then `eps` is added to
+    both diagonals first. method "eigh" uses Tr sqrt(S1 S2) = Tr sqrt(S1^1/2 S2 S1^1/2), a symmetric PSD
+    matrix whose eigenvalues are cheap and stable: the same value (to round-off) several times faster at
+    2048 dims, where sqrtm's Schur decomposition dominates the stage's time on a CPU.
     """
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(f"mismatched statistics: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}")
     diff = mu1 - mu2
+    if method == "eigh":
+        root = _psd_sqrt(sigma1)
+        middle = root @ sigma2 @ root
+        tr_covmean = float(np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum())
+        return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean)
+    if method != "sqrtm":
+        raise ValueError(f"frechet_distance method {method!r}: expected 'sqrtm' or 'eigh'")
     covmean = linalg.sqrtm(sigma1.dot(sigma2))
     if not np.isfinite(covmean).all():
         offset = np.eye(sigma1.shape[0]) * eps
@@ -99,11 +115,11 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
 
 
-def fid_from_features(real: np.ndarray, synth: np.ndarray, eps: float = 1e-6) -> float:
+def fid_from_features(real: np.ndarray, synth: np.ndarray, eps: float = 1e-6, method: str = "sqrtm") -> float:
     """FID between two (N, D) feature sets."""
     mu1, s1 = feature_statistics(real)
     mu2, s2 = feature_statistics(synth)
-    return frechet_distance(mu1, s1, mu2, s2, eps=eps)
+    return frechet_distance(mu1, s1, mu2, s2, eps=eps, method=method)
 
 
 def _polynomial_mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:

@@ -72,6 +72,15 @@ def test_fid_from_features_matches_eigen_reference():
     assert fid_from_features(a, b) == pytest.approx(_fid_eigen(a, b), rel=1e-6)
 
 
+def test_fid_eigh_method_matches_sqrtm():
+    rng = np.random.default_rng(7)
+    a = rng.normal(size=(300, 16)) @ rng.normal(size=(16, 16))
+    b = rng.normal(size=(250, 16)) @ rng.normal(size=(16, 16)) - 0.2
+    assert fid_from_features(a, b, method="eigh") == pytest.approx(fid_from_features(a, b), rel=1e-8)
+    with pytest.raises(ValueError, match="method"):
+        fid_from_features(a, b, method="svd")
+
+
 def test_fid_singular_covariances_stay_finite_and_close():
     # Fewer images than dimensions: both covariances are singular (the usual few-hundred-image case).
     rng = np.random.default_rng(2)
@@ -79,6 +88,7 @@ def test_fid_singular_covariances_stay_finite_and_close():
     got = fid_from_features(a, b)
     assert np.isfinite(got)
     assert got == pytest.approx(_fid_eigen(a, b), rel=1e-3, abs=1e-3)
+    assert fid_from_features(a, b, method="eigh") == pytest.approx(_fid_eigen(a, b), rel=1e-6)
 
 
 def test_kid_unbiased_estimate_and_sanity():
@@ -274,7 +284,7 @@ def test_fid_stage_with_small_extractor(fid_run):
     fr = extract_features(real.path.tolist(), _PoolFeatures(), 8, 16)
     fs = extract_features(syn.path.tolist(), _PoolFeatures(), 8, 16)
     row = fid[(fid.fold == 1) & (fid.adjective == "dark") & (fid.class_name == "malignant")].iloc[0]
-    assert row.fid == pytest.approx(fid_from_features(fr, fs), rel=1e-9)
+    assert row.fid == pytest.approx(fid_from_features(fr, fs, method=cfg.fid.method), rel=1e-9)
     assert row.kid == pytest.approx(kernel_inception_distance(fr, fs, 4, 5, seed=cfg.fid.seed)[0], rel=1e-9)
     assert (row.n_real, row.n_synthetic, row.dims) == (6, 5, cfg.fid.dims)
     mem = storage.read_parquet(lay.summary("memorization"))

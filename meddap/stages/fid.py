@@ -86,7 +86,7 @@ def _distances(real: np.ndarray, synth: np.ndarray, cfg_fid) -> dict:
                 "status": f"too_few_images: n_real={n_real}, n_synthetic={n_synth} (need >= 2 each)"}
     kid, kid_std = kernel_inception_distance(real, synth, cfg_fid.kid_subset_size, cfg_fid.kid_subsets,
                                              seed=cfg_fid.seed)
-    return {"fid": fid_from_features(real, synth), "kid": kid,
+    return {"fid": fid_from_features(real, synth, method=cfg_fid.method), "kid": kid,
             "kid_std": None if np.isnan(kid_std) else kid_std, "status": "ok"}
 
 
