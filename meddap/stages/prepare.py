@@ -179,99 +179,24 @@ def _pair_rows(kind: str, dataset: str, pairs: list[DuplicatePair], left: pd.Dat
 def run(cfg) -> dict:
     layout = RunLayout(cfg.run_dir)
     data = cfg.data
-    classes = list(data.classes)
     storage.makedirs(layout.path("data"))
 
     listings = [list_source(cfg, "A")]
     if data.external.source:
         listings.append(list_source(cfg, "B"))
-    frames = [_listing_frame(lst) for lst in listings]
-    all_paths = [p for f in frames for p in f["path"]]
-    if len(set(all_paths)) != len(all_paths):
-        dup = pd.Series(all_paths)[pd.Series(all_paths).duplicated()].iloc[0]
-        raise MeddapError(f"file {dup} is listed more than once (in Dataset A and B, or twice in a manifest); "
-                          f"each image may belong to one dataset once.")
-    decoded = decode_records(all_paths, layout.path("data", "decode_cache.parquet")).set_index("path")
+    audit_rows = [{"kind": f.kind, "dataset": f.dataset, "path": f.path, "class_name": f.class_name,
+                   "reason": f.reason} for lst in listings for f in lst.findings]
+    usable = _decode_usable(listings, layout, data.strict, audit_rows)
 
-    audit_rows: list[dict] = []
-    for lst in listings:
-        for f in lst.findings:
-            audit_rows.append({"kind": f.kind, "dataset": f.dataset, "path": f.path, "class_name": f.class_name,
-                               "reason": f.reason})
-    usable: list[pd.DataFrame] = []
-    for lst, frame in zip(listings, frames):
-        info = decoded.loc[frame["path"]].reset_index(drop=True)
-        frame = pd.concat([frame.reset_index(drop=True), info], axis=1)
-        bad = frame[frame["error"].notna()]
-        for r in bad.itertuples():
-            audit_rows.append({"kind": "skipped", "dataset": lst.dataset, "path": r.path,
-                               "class_name": r.class_name, "reason": r.error})
-        frame = frame[frame["error"].isna()].reset_index(drop=True)
-        usable.append(frame)
-
-    skipped = [r for r in audit_rows if r["kind"] == "skipped"]
-    if skipped and data.strict:
-        listed = "\n".join(f"  {r['path']}: {r['reason']}" for r in skipped[:20])
-        more = f"\n  ... and {len(skipped) - 20} more" if len(skipped) > 20 else ""
-        raise MeddapError(f"{len(skipped)} file(s) cannot be used and data.strict=true:\n{listed}{more}\n"
-                          f"Remove or repair them, or set data.strict=false to skip them (they are then "
-                          f"listed in {layout.audit}).")
-    for lst, frame in zip(listings, usable):
-        _check_classes_usable(frame, lst)
-
-    # --- audit and splits of Dataset A ---
-    near, min_corr = data.near_duplicate_bits, data.near_duplicate_min_correlation
     a = usable[0]
-    a_pairs = find_duplicates(a, near, min_corr)
-    audit_rows += _pair_rows("dup", "A", a_pairs, a, a, near)
-    a["group_id"] = assign_groups(a, a_pairs, "A")
-    a["label"] = [classes.index(c) for c in a["class_name"]]
-    fixed = None
-    if a["source_split"].notna().any():
-        fixed = a["source_split"].fillna("train").tolist()
-        for gid, g in a.groupby("group_id"):
-            if g["source_split"].fillna("train").nunique() > 1:
-                t, o = g[g["source_split"] == "test"].iloc[0], g[g["source_split"] != "test"].iloc[0]
-                audit_rows.append({"kind": "split_conflict", "dataset": "A", "path": t["path"],
-                                   "other_path": o["path"], "class_name": t["class_name"],
-                                   "other_class": o["class_name"],
-                                   "reason": f"group {gid} has images in both the manifest's test and train splits"})
-    if fixed is not None:
-        listings[0].notes.append("held-out test split taken from the manifest's split column "
-                                 "(data.test_fraction not used)")
-    sp = make_splits(a["label"], a["group_id"], len(classes), data.test_fraction, data.folds, data.seed,
-                     fixed_split=fixed)
-    a["split"], a["fold"] = sp["split"].to_numpy(), sp["fold"].to_numpy()
-    parts = [a]
-
-    # --- Dataset B: its own duplicates, and overlap with A ---
-    overlap: list[DuplicatePair] = []
+    a_pairs = _audit_and_split_a(a, cfg, listings[0], audit_rows)
+    parts, overlap = [a], []
     if len(usable) > 1:
         b = usable[1]
-        b_pairs = find_duplicates(b, near, min_corr)
-        audit_rows += _pair_rows("dup", "B", b_pairs, b, b, near)
-        b["group_id"] = assign_groups(b, b_pairs, "B")
-        b["label"] = [classes.index(c) for c in b["class_name"]]
-        b["split"], b["fold"] = "external", -1
-        overlap = find_overlap(b, a, near, min_corr)
-        rows = _pair_rows("ab_overlap", "B", overlap, b, a, near, other_dataset="A")
-        for row, p in zip(rows, overlap):
-            ar = a.iloc[p.j]
-            row["other_split"] = ar["split"]
-            if ar["split"] == "train":
-                row["reason"] += f" (A image is in train, fold {int(ar['fold'])})"
-            else:
-                row["reason"] += " (A image is in test)"
-        audit_rows += rows
+        overlap = _audit_external(b, a, cfg, audit_rows)
         parts.append(b)
 
-    manifest = pd.concat(parts, ignore_index=True)
-    manifest["image_id"] = manifest["dataset"] + "/" + manifest["rel_path"]
-    manifest["phash"] = [f"{int(v):016x}" for v in manifest["phash"]]
-    manifest["patient_id"] = pd.array([v if isinstance(v, str) else None for v in manifest["patient_id"]],
-                                      dtype="string")
-    manifest = manifest[MANIFEST_COLUMNS].astype({"label": "int64", "fold": "int64", "width": "int64",
-                                                  "height": "int64"})
+    manifest = _manifest_frame(parts)
     audit = findings_frame(audit_rows)
     wrote_manifest = _write_if_changed(layout.manifest, manifest)
     wrote_audit = _write_if_changed(layout.audit, audit)
@@ -282,13 +207,106 @@ def run(cfg) -> dict:
     return summary
 
 
+def _decode_usable(listings: list[SourceListing], layout: RunLayout, strict: bool,
+                   audit_rows: list[dict]) -> list[pd.DataFrame]:
+    """Decode every listed file once; unusable ones become `skipped` findings (an error under strict).
+    Returns per dataset the usable rows with their hashes and sizes."""
+    frames = [_listing_frame(lst) for lst in listings]
+    all_paths = [p for f in frames for p in f["path"]]
+    seen: set[str] = set()
+    for p in all_paths:
+        if p in seen:
+            raise MeddapError(f"file {p} is listed more than once (in Dataset A and B, or twice in a manifest); "
+                              f"each image may belong to one dataset once.")
+        seen.add(p)
+    decoded = decode_records(all_paths, layout.path("data", "decode_cache.parquet")).set_index("path")
+    usable: list[pd.DataFrame] = []
+    for lst, frame in zip(listings, frames):
+        info = decoded.loc[frame["path"]].reset_index(drop=True)
+        frame = pd.concat([frame.reset_index(drop=True), info], axis=1)
+        for r in frame[frame["error"].notna()].itertuples():
+            audit_rows.append({"kind": "skipped", "dataset": lst.dataset, "path": r.path,
+                               "class_name": r.class_name, "reason": r.error})
+        usable.append(frame[frame["error"].isna()].reset_index(drop=True))
+    skipped = [r for r in audit_rows if r["kind"] == "skipped"]
+    if skipped and strict:
+        listed = "\n".join(f"  {r['path']}: {r['reason']}" for r in skipped[:20])
+        more = f"\n  ... and {len(skipped) - 20} more" if len(skipped) > 20 else ""
+        raise MeddapError(f"{len(skipped)} file(s) cannot be used and data.strict=true:\n{listed}{more}\n"
+                          f"Remove or repair them, or set data.strict=false to skip them (they are then "
+                          f"listed in {layout.audit}).")
+    for lst, frame in zip(listings, usable):
+        _check_classes_usable(frame, lst)
+    return usable
+
+
+def _audit_and_split_a(a: pd.DataFrame, cfg, listing: SourceListing, audit_rows: list[dict]) -> list[DuplicatePair]:
+    """Duplicates and groups of Dataset A, then its test split and folds (columns added in place)."""
+    data = cfg.data
+    near = data.near_duplicate_bits
+    pairs = find_duplicates(a, near, data.near_duplicate_min_correlation)
+    audit_rows += _pair_rows("dup", "A", pairs, a, a, near)
+    a["group_id"] = assign_groups(a, pairs, "A")
+    a["label"] = [data.classes.index(c) for c in a["class_name"]]
+    fixed = None
+    if a["source_split"].notna().any():
+        # A manifest that brings its own split: keep it, and report groups it cuts (leaks we must not hide).
+        fixed = a["source_split"].fillna("train").tolist()
+        listing.notes.append("held-out test split taken from the manifest's split column "
+                             "(data.test_fraction not used)")
+        for gid, g in a.groupby("group_id"):
+            if g["source_split"].fillna("train").nunique() > 1:
+                t, o = g[g["source_split"] == "test"].iloc[0], g[g["source_split"] != "test"].iloc[0]
+                audit_rows.append({"kind": "split_conflict", "dataset": "A", "path": t["path"],
+                                   "other_path": o["path"], "class_name": t["class_name"],
+                                   "other_class": o["class_name"],
+                                   "reason": f"group {gid} has images in both the manifest's test and train splits"})
+    sp = make_splits(a["label"], a["group_id"], len(data.classes), data.test_fraction, data.folds, data.seed,
+                     fixed_split=fixed)
+    a["split"], a["fold"] = sp["split"].to_numpy(), sp["fold"].to_numpy()
+    return pairs
+
+
+def _audit_external(b: pd.DataFrame, a: pd.DataFrame, cfg, audit_rows: list[dict]) -> list[DuplicatePair]:
+    """Dataset B: its own duplicates and groups (for the record), split 'external', and its overlap with A."""
+    data = cfg.data
+    near, min_corr = data.near_duplicate_bits, data.near_duplicate_min_correlation
+    b_pairs = find_duplicates(b, near, min_corr)
+    audit_rows += _pair_rows("dup", "B", b_pairs, b, b, near)
+    b["group_id"] = assign_groups(b, b_pairs, "B")
+    b["label"] = [data.classes.index(c) for c in b["class_name"]]
+    b["split"], b["fold"] = "external", -1
+    overlap = find_overlap(b, a, near, min_corr)
+    rows = _pair_rows("ab_overlap", "B", overlap, b, a, near, other_dataset="A")
+    for row, p in zip(rows, overlap):
+        ar = a.iloc[p.j]
+        row["other_split"] = ar["split"]
+        row["reason"] += (f" (A image is in train, fold {int(ar['fold'])})" if ar["split"] == "train"
+                          else " (A image is in test)")
+    audit_rows += rows
+    return overlap
+
+
+def _manifest_frame(parts: list[pd.DataFrame]) -> pd.DataFrame:
+    manifest = pd.concat(parts, ignore_index=True)
+    manifest["image_id"] = manifest["dataset"] + "/" + manifest["rel_path"]
+    manifest["phash"] = [f"{int(v):016x}" for v in manifest["phash"]]
+    manifest["patient_id"] = pd.array([v if isinstance(v, str) else None for v in manifest["patient_id"]],
+                                      dtype="string")
+    return manifest[MANIFEST_COLUMNS].astype({"label": "int64", "fold": "int64", "width": "int64",
+                                              "height": "int64"})
+
+
 # ---------------------------------------------------------------------------------------------
 # The printed summary.
 # ---------------------------------------------------------------------------------------------
 def _summary(cfg, listings, manifest: pd.DataFrame, audit: pd.DataFrame, a_pairs, overlap, layout) -> dict:
     classes = list(cfg.data.classes)
     K = cfg.data.folds
-    say = lambda s="": print(f"[prepare] {s}" if s else "", flush=True)  # noqa: E731
+
+    def say(line: str) -> None:
+        print(f"[prepare] {line}", flush=True)
+
     for lst in listings:
         n = int((manifest["dataset"] == lst.dataset).sum())
         n_skip = int(((audit["kind"] == "skipped") & (audit["dataset"] == lst.dataset)).sum())
