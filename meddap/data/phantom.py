@@ -75,7 +75,7 @@ _DEVICES = {
                         attenuation_db=(12.0, 20.0), tgc_share=(0.55, 0.85), fan=False,
                         fan_half_angle_deg=(0.0, 0.0), frame_share=0.4, text_share=0.5, ruler_share=0.3,
                         caliper_share=0.35, smoothing=0.45),
-    "shifted": _Device(psf_axial=1.1, psf_lateral=2.6, dynamic_range_db=(36.0, 42.0), gain_db=(4.0, 8.0),
+    "shifted": _Device(psf_axial=1.0, psf_lateral=2.2, dynamic_range_db=(36.0, 42.0), gain_db=(4.0, 8.0),
                        attenuation_db=(16.0, 24.0), tgc_share=(0.4, 0.65), fan=True,
                        fan_half_angle_deg=(24.0, 30.0), frame_share=0.0, text_share=0.7, ruler_share=0.6,
                        caliper_share=0.5, smoothing=0.0),
