@@ -52,7 +52,14 @@ def load_trials(run_dir: str) -> pd.DataFrame:
     if missing:
         raise MeddapError(f"{path} lacks columns {missing}; it was not written by this meddap's sweep. "
                           f"Rerun `python -m meddap sweep`.")
-    return trials
+    return _normalise(trials)
+
+
+def _normalise(trials: pd.DataFrame) -> pd.DataFrame:
+    """adjective as plain objects with None for real-only: pandas' nullable string dtype (the sweep's)
+    makes `== "dark"` yield NA on real-only rows, which cannot index a frame."""
+    adj = trials["adjective"].astype(object)
+    return trials.assign(adjective=adj.where(trials["adjective"].notna(), None))
 
 
 def _real_only(trials: pd.DataFrame) -> pd.Series:
@@ -73,6 +80,7 @@ def best_settings(trials: pd.DataFrame) -> pd.DataFrame:
     """Per classifier, the augmented (adjective, ratio) with the highest mean validation accuracy over
     folds: columns classifier, adjective, ratio, val_accuracy, n_val_folds, selected_by.
     Ties go to the smaller ratio, then the adjective first in alphabetical order (deterministic)."""
+    trials = _normalise(trials)
     aug = trials[~_real_only(trials)]
     val = aug[aug["eval_set"] == "val"]
     lacking = sorted(set(aug["classifier"]) - set(val["classifier"]))
@@ -90,6 +98,7 @@ def best_settings(trials: pd.DataFrame) -> pd.DataFrame:
 
 def table1(trials: pd.DataFrame, fid: pd.DataFrame | None = None) -> pd.DataFrame:
     """classifier, adjective, ratio, accuracy_mean, accuracy_std, n_folds, fid, kid, fid_folds."""
+    trials = _normalise(trials)
     test = trials[trials["eval_set"] == "test"]
     if test.empty:
         raise MeddapError("trials.parquet has no 'test' rows: Table 1 reports test accuracy. "
@@ -130,6 +139,7 @@ def _paired(aug: pd.Series, real: pd.Series) -> dict:
 
 
 def _compare(trials: pd.DataFrame, eval_set: str, metrics: list[str], table: str) -> pd.DataFrame:
+    trials = _normalise(trials)
     classifiers = sorted(set(trials.loc[~_real_only(trials), "classifier"]))
     _need_baselines(trials, eval_set, classifiers, table)
     best = best_settings(trials).set_index("classifier")

@@ -48,6 +48,7 @@ def _make_trials(seed: int = 0) -> pd.DataFrame:
                                      n_synthetic=int(30 * ratio), best_epoch=1, train_seconds=1.0,
                                      images_per_second=10.0))
     df = pd.DataFrame(rows)
+    df["adjective"] = df["adjective"].astype("string")     # the sweep's dtype: NA for real-only
     return df.sample(frac=1.0, random_state=seed).reset_index(drop=True)   # row order must not matter
 
 
@@ -58,7 +59,7 @@ def trials() -> pd.DataFrame:
 
 def _sel(t, clf, adj, ratio, ev):
     m = (t.classifier == clf) & (t.ratio == ratio) & (t.eval_set == ev)
-    m &= t.adjective.isna() if adj is None else (t.adjective == adj)
+    m &= t.adjective.isna() if adj is None else t.adjective.eq(adj).fillna(False).astype(bool)
     return t[m].sort_values("fold")
 
 
