@@ -236,7 +236,8 @@ def run(cfg, *, extractor: nn.Module | None = None, image_size: int | None = Non
         mems.append(mem)
         _write(lay, rows, mems)   # after every set, so a crash loses no finished set
         overall = group_rows[-1]
-        shown = f"fid={overall['fid']:.3f} kid={overall['kid']:.4f}" if overall["fid"] is not None else overall["status"][:60]
+        shown = (f"fid={overall['fid']:.3f} kid={overall['kid']:.4f}" if overall["fid"] is not None
+                 else "not computed: " + overall["status"].split(":")[0])
         print(f"[fid] {adapter_name(fold)} adjective={adj or '(none)'}: {shown}", flush=True)
     if not todo:
         _write(lay, rows, mems)
