@@ -315,16 +315,19 @@ class LoraFinetuner:
             return self.cached_text[pid.to(self.cached_text.device)]
         return self._encode_text(pid)
 
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the UNet is trained to predict: the noise (epsilon) or the velocity (v_prediction)."""
+        if self.prediction_type == "epsilon":
+            return noise
+        return self.noise_scheduler.get_velocity(latents, noise, t)
+
     def loss_on(self, idx: torch.Tensor) -> torch.Tensor:
         """Equation (1) on the examples `idx`: || target - unet(z_t, t, c) ||^2, mean over elements."""
         latents = self._latents(idx)  # (B, 4, h, w)
         noise = torch.randn(latents.shape, generator=self.generator).to(self.device)
         t = torch.randint(0, self.num_train_timesteps, (len(idx),), generator=self.generator).to(self.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
-        if self.prediction_type == "epsilon":
-            target = noise
-        else:
-            target = self.noise_scheduler.get_velocity(latents, noise, t)
+        target = self.target(latents, noise, t)
         cond = self._text(idx)  # (B, 77, D)
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None):

@@ -122,11 +122,13 @@ def _train_loop(config: dict) -> None:
     ft = LoraFinetuner(load_components(config["model"]), examples, settings, device=device,
                        rank=rank, world_size=world)
     ckpt = ray.train.get_checkpoint()
+    resumed_from = 0
     if ckpt is not None:
         with ckpt.as_directory() as d:
             ft.load_state_dict(torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False))
         if rank == 0:
             _log(f"{config['name']}: resumed from checkpoint at epoch {ft.epoch}, step {ft.step}")
+        resumed_from = ft.step
     elif rank == 0:
         _log(f"{config['name']}: LoRA rank {settings.rank} on {settings.targets}: {ft.trainable:,} trainable of "
              f"{ft.total:,} UNet parameters ({100 * ft.share:.4f} %); {len(examples)} images, "
@@ -157,10 +159,10 @@ def _train_loop(config: dict) -> None:
             raise RuntimeError(f"injected failure after epoch {fail_at}")
 
     if rank == 0:
-        _write_outputs(ft, config)
+        _write_outputs(ft, config, resumed_from)
 
 
-def _write_outputs(ft, config: dict) -> None:
+def _write_outputs(ft, config: dict, resumed_from: int = 0) -> None:
     """Adapter weights and loss table first, adapter.json last (its presence marks completion)."""
     import pandas as pd
 
@@ -197,6 +199,7 @@ def _write_outputs(ft, config: dict) -> None:
         "cache_latents": s.cache_latents,
         "seed": s.seed,
         "prediction_type": ft.prediction_type,
+        "resumed_from_step": resumed_from,
         "final_loss": float(sum(r[2] for r in ft.losses[-ft.steps_per_epoch:]) / ft.steps_per_epoch),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })
