@@ -176,7 +176,7 @@ def _tissue(rng: np.random.Generator, size: int) -> np.ndarray:
     # Gland: bright, mottled, streaky along the lateral direction (ducts and fibrous strands run in-plane).
     mottle = _smooth_noise(rng, size, (1.2 * size / _REF_SIZE, 3.5 * size / _REF_SIZE))
     amp[gland] = (_AMP_GLAND * np.exp(0.45 * mottle))[gland]
-    # Pectoral muscle: dark with oblique bright fibre striations.
+    # Pectoral muscle: dark with bright horizontal fibre streaks.
     striae = _smooth_noise(rng, size, (0.6 * size / _REF_SIZE, 7.0 * size / _REF_SIZE))
     amp[muscle] = (_AMP_MUSCLE * np.exp(0.7 * striae))[muscle]
 
@@ -338,6 +338,23 @@ def _fan_coordinates(size: int, half_angle_deg: float) -> tuple[np.ndarray, np.n
     return coords, inside
 
 
+def _shrink_into_frame(image: np.ndarray, mask: np.ndarray, top: int, left: int,
+                       right: int) -> tuple[np.ndarray, np.ndarray]:
+    """Shrink the scan into a black frame with `top`, `left`, `right` margins (pixels), as scanners that
+    save the whole screen do; the (size, size) shape is kept."""
+    size = image.shape[0]
+    scan_h, scan_w = size - top, size - left - right
+    matrix = (size / scan_h, size / scan_w)                      # output pixel -> input pixel scale
+    offset = (0.5 * matrix[0] - 0.5, 0.5 * matrix[1] - 0.5)      # align pixel centres
+    framed = np.zeros_like(image)
+    framed[top:, left:size - right] = ndimage.affine_transform(image, matrix, offset, output_shape=(scan_h, scan_w),
+                                                              order=1, mode="nearest")
+    framed_mask = np.zeros_like(mask)
+    framed_mask[top:, left:size - right] = ndimage.affine_transform(mask.astype(np.uint8), matrix, offset,
+                                                                    output_shape=(scan_h, scan_w), order=0) > 0
+    return framed, framed_mask
+
+
 def _to_fan(image: np.ndarray, mask: np.ndarray, half_angle_deg: float) -> tuple[np.ndarray, np.ndarray]:
     """Scan-convert a (depth, beam) image and its mask into a fan on a black background."""
     size = image.shape[0]
@@ -441,12 +458,7 @@ def make_phantom_image(class_name: str, rng: np.random.Generator, size: int = 12
         image, mask = _to_fan(image, mask, rng.uniform(*device.fan_half_angle_deg))
     elif rng.uniform() < device.frame_share:                                   # black frame around the scan
         top, left, right = (int(round(size * f)) for f in rng.uniform(0.02, 0.08, size=3))
-        scan_h, scan_w = size - top, size - left - right
-        zoom = (scan_h / size, scan_w / size)
-        image = np.pad(ndimage.zoom(image, zoom, order=1, grid_mode=True, mode="nearest")[:scan_h, :scan_w],
-                       ((top, size - top - min(scan_h, size)), (left, right)))[:size, :size]
-        mask = np.pad(ndimage.zoom(mask.astype(np.uint8), zoom, order=0, grid_mode=True, mode="nearest")[:scan_h, :scan_w],
-                      ((top, 0), (left, right)))[:size, :size].astype(bool)
+        image, mask = _shrink_into_frame(image, mask, top, left, right)
         frame = (top, left, right)
     grey = _annotate(rng, np.round(image).astype(np.uint8), mask, device, frame)
     return grey, (mask.astype(np.uint8) * 255)
