@@ -218,12 +218,12 @@ def inception_weights_path(weights: str | None) -> str:
 
 
 @contextmanager
-def _weights_from_file(path: str):
-    """Make pytorch-fid's loader read `path` instead of its download URL (it has no path argument)."""
+def _weights_from_state(state: dict):
+    """Make pytorch-fid's loader return `state` instead of downloading (it has no path argument)."""
     import pytorch_fid.inception as pfi
 
     original = pfi.load_state_dict_from_url
-    pfi.load_state_dict_from_url = lambda *a, **k: torch.load(path, map_location="cpu", weights_only=True)
+    pfi.load_state_dict_from_url = lambda *a, **k: state
     try:
         yield
     finally:
@@ -238,12 +238,17 @@ def load_inception(dims: int, weights: str | None = None, device: str | torch.de
         raise MeddapError(f"fid.dims={dims} is not one of pytorch-fid's blocks "
                           f"{sorted(InceptionV3.BLOCK_INDEX_BY_DIM)}")
     path = inception_weights_path(weights)
+    bad = f"{path} could not be loaded as pytorch-fid's Inception weights"
+    try:  # read the file before building the network, so a bad file fails fast
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as e:  # truncated or foreign
+        raise MissingWeightsError(f"{bad} ({type(e).__name__}: {str(e)[:200]}); replace it with "
+                                  f"{INCEPTION_WEIGHTS_FILE}") from None
     try:
-        with _weights_from_file(path):
+        with _weights_from_state(state):
             net = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[dims]])
-    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as e:  # truncated or foreign file
-        raise MissingWeightsError(f"{path} could not be loaded as pytorch-fid's Inception weights "
-                                  f"({type(e).__name__}: {str(e)[:200]}); replace it with "
+    except (RuntimeError, KeyError, TypeError) as e:  # a checkpoint of another network
+        raise MissingWeightsError(f"{bad} ({type(e).__name__}: {str(e)[:200]}); replace it with "
                                   f"{INCEPTION_WEIGHTS_FILE}") from None
     return InceptionFeatures(net, dims).eval().to(device)
 

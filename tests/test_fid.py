@@ -158,6 +158,10 @@ def test_missing_inception_weights_error_says_where(tmp_path, monkeypatch):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(MissingWeightsError, match="could not be loaded"):
         load_inception(64, weights=str(bad))
+    foreign = tmp_path / "foreign.pth"
+    torch.save({"fc.weight": torch.zeros(2, 2)}, foreign)     # a checkpoint of some other network
+    with pytest.raises(MissingWeightsError, match="could not be loaded"):
+        load_inception(64, weights=str(foreign))
 
 
 @pytest.fixture(scope="module")
