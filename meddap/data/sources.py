@@ -85,8 +85,10 @@ def is_mask(path: str | Path) -> bool:
     return bool(_MASK_RE.search(Path(path).stem))
 
 
-def _is_system_file(p: Path) -> bool:
-    return p.name.startswith(".") or p.name.lower() in _SYSTEM_FILES
+def _is_system_file(p: Path, folder: Path | None = None) -> bool:
+    """Dotfiles, files in dot-folders below `folder` (.ipynb_checkpoints/), and OS litter."""
+    parts = p.relative_to(folder).parts if folder is not None else (p.name,)
+    return any(part.startswith(".") for part in parts) or p.name.lower() in _SYSTEM_FILES
 
 
 def _match_classes(folders: list[Path], classes: list[str], where: str) -> tuple[dict[str, Path], list[Path]]:
@@ -151,7 +153,7 @@ def _read_class_folders(listing: SourceListing, class_root: Path, classes: list[
         listing.class_dirs[cls] = str(folder.absolute())
         n_images = n_masks = 0
         for p in _files_under(folder):
-            if _is_system_file(p):
+            if _is_system_file(p, folder):
                 listing.findings.append(Finding("ignored", str(p.absolute()), dataset,
                                                 "hidden or operating-system file", cls))
             elif is_mask(p):

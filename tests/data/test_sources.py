@@ -40,6 +40,7 @@ def test_busi_reads_images_not_masks_and_reports_other_files(tmp_path, builders)
     (tmp_path / "benign" / "readme.txt").write_text("not an image")    # a candidate: decode will skip it
     builders.save(tmp_path / "unsure" / "u (1).png", builders.pattern(1))  # a class not in the config
     (tmp_path / "README.txt").write_text("loose file next to the class folders")
+    builders.save(tmp_path / "benign" / ".ipynb_checkpoints" / "benign (1)-checkpoint.png", builders.pattern(1))
     listing = list_busi(str(tmp_path), CLASSES)
     names = sorted(Path(r.path).name for r in listing.records)
     assert not any("_mask" in n for n in names)
@@ -48,7 +49,7 @@ def test_busi_reads_images_not_masks_and_reports_other_files(tmp_path, builders)
     assert listing.masks == 4 + 1 + 3 + 1 + 3 + 1  # _mask per image, _mask_1 on every third
     kinds = sorted((f.kind, Path(f.path).name) for f in listing.findings)
     assert kinds == [("ignored", ".DS_Store"), ("ignored", "README.txt"), ("ignored", "Thumbs.db"),
-                     ("unknown_class", "u (1).png")]
+                     ("ignored", "benign (1)-checkpoint.png"), ("unknown_class", "u (1).png")]
     assert all(Path(r.path).is_absolute() for r in listing.records)
 
 
