@@ -97,12 +97,14 @@ def test_benign_wider_than_tall_malignant_taller_than_wide_normal_empty():
     assert all(not m.any() for _, m in _images("normal", 10))
 
 
-def test_lesions_are_hypoechoic():
-    """Inside the mask is darker than the tissue around it (a ring a few pixels outside)."""
+@pytest.mark.parametrize("variant", ["standard", "shifted"])
+def test_lesions_are_hypoechoic_and_masks_align(variant):
+    """Inside the mask is darker than the tissue around it (a ring a few pixels outside): the lesion
+    is hypoechoic and the mask sits on it, also after the fan's scan conversion."""
     from scipy import ndimage
     for class_name in ("benign", "malignant"):
         ratios = []
-        for image, mask in _images(class_name, 10, size=128):
+        for image, mask in _images(class_name, 8, size=128, variant=variant):
             inside = mask > 0
             ring = ndimage.binary_dilation(inside, iterations=6) & ~ndimage.binary_dilation(inside, iterations=2)
             ratios.append(image[inside].mean() / max(image[ring].mean(), 1.0))
