@@ -1,0 +1,101 @@
+"""The finetune stage: per-fold training sets, clear errors, and a real Ray Train run that is
+interrupted, resumed to the same step count, and not retrained on a rerun."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from meddap import storage
+from meddap.config import load_config
+from meddap.errors import MeddapError
+from meddap.layout import RunLayout
+from meddap.stages import finetune
+
+
+def _cfg(run_dir: Path, *overrides: str):
+    return load_config("demo", [f"run_dir={run_dir}", "data.folds=2", "diffusion.train.epochs=2",
+                                "ray.num_cpus=1", *overrides])
+
+
+def _with_manifest(run_dir: Path, manifest: pd.DataFrame) -> None:
+    storage.write_parquet(manifest, RunLayout(str(run_dir)).manifest)
+
+
+def test_per_fold_plan_uses_only_that_folds_training_images(tmp_path, toy_manifest):
+    cfg = _cfg(tmp_path)
+    plan = finetune.adapter_plan(cfg, toy_manifest)
+    assert [e["fold"] for e in plan] == [0, 1]
+    train = toy_manifest[toy_manifest["split"] == "train"]
+    for e in plan:
+        ids = set(e["rows"]["image_id"])
+        assert ids == set(train.loc[train["fold"] != e["fold"], "image_id"])
+        assert not ids & set(train.loc[train["fold"] == e["fold"], "image_id"])  # no validation images
+        assert not ids & set(toy_manifest.loc[toy_manifest["split"] != "train", "image_id"])  # no test images
+    assert plan[0]["images_sha256"] != plan[1]["images_sha256"]
+    shared = finetune.adapter_plan(_cfg(tmp_path, "diffusion.lora.per_fold=false"), toy_manifest)
+    assert [e["fold"] for e in shared] == [-1] and len(shared[0]["rows"]) == len(train)
+
+
+def test_missing_manifest_is_a_clear_error(tmp_path):
+    with pytest.raises(MeddapError, match="no manifest.*prepare"):
+        finetune.run(_cfg(tmp_path))
+
+
+def test_missing_base_model_is_a_clear_error(tmp_path, toy_manifest, monkeypatch):
+    _with_manifest(tmp_path, toy_manifest)
+    with pytest.raises(MeddapError, match="does not exist.*diffusion.base_model"):
+        finetune.run(_cfg(tmp_path, f"diffusion.base_model={tmp_path / 'no-such-sd'}"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(MeddapError, match="CompVis/stable-diffusion-v1-4.*HF_HUB_OFFLINE"):
+        finetune.run(_cfg(tmp_path, "diffusion.base_model=CompVis/stable-diffusion-v1-4"))
+    assert not (tmp_path / "adapters").exists()
+
+
+@pytest.mark.slow
+def test_ray_train_run_interrupted_resumed_and_not_retrained(tmp_path, toy_manifest, tiny_sd_dir, ray_session):
+    _with_manifest(tmp_path, toy_manifest)
+    cfg = _cfg(tmp_path, "diffusion.lora.per_fold=false", f"diffusion.base_model={tiny_sd_dir}",
+               "diffusion.train.max_failures=0")
+    (entry,) = finetune.adapter_plan(cfg)
+    out = Path(RunLayout(cfg.run_dir).adapter_dir(-1))
+
+    # First attempt dies after its epoch-1 checkpoint (as a killed run would), leaving no adapter.
+    with pytest.raises(MeddapError, match="failed.*resumes from the last epoch checkpoint"):
+        finetune.finetune_adapter(cfg, entry, tiny_sd_dir, fail_after_epoch=1)
+    assert not (out / finetune.ADAPTER_JSON).exists()
+
+    # Started again with the same config: resumes from the checkpoint, ends with the same step count.
+    result = finetune.run(cfg)["all"]
+    n = len(entry["rows"])
+    assert result["resumed_from_step"] == n  # batch 1, one worker: one step per image per epoch
+    assert result["steps"] == 2 * n and result["epochs"] == 2
+    assert result["n_images"] == n and result["images_sha256"] == entry["images_sha256"]
+    assert result["image_ids"] == sorted(entry["rows"]["image_id"])
+    assert result["fold"] == -1 and result["per_fold"] is False
+    assert result["targets"] == "cross_attention" and result["rank"] == 4
+    assert 0 < result["trainable_share"] < 0.05 and result["trainable_params"] > 0
+    assert result["prompts"]["normal"] == "ultrasound image of no tumor in the breast"
+
+    loss = pd.read_parquet(out / finetune.LOSS_PARQUET)
+    assert list(loss.columns) == ["epoch", "step", "loss"]
+    assert loss["step"].tolist() == list(range(1, 2 * n + 1))
+    assert sorted(loss["epoch"].unique()) == [0, 1]
+    assert (out / "pytorch_lora_weights.safetensors").stat().st_size > 0
+
+    # The adapter is a diffusers LoRA any user can load.
+    from meddap.diffusion.base import load_pipeline
+    pipe = load_pipeline(tiny_sd_dir)
+    pipe.load_lora_weights(str(out))
+    assert any(".lora_" in name for name, _ in pipe.unet.named_parameters())
+
+    # A rerun finds adapter.json and does not train again.
+    stamp = os.path.getmtime(out / finetune.ADAPTER_JSON)
+    again = finetune.run(cfg)["all"]
+    assert again == json.loads((out / finetune.ADAPTER_JSON).read_text())
+    assert os.path.getmtime(out / finetune.ADAPTER_JSON) == stamp
