@@ -38,6 +38,8 @@ __all__ = [
 METRICS = ["accuracy", "sensitivity", "specificity", "precision", "f1"]
 SELECTED_BY = "val_accuracy"
 CONFIDENCE = 0.95
+# Paired differences whose spread is below this (relative) are identical up to float round-off.
+_DEGENERATE = 1e-9
 _TRIAL_COLUMNS = ["trial_id", "classifier", "adjective", "ratio", "fold", "eval_set", *METRICS]
 
 
@@ -131,10 +133,13 @@ def _paired(aug: pd.Series, real: pd.Series) -> dict:
     diff = a - r
     out["mean_difference"] = float(diff.mean())
     if n >= 2:
-        res = stats.ttest_rel(a, r)
-        out["t_statistic"], out["p_value"] = float(res.statistic), float(res.pvalue)
         half = stats.t.ppf(0.5 + CONFIDENCE / 2, df=n - 1) * diff.std(ddof=1) / np.sqrt(n)
         out["ci_low"], out["ci_high"] = float(diff.mean() - half), float(diff.mean() + half)
+        # Every fold moved by the same amount (common with few folds and small test sets): the t statistic
+        # is a division by ~0 (scipy returns +-inf, p = 0, with a precision warning); say undefined instead.
+        if diff.std(ddof=1) > _DEGENERATE * max(1.0, abs(diff.mean())):
+            res = stats.ttest_rel(a, r)
+            out["t_statistic"], out["p_value"] = float(res.statistic), float(res.pvalue)
     return out
 
 

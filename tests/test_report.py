@@ -124,6 +124,19 @@ def test_table2_statistics_equal_scipy(trials):
         assert r.n_pairs == 3
 
 
+def test_identical_paired_differences_leave_t_test_undefined(trials):
+    t = trials.copy()
+    real = t.adjective.isna() & (t.classifier == "resnet18") & (t.eval_set == "test")
+    t.loc[real, "accuracy"] = 0.5
+    best = best_settings(t).set_index("classifier").loc["resnet18"]
+    aug = (t.classifier == "resnet18") & (t.eval_set == "test") & t.adjective.eq(best.adjective).fillna(False) \
+        & (t.ratio == best.ratio)
+    t.loc[aug, "accuracy"] = 0.625                              # +12.5 points in every fold
+    r = table2(t).set_index("classifier").loc["resnet18"]
+    assert r.mean_difference == pytest.approx(0.125) and r.ci_low == pytest.approx(0.125)
+    assert np.isnan(r.t_statistic) and np.isnan(r.p_value)
+
+
 def test_table3_external_and_its_absence(trials):
     t3 = table3(trials)
     best = best_settings(trials).set_index("classifier")
