@@ -174,6 +174,36 @@ def test_choose_rank_never_invents_a_number():
     assert i == 0 and "no FID or KID" in why and "missing_weights" in why
 
 
+def test_rank_selection_trains_each_rank_and_continues_with_the_lowest_fid(tmp_path, fake, monkeypatch, ray_session):
+    fid_by_rank = {2: 3.0, 4: 1.25, 8: 2.0}
+    plain = pipeline.stage_function
+
+    def fid_stage(cfg):
+        fake.append(f"fid@{cfg.diffusion.lora.rank}")
+        r = cfg.diffusion.lora.rank
+        storage.write_parquet(pd.DataFrame(
+            {"fold": [-1, -1], "adjective": ["", ""], "class_name": ["all", "benign"], "fid": [fid_by_rank[r], 9.0],
+             "kid": [0.1, 0.2], "dims": [2048, 2048], "n_real": [10, 4], "n_synthetic": [10, 4],
+             "status": ["ok", "ok"]}), RunLayout(cfg.run_dir).summary("fid"))
+
+    monkeypatch.setattr(pipeline, "stage_function", lambda s: fid_stage if s == "fid" else plain(s))
+    cfg = _cfg(tmp_path, "diffusion.lora.rank=[2, 4, 8]")
+    result = pipeline.run(cfg)
+    assert result["rank"] == 4
+    table = storage.read_parquet(RunLayout(cfg.run_dir).summary("rank_selection"))
+    assert table["rank"].tolist() == [2, 4, 8] and table["chosen"].tolist() == [False, True, False]
+    assert table["fid"].tolist() == [3.0, 1.25, 2.0] and set(table["fold"]) == {-1}
+    for r in (2, 4, 8):  # each rank: one shared adapter in its own sub-run, no-adjective set, ratio 1
+        sub = RunLayout(storage.join(cfg.run_dir, "rank-selection", f"rank-{r}"))
+        assert json.loads(storage.read_text(storage.join(sub.adapter_dir(-1), "adapter.json")))["rank"] == r
+        assert storage.read_parquet(sub.synthetic_manifest)["adjective"].tolist() == [""]
+    main = state.read_record(cfg, "finetune")
+    assert main["config"]["diffusion.lora.rank"] == 4
+    assert json.loads(storage.read_text(storage.join(RunLayout(cfg.run_dir).adapter_dir(0), "adapter.json")))["rank"] == 4
+    fake.clear()
+    assert pipeline.run(cfg)["rank"] == 4 and fake == [], "a rerun reuses the recorded selection"
+
+
 # ---------------------------------------------------------------------------------------------
 # The real demo run dir (submitted once as a Ray job by tests/_demo_run.py).
 # ---------------------------------------------------------------------------------------------
