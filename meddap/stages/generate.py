@@ -79,9 +79,8 @@ def _png_spec(path: str) -> str | None:
 
     try:
         with Image.open(io.BytesIO(storage.read_bytes(path))) as im:
-            meta = json.loads(im.text.get(PNG_META_KEY, "{}"))
-            im.verify()  # a truncated file is not re-listed
-        return meta.get("spec")
+            im.load()  # decodes every pixel: a truncated or corrupt file raises and is not re-listed
+            return json.loads(im.text.get(PNG_META_KEY, "{}")).get("spec")
     except Exception:
         return None
 
