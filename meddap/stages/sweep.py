@@ -250,8 +250,9 @@ def _trainable(config: dict, shared: dict) -> None:
     device = torch.device("cuda" if use_cuda else "cpu")
 
     checkpoint = tune.get_checkpoint()  # a retry inside this sweep
-    if checkpoint is None and config.get("resume_from"):  # a checkpoint left by an earlier sweep
-        checkpoint = tune.Checkpoint(config["resume_from"])
+    resume_from = config["trial"].get("resume_from")
+    if checkpoint is None and resume_from:  # a checkpoint left by an earlier sweep
+        checkpoint = tune.Checkpoint(resume_from)
     state = _load_state(checkpoint) if checkpoint is not None else None
 
     tensors = trial_tensors(shared["images"], spec, get=ray.get)
@@ -402,7 +403,8 @@ def run(cfg: Config, *, _fail_after_epoch: Optional[dict] = None) -> dict:
 
     # Trials that finished in a worker whose completion the driver missed are still picked up here.
     for s in todo:
-        summaries.add(s.trial_id)
+        if summaries.add(s.trial_id):
+            _drop_checkpoints(root, s.trial_id)
     summaries.write()
     finished = set(summaries.frames["trials"])
     failed = [s.trial_id for s in todo if s.trial_id not in finished]

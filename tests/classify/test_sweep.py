@@ -1,0 +1,119 @@
+"""The grid on Ray Tune: size, clear errors, a real small run, and resume with no lost or duplicated rows."""
+
+import os
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import CLASSES, tiny_overrides, write_tiny_run
+from meddap import storage
+from meddap.classify.metrics import classification_metrics
+from meddap.config import load_config
+from meddap.errors import MeddapError
+from meddap.layout import RunLayout
+from meddap.stages import sweep
+
+
+def test_paper_grid_is_465_trials():
+    cfg = load_config("paper")
+    specs = sweep.build_grid(cfg)
+    assert len(specs) == sweep.grid_size(cfg) == 465
+    ids = [s.trial_id for s in specs]
+    assert len(set(ids)) == 465
+    assert sum(s.real_only for s in specs) == 15
+    assert "resnet34__real__r0__f0" in ids and "densenet121__none__r0.5__f4" in ids
+    assert "squeezenet1_1__high-contrast__r2__f2" in ids
+
+
+def test_demo_grid_matches_its_config():
+    cfg = load_config("demo")
+    c = cfg
+    assert len(sweep.build_grid(cfg)) == len(c.classify.models) * c.data.folds * (
+        len(c.generate.adjectives) * len(c.generate.ratios) + 1)
+
+
+def test_unknown_classifier_fails_before_work(tmp_path):
+    cfg = load_config("demo", tiny_overrides(str(tmp_path / "run"), **{"classify.models": "[resnet34, densenet12]"}))
+    with pytest.raises(MeddapError) as e:
+        sweep.run(cfg)
+    assert "densenet12" in str(e.value) and "densenet121" in str(e.value)
+
+
+def test_synthetic_manifest_lacking_fold_adjective_fails_before_training(tmp_path):
+    run = write_tiny_run(tmp_path, train_per_class=4, test_per_class=1, external_per_class=1, size=24)
+    syn = run["synthetic"]
+    syn[~((syn.fold == 1) & (syn.adjective == "dark"))].to_parquet(RunLayout(run["run_dir"]).synthetic_manifest)
+    cfg = load_config("demo", tiny_overrides(run["run_dir"]))
+    with pytest.raises(MeddapError) as e:
+        sweep.run(cfg)
+    assert "fold 1" in str(e.value) and "'dark'" in str(e.value)
+    assert not os.path.exists(RunLayout(run["run_dir"]).summary("trials"))
+
+
+def test_tune_sweep_interrupted_then_resumed(tmp_path, ray_session):
+    torch.set_num_threads(1)
+    run = write_tiny_run(tmp_path, train_per_class=6, test_per_class=2, external_per_class=2,
+                         adjectives=("dark",), size=36)
+    cfg = load_config("demo", tiny_overrides(run["run_dir"], **{"generate.adjectives": "[dark]",
+                                                                "generate.ratios": "[1.0]"}))
+    lay = RunLayout(cfg.run_dir)
+    specs = sweep.build_grid(cfg)
+    assert len(specs) == 4
+    victim = "squeezenet1_1__dark__r1__f1"
+
+    # 1) A trial dies after its epoch-1 checkpoint (a lost node); the others finish and are written.
+    with pytest.raises(MeddapError) as e:
+        sweep.run(cfg, _fail_after_epoch={victim: 1})
+    assert "1 of 4 trials did not finish" in str(e.value) and victim in str(e.value)
+    first = storage.read_parquet(lay.summary("trials"))
+    assert set(first.trial_id) == {s.trial_id for s in specs} - {victim}
+
+    # 2) Rerun: only the victim runs, resuming at epoch 1; finished rows are kept as they were.
+    out = sweep.run(cfg)
+    assert out == {"total": 4, "done": 4, "ran": 1, "failed": 0}
+    trials = storage.read_parquet(lay.summary("trials"))
+    assert len(trials) == 4 * 3 and not trials.duplicated(["trial_id", "eval_set"]).any()
+    assert set(trials.eval_set) == {"val", "test", "external"}
+    assert list(trials.columns[:16]) == sweep.TRIAL_COLUMNS[:16]
+    assert trials.set_index(["trial_id", "eval_set"]).loc[victim, "resumed_from_epoch"].eq(1).all()
+    pd.testing.assert_frame_equal(trials[trials.trial_id != victim].reset_index(drop=True),
+                                  first.sort_values(["trial_id"], kind="stable").reset_index(drop=True),
+                                  check_like=True)
+    real = trials[trials.adjective.isna()]
+    assert set(real.trial_id) == {"squeezenet1_1__real__r0__f0", "squeezenet1_1__real__r0__f1"}
+    assert (real.ratio == 0).all() and (real.n_synthetic == 0).all()
+    syn_rows = trials[trials.adjective == "dark"]
+    assert (syn_rows.n_synthetic == syn_rows.n_real).all()
+    for col in ("accuracy", "sensitivity", "specificity", "precision", "f1"):
+        assert trials[col].between(0, 1).all()
+
+    # Every metric can be recomputed from the predictions.
+    preds = storage.read_parquet(lay.summary("predictions"))
+    assert not preds.duplicated(["trial_id", "eval_set", "image_id"]).any()
+    for (tid, ev), part in preds.groupby(["trial_id", "eval_set"]):
+        row = trials[(trials.trial_id == tid) & (trials.eval_set == ev)].iloc[0]
+        m = classification_metrics(part.label, part.pred, CLASSES)
+        assert m["accuracy"] == pytest.approx(row.accuracy) and m["f1"] == pytest.approx(row.f1)
+        assert len(part) == row.n_eval
+
+    # Figure 1a: real-only models on each adjective's synthetic set of their fold.
+    fig1a = storage.read_parquet(lay.summary("synthetic_eval"))
+    assert sorted(fig1a.trial_id) == sorted(real.trial_id.unique()) and (fig1a.adjective == "dark").all()
+    assert (fig1a.n == 3 * 3).all()
+
+    # Best-epoch weights of fold 0 only (classify.save_models=fold0), loadable as the contract says.
+    saved = {s.trial_id for s in specs if os.path.exists(lay.path("trials", s.trial_id, "model.pt"))}
+    assert saved == {s.trial_id for s in specs if s.fold == 0}
+    blob = torch.load(lay.path("trials", "squeezenet1_1__real__r0__f0", "model.pt"), weights_only=False)
+    assert blob["classifier"] == "squeezenet1_1" and blob["classes"] == CLASSES and blob["image_size"] == 32
+    from meddap.classify.models import build_classifier
+    build_classifier("squeezenet1_1", 3).load_state_dict(blob["state_dict"])
+
+    # Finished trials leave no checkpoints behind.
+    leftovers = [p for p in storage.listdir(lay.ray_storage, recursive=True) if "/checkpoint_" in p]
+    assert leftovers == []
+
+    # 3) A third run has nothing to do and changes nothing.
+    assert sweep.run(cfg)["ran"] == 0
+    pd.testing.assert_frame_equal(storage.read_parquet(lay.summary("trials")), trials)
