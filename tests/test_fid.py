@@ -309,3 +309,17 @@ def test_fid_stage_missing_inputs_say_which_stage(tmp_path):
     cfg = load_config("demo", [f"run_dir={tmp_path / 'empty'}"])
     with pytest.raises(MeddapError, match="meddap prepare"):
         stage.run(cfg)
+
+
+def test_fid_stage_in_a_ray_task_writes_the_same_rows(fid_run, tmp_path, ray_session):
+    """The path a CPU-only driver takes on a GPU cluster (here with 0 GPUs): same files, same statuses."""
+    from meddap.stages import fid as stage
+
+    cfg, _, _ = fid_run
+    # Workers were started before this test: the config (not the environment) says where weights are.
+    cfg = load_config("demo", [f"run_dir={cfg.run_dir}", f"fid.weights={tmp_path / 'absent.pth'}"])
+    out = stage.run(cfg, _remote=True)
+    assert out["missing_weights"] and out["groups"] == 4
+    fid = storage.read_parquet(RunLayout(cfg.run_dir).summary("fid"))
+    assert len(fid) == 16 and fid["status"].str.startswith("missing_weights").all() and fid["fid"].isna().all()
+    assert fid["status"].str.contains("absent.pth").all()

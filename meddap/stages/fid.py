@@ -11,8 +11,9 @@ every train row), per class and over all classes ("all"). Outputs:
 When pytorch-fid's Inception weights are absent, rows carry fid/kid null and status
 "missing_weights: <reason and where to put the file>"; no number is made up.
 
-Features are computed in this process (on CUDA when present): one Inception pass over a few thousand
-images does not need a cluster. Resumable: (fold, adjective) groups already in fid.parquet with the same
+Features are computed in one process: this one when it has CUDA (or no Ray cluster with GPUs is
+around), else one Ray task holding a GPU of the cluster (a CPU-only head node would take an hour on
+the paper's ~60,000 images). Resumable: (fold, adjective) groups already in fid.parquet with the same
 dims and computed features are kept; each finished group is written at once.
 """
 
@@ -189,9 +190,40 @@ def _write(lay: RunLayout, rows: list[pd.DataFrame], mems: list[pd.DataFrame]) -
     storage.write_parquet(mem.reset_index(drop=True), lay.summary("memorization"))
 
 
-def run(cfg, *, extractor: nn.Module | None = None, image_size: int | None = None) -> dict:
+def _gpu_elsewhere(cfg) -> bool:
+    """True when this process has no CUDA but the Ray cluster it runs in (or is told of) has a GPU."""
+    if torch.cuda.is_available():
+        return False
+    import os
+
+    import ray
+
+    if not ray.is_initialized():
+        if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
+            return False   # no cluster to use: starting a local Ray would not add a GPU
+        from meddap.raytools import ensure_ray
+
+        ensure_ray(cfg)
+    return ray.cluster_resources().get("GPU", 0) >= 1
+
+
+def _run_on_worker(cfg_dict: dict) -> dict:
+    from meddap.config import Config
+
+    return run(Config.from_dict(cfg_dict), _remote=False)
+
+
+def run(cfg, *, extractor: nn.Module | None = None, image_size: int | None = None, _remote: bool | None = None) -> dict:
     """Compute fid.parquet and memorization.parquet. `extractor`/`image_size` replace pytorch-fid's
-    Inception (tests use a small feature extractor); the stage itself always uses Inception."""
+    Inception (tests use a small feature extractor); the stage itself always uses Inception.
+    `_remote` (None = decide) runs the stage in a Ray task with one GPU when this process has none."""
+    if extractor is None and (_remote if _remote is not None else _gpu_elsewhere(cfg)):
+        import ray
+
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        print(f"[fid] computing in a Ray task with {gpus} GPU(s) (this process has no CUDA).", flush=True)
+        task = ray.remote(num_gpus=gpus, num_cpus=1, max_retries=1)(_run_on_worker)
+        return ray.get(task.remote(cfg.to_dict()))
     lay = RunLayout(cfg.run_dir)
     manifest = _read_input(lay.manifest, "the manifest", "prepare")
     synth = _read_input(lay.synthetic_manifest, "the synthetic manifest", "generate")
