@@ -300,6 +300,16 @@ def test_fid_stage_with_small_extractor(fid_run):
     again = stage.run(cfg, extractor=_PoolFeatures(), image_size=16)
     assert again["computed"] == 0
     pd.testing.assert_frame_equal(storage.read_parquet(lay.summary("fid")), fid)
+    # Other settings, or a regenerated set with other images, are recomputed, never mixed in.
+    cfg2 = load_config("demo", [f"run_dir={cfg.run_dir}", "fid.kid_subset_size=4", "fid.kid_subsets=5",
+                                "fid.memorization_threshold=0.0"])
+    assert stage.run(cfg2, extractor=_PoolFeatures(), image_size=16)["computed"] == 4
+    assert storage.read_parquet(lay.summary("memorization"))["flagged"].sum() == 0
+    fewer = synth[~((synth.fold == 0) & (synth.adjective == "dark") & (synth["index"] == 4))]
+    storage.write_parquet(fewer, lay.synthetic_manifest)
+    assert stage.run(cfg2, extractor=_PoolFeatures(), image_size=16)["computed"] == 1
+    fid3 = storage.read_parquet(lay.summary("fid"))
+    assert fid3.loc[(fid3.fold == 0) & (fid3.adjective == "dark") & (fid3.class_name == "all"), "n_synthetic"].item() == 12
 
 
 def test_fid_stage_missing_inputs_say_which_stage(tmp_path):

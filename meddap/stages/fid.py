@@ -5,7 +5,8 @@ For each (fold or shared adapter, adjective) in the synthetic manifest, every ge
 largest ratio's set; smaller ratios are its prefixes) is compared with the real training images of the
 same fold (fold k's training images are the train rows with fold != k; a shared adapter, fold -1, saw
 every train row), per class and over all classes ("all"). Outputs:
-  summary/fid.parquet           fold, adjective, class_name, fid, kid, kid_std, dims, n_real, n_synthetic, status
+  summary/fid.parquet           fold, adjective, class_name, fid, kid, kid_std, dims, n_real, n_synthetic, status,
+                                settings (what the numbers were made with: a rerun keeps only matching sets)
   summary/memorization.parquet  image_id, fold, adjective, class_name, nearest_real_id, nearest_real_class,
                                 distance, reference_distance, threshold_distance, flagged, dims
 When pytorch-fid's Inception weights are absent, rows carry fid/kid null and status
@@ -13,8 +14,8 @@ When pytorch-fid's Inception weights are absent, rows carry fid/kid null and sta
 
 Features are computed in one process: this one when it has CUDA (or no Ray cluster with GPUs is
 around), else one Ray task holding a GPU of the cluster (a CPU-only head node would take an hour on
-the paper's ~60,000 images). Resumable: (fold, adjective) groups already in fid.parquet with the same
-dims and computed features are kept; each finished group is written at once.
+the paper's ~60,000 images). Resumable: (fold, adjective) sets already in fid.parquet, computed with the same
+settings and image counts, are kept; each finished set is written at once.
 """
 
 from __future__ import annotations
@@ -159,17 +160,31 @@ def _group_rows(fold: int, adjective: str, real_df: pd.DataFrame, synth_df: pd.D
     return rows, mem
 
 
-def _finished_groups(lay: RunLayout, dims: int) -> tuple[pd.DataFrame, pd.DataFrame, set]:
-    """Rows of earlier runs worth keeping: groups computed (not missing weights) with the same dims."""
+def _settings(cfg_fid, image_size: int, extractor_name: str) -> str:
+    """Everything that changes a row's numbers: a kept row must have been made with the same."""
+    return (f"{extractor_name};dims={cfg_fid.dims};size={image_size};method={cfg_fid.method};"
+            f"kid={cfg_fid.kid_subset_size}x{cfg_fid.kid_subsets};seed={cfg_fid.seed};"
+            f"memorization_threshold={cfg_fid.memorization_threshold}")
+
+
+def _finished_groups(lay: RunLayout, settings: str, current: dict) -> tuple[pd.DataFrame, pd.DataFrame, set]:
+    """Rows of earlier runs worth keeping: sets computed (not missing weights) with the same settings and
+    the same image counts as now (`current`: (fold, adjective) -> (n_real, n_synthetic))."""
     if not storage.exists(lay.summary("fid")):
         return pd.DataFrame(columns=FID_COLUMNS), pd.DataFrame(columns=MEMORIZATION_COLUMNS), set()
     old = storage.read_parquet(lay.summary("fid"))
     old_mem = (storage.read_parquet(lay.summary("memorization")) if storage.exists(lay.summary("memorization"))
                else pd.DataFrame(columns=MEMORIZATION_COLUMNS))
+    if "settings" not in old.columns:
+        return pd.DataFrame(columns=FID_COLUMNS), pd.DataFrame(columns=MEMORIZATION_COLUMNS), set()
     done = set()
     for (fold, adj), g in old.groupby(["fold", "adjective"]):
-        if (g["dims"] == dims).all() and not g["status"].str.startswith("missing_weights").any():
-            done.add((int(fold), str(adj)))
+        key = (int(fold), str(adj))
+        overall = g[g["class_name"] == ALL_CLASSES]
+        if (key in current and len(overall) == 1 and (g["settings"] == settings).all()
+                and not g["status"].str.startswith("missing_weights").any()
+                and (int(overall["n_real"].iloc[0]), int(overall["n_synthetic"].iloc[0])) == current[key]):
+            done.add(key)
     keep = old[[(int(f), str(a)) in done for f, a in zip(old["fold"], old["adjective"])]]
     keep_mem = old_mem[[(int(f), str(a)) in done for f, a in zip(old_mem["fold"], old_mem["adjective"])]] \
         if len(old_mem) else old_mem
@@ -243,9 +258,12 @@ def run(cfg, *, extractor: nn.Module | None = None, image_size: int | None = Non
     image_size = image_size or INCEPTION_INPUT_SIZE
     cache = None if missing is not None else _FeatureCache(extractor, cfg.fid.batch_size, image_size, device)
 
-    kept, kept_mem, done = _finished_groups(lay, cfg.fid.dims)
     groups = [(int(f), str(a)) for f, a in synth[["fold", "adjective"]].drop_duplicates().itertuples(index=False)]
     groups = sorted(groups)
+    current = {(f, a): (len(_real_training(manifest, f)), int(((synth["fold"] == f) & (synth["adjective"] == a)).sum()))
+               for f, a in groups}
+    settings = _settings(cfg.fid, image_size, type(extractor).__name__ if extractor is not None else "none")
+    kept, kept_mem, done = _finished_groups(lay, settings, current)
     todo = [g for g in groups if g not in done]
     if done:
         print(f"[fid] {len(groups) - len(todo)} of {len(groups)} synthetic sets already done; computing {len(todo)}.")
@@ -264,7 +282,7 @@ def run(cfg, *, extractor: nn.Module | None = None, image_size: int | None = Non
         synth_df = synth[(synth["fold"] == fold) & (synth["adjective"] == adj)].reset_index(drop=True)
         group_rows, mem = _group_rows(fold, adj, real_df, synth_df, list(cfg.data.classes), cfg.fid, cache,
                                       missing, progress)
-        rows.append(pd.DataFrame(group_rows, columns=FID_COLUMNS))
+        rows.append(pd.DataFrame(group_rows, columns=FID_COLUMNS).assign(settings=settings))
         mems.append(mem)
         _write(lay, rows, mems)   # after every set, so a crash loses no finished set
         overall = group_rows[-1]

@@ -370,7 +370,8 @@ def _fmt_table1(t1: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     for adj in adjs:
         a = aug[aug["adjective"] == adj]
         fid = a["fid"].iloc[0] if len(a) else np.nan
-        row = {"adjective": _adj_label(adj), "FID": _num(fid), "KID": _num(a["kid"].iloc[0] if len(a) else np.nan, ".4f")}
+        kid = a["kid"].iloc[0] if len(a) else np.nan
+        row = {"adjective": _adj_label(adj), "FID": _num(fid), "KID": _num(kid, ".4f")}
         for clf in classifiers:
             c = a[a["classifier"] == clf]
             best = aug[aug["classifier"] == clf]["accuracy_mean"].max()
@@ -398,8 +399,9 @@ def _fmt_compare(t: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
         real.update({"val acc (chosen on)": "", "Δ acc [95 % CI] (pp)": "", "t": "", "p (paired t-test)": "",
                      "folds": str(r["n_folds_real"])})
         ci = ("n/a" if pd.isna(r["ci_low"]) else f"[{100 * r['ci_low']:.2f}, {100 * r['ci_high']:.2f}]")
+        diff = _num(100 * r["mean_difference"] if pd.notna(r["mean_difference"]) else np.nan, "+.2f")
         aug.update({"val acc (chosen on)": _pct(r["val_accuracy"]),
-                    "Δ acc [95 % CI] (pp)": f"{_num(100 * r['mean_difference'] if pd.notna(r['mean_difference']) else np.nan, '+.2f')} {ci}",
+                    "Δ acc [95 % CI] (pp)": f"{diff} {ci}",
                     "t": _num(r["t_statistic"], ".2f"), "p (paired t-test)": _num(r["p_value"], ".4f"),
                     "folds": str(r["n_pairs"])})
         rows += [real, aug]
