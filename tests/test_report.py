@@ -210,6 +210,11 @@ def report_run(tmp_path_factory, trials):
                                              dims=2048, n_real=20, n_synthetic=9, status=status)
                                         for f in FOLDS for a in ("", "dark") for c in [*CLASSES, "all"]])
                           .astype({"fid": float, "kid": float, "kid_std": float}), lay.summary("fid"))
+    storage.write_parquet(pd.DataFrame([dict(image_id=sid, fold=0, adjective="", class_name="benign",
+                                             nearest_real_id=rid, nearest_real_class="benign", distance=d,
+                                             reference_distance=1.0, threshold_distance=0.1, flagged=d < 0.1, dims=64)
+                                        for sid, rid, d in (("s000", "t00", 0.05), ("s001", "t01", 0.5))]),
+                          lay.summary("memorization"))
     # Fold-0 weights for squeezenet only (real-only and its validation-chosen setting); resnet18 has none.
     for adj, ratio in ((None, 0.0), ("dark", 1.0)):
         torch.manual_seed(0)
@@ -232,7 +237,8 @@ def test_report_files_and_links(report_run):
     md = storage.read_text(lay.path("report.md"))
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
     expected = {"figures/accuracy_resnet18.png", "figures/accuracy_squeezenet1_1.png", "figures/contact_none.png",
-                "figures/contact_dark.png", "figures/fig1a.png", "figures/gradcam_squeezenet1_1.png"}
+                "figures/contact_dark.png", "figures/fig1a.png", "figures/gradcam_squeezenet1_1.png",
+                "figures/memorization.png"}
     assert set(links) == expected
     for rel in links:
         data = storage.read_bytes(storage.join(cfg.run_dir, rel))
@@ -251,6 +257,8 @@ def test_report_notes_missing_parts(report_run):
     assert "missing_weights: pytorch-fid Inception weights not found" in md
     assert any("resnet18" in s and "model file absent" in s for s in out["skipped"])
     assert "real + 100% dark" in md                       # squeezenet's validation-chosen setting
+    assert "| 0 | \"\" (none) | 1 / 2 |" in md              # memorisation: flagged / images per set
+    assert not any("memorisation" in s for s in out["skipped"])
 
 
 def test_report_stage_without_trials_says_run_sweep(tmp_path):

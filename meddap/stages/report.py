@@ -8,6 +8,7 @@ summary/synthetic_eval.parquet, the synthetic manifest, the manifest and the fol
   figures/fid.png                     overall FID and KID per adjective (only when FID was computed)
   figures/contact_<adjective>.png     synthetic samples per class (rows)
   figures/fig1a.png                   real-only classifiers on each adjective's synthetic set
+  figures/memorization.png            the synthetic images closest to a real training image, beside it
   figures/gradcam_<classifier>.png    test images, real-only vs best augmented Grad-CAM (fold 0)
   report.md, report.html              the tables (percentages), statistics, figures (HTML inlines them)
 """
@@ -271,6 +272,36 @@ def _fig1a_figure(f1a: pd.DataFrame, best: pd.DataFrame, run_dir: str) -> str:
     return _save(fig, run_dir, "figures/fig1a.png")
 
 
+def _memorization_figure(mem: pd.DataFrame, synth: pd.DataFrame, manifest: pd.DataFrame, n_pairs: int,
+                         run_dir: str, skipped: list[str]) -> Optional[str]:
+    """The `n_pairs` synthetic images closest to a real training image, each beside that image."""
+    from PIL import Image
+
+    closest = mem.sort_values("distance").head(n_pairs)
+    synth_path = dict(zip(synth["image_id"].astype(str), synth["path"]))
+    real_path = dict(zip(manifest["image_id"].astype(str), manifest["path"]))
+    fig = _figure(2 * 2.0, 2.0 * len(closest) + 0.4)
+    axes = np.atleast_2d(fig.subplots(len(closest), 2, squeeze=False))
+    for i, r in enumerate(closest.itertuples()):
+        for j, (iid, paths, what) in enumerate(((r.image_id, synth_path, "synthetic"),
+                                                (r.nearest_real_id, real_path, "nearest real"))):
+            ax = axes[i, j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"{what} {iid}" + (f"\nd={r.distance:.3g}{' FLAGGED' if r.flagged else ''}" if j == 0 else ""),
+                         fontsize=7)
+            if iid not in paths:
+                skipped.append(f"memorisation figure: no path for {what} image {iid}")
+                continue
+            try:
+                with Image.open(storage.local_path(paths[iid])) as im:
+                    ax.imshow(np.asarray(im.convert("RGB")))
+            except (OSError, ValueError) as e:
+                skipped.append(f"memorisation figure image {paths[iid]}: {type(e).__name__}: {e}")
+    fig.suptitle("Closest synthetic / real training pairs (feature space)", fontsize=9)
+    return _save(fig, run_dir, "figures/memorization.png")
+
+
 def _gradcam_images(manifest: pd.DataFrame, n: int) -> pd.DataFrame:
     """`n` test images spread over the classes (round robin, by image_id)."""
     test = manifest[manifest["split"] == "test"].sort_values("image_id")
@@ -530,6 +561,9 @@ def run(cfg) -> dict:
                                 "flagged / images": [f"{int(f)} / {int(n)}" for f, n in zip(m["flagged"], m["n"])],
                                 "median NN distance": [_num(v) for v in m["median_distance"]],
                                 "threshold": [_num(v) for v in m["threshold"]]}))
+        if synth is not None and manifest is not None:
+            rel = _memorization_figure(mem, synth, manifest, cfg.report.contact_sheet_per_cell, run_dir, skipped)
+            rep.img(rel, "The synthetic images closest to a real training image, beside it")
     elif fid is not None:
         rep.p("Memorisation check: not computed (it needs the same features as FID; see notes).")
     rep.h(2, "Figure 1(a): real-only classifiers on each synthetic set")
