@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from _demo_run import demo_job
+from _demo_run import demo_job, failure_text
 from meddap import storage
 from meddap.config import load_config
 from meddap.layout import RunLayout, adapter_name, adjective_slug
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def job() -> dict:
     result = demo_job()
-    assert result["returncode"] == 0, "demo job failed:\n" + result["log"][-6000:]
+    assert result["returncode"] == 0, failure_text(result)
     return result
 
 

@@ -209,10 +209,10 @@ def test_rank_selection_trains_each_rank_and_continues_with_the_lowest_fid(tmp_p
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def demo_cfg():
-    from _demo_run import demo_job
+    from _demo_run import demo_job, failure_text
 
     job = demo_job()
-    assert job["returncode"] == 0, "demo job failed:\n" + job["log"][-6000:]
+    assert job["returncode"] == 0, failure_text(job)
     return load_config("demo", [f"run_dir={job['run_dir']}"])
 
 
