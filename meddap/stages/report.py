@@ -366,20 +366,24 @@ def _gradcam_figures(trials: pd.DataFrame, best: pd.DataFrame, manifest: pd.Data
                 break
         if len(models) < 2:
             continue
+        try:  # each model sees the images at its own training size
+            greys = {m[3]: np.stack([read_grey(p, m[3]) for p in pick["path"]]) for m in models}  # (N, S, S)
+        except MeddapError as e:  # a test image moved or damaged since prepare
+            skipped.append(f"Grad-CAM {b.classifier}: {e}")
+            continue
         fig = _figure(3 * 2.2, 2.2 * len(pick) + 0.3)
         axes = np.atleast_2d(fig.subplots(len(pick), 3, squeeze=False))
-        for i, row in enumerate(pick.itertuples()):
-            grey = None
-            for j, (label, model, classes, size) in enumerate(models):
-                grey = read_grey(row.path, size)                                     # (S, S) uint8
-                x = model_input(torch.from_numpy(grey)[None, None])                   # (1, 3, S, S)
-                with torch.no_grad():
-                    pred = classes[int(model(x).argmax(1))]
-                heat = grad_cam(model, x)[0]                                          # (S, S) in [0, 1]
-                axes[i, j + 1].imshow(overlay(grey, heat))
-                axes[i, j + 1].set_title(f"{label}\npred {pred}", fontsize=7)
-            axes[i, 0].imshow(grey, cmap="gray")
-            axes[i, 0].set_title(f"{row.image_id}\ntrue {row.class_name}", fontsize=7)
+        for j, (label, model, classes, size) in enumerate(models):
+            x = model_input(torch.from_numpy(greys[size])[:, None])                   # (N, 3, S, S)
+            with torch.no_grad():
+                preds = model(x).argmax(1).tolist()
+            heat = grad_cam(model, x)                                                 # (N, S, S) in [0, 1]
+            for i, row in enumerate(pick.itertuples()):
+                axes[i, j + 1].imshow(overlay(greys[size][i], heat[i]))
+                axes[i, j + 1].set_title(f"{label}\npred {classes[preds[i]]}", fontsize=7)
+                if j == 0:
+                    axes[i, 0].imshow(greys[size][i], cmap="gray")
+                    axes[i, 0].set_title(f"{row.image_id}\ntrue {row.class_name}", fontsize=7)
         for ax in axes.ravel():
             ax.set_xticks([])
             ax.set_yticks([])
