@@ -245,6 +245,10 @@ def load_inception(dims: int, weights: str | None = None, device: str | torch.de
     except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as e:  # truncated or foreign
         raise MissingWeightsError(f"{bad} ({type(e).__name__}: {str(e)[:200]}); replace it with "
                                   f"{INCEPTION_WEIGHTS_FILE}") from None
+    first_and_last = {"Conv2d_1a_3x3.conv.weight", "Mixed_7c.branch_pool.conv.weight"}
+    if not isinstance(state, dict) or not first_and_last <= set(state):
+        raise MissingWeightsError(f"{bad} (it is not a state dict of pytorch-fid's FID Inception); replace it with "
+                                  f"{INCEPTION_WEIGHTS_FILE}")
     try:
         with _weights_from_state(state):
             net = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[dims]])
