@@ -267,3 +267,23 @@ def test_report_stage_without_trials_says_run_sweep(tmp_path):
     cfg = load_config("demo", [f"run_dir={tmp_path / 'empty'}"])
     with pytest.raises(MeddapError, match="meddap sweep"):
         stage.run(cfg)
+
+
+def test_report_with_only_trials_lists_what_is_missing(tmp_path, trials):
+    from meddap.stages import report as stage
+
+    run_dir = str(tmp_path / "run")
+    lay = RunLayout(run_dir)
+    storage.write_parquet(trials[trials.eval_set != "external"], lay.summary("trials"))
+    cfg = load_config("demo", [f"run_dir={run_dir}"])
+    out = stage.run(cfg)
+    md = storage.read_text(lay.path("report.md"))
+    assert storage.read_parquet(lay.summary("table3")).empty
+    assert storage.read_parquet(lay.summary("fig1a")).empty
+    notes = " ".join(out["notes"])
+    for missing in ("external-set", "synthetic_eval.parquet", "fid.parquet", "synthetic manifest", "manifest is absent"):
+        assert missing in notes, missing
+    assert "Not available: no external-set" in md
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert set(links) == {"figures/accuracy_resnet18.png", "figures/accuracy_squeezenet1_1.png"}
+    assert all(storage.exists(storage.join(run_dir, rel)) for rel in links)
