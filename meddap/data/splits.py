@@ -6,8 +6,9 @@ Two stages, so that the test split does not depend on K:
 Each stage is a greedy assignment: groups are taken largest first (ties in a seeded random order) and
 each goes to the bin that most needs its classes: argmax over bins of sum_c w_c * need[bin, c] * n[g, c]
 (the move that most lowers the weighted squared distance to the targets), with w_c = 1 / images of
-class c so small classes count as much as large ones. A group never spans two bins, so with groups
-the class shares are approximate; with one image per group they are within one image of the target.
+class c so small classes count as much as large ones (plus the same term for the bin's total size).
+A group never spans two bins, so with groups the class shares are approximate; with one image per
+group they are within one image of the target.
 """
 
 from __future__ import annotations
@@ -25,13 +26,17 @@ __all__ = ["make_splits", "greedy_assign"]
 def greedy_assign(counts: np.ndarray, targets: np.ndarray, order: np.ndarray) -> np.ndarray:
     """counts (G, C) images per group and class; targets (B, C) wanted images per bin and class;
     order: the groups in the order to place them. Returns (G,) bin index per group."""
-    totals = counts.sum(axis=0).astype(np.float64)       # (C,)
-    weights = 1.0 / np.maximum(totals, 1.0)              # (C,)
-    filled = np.zeros_like(targets, dtype=np.float64)    # (B, C)
+    # The bin sizes are balanced too (an extra column: all classes together), which also breaks ties
+    # between bins that need a group's classes equally towards the emptier one.
+    counts = np.concatenate([counts, counts.sum(axis=1, keepdims=True)], axis=1)     # (G, C+1)
+    targets = np.concatenate([targets, targets.sum(axis=1, keepdims=True)], axis=1)  # (B, C+1)
+    totals = counts.sum(axis=0).astype(np.float64)       # (C+1,)
+    weights = 1.0 / np.maximum(totals, 1.0)              # (C+1,)
+    filled = np.zeros_like(targets, dtype=np.float64)    # (B, C+1)
     out = np.full(len(counts), -1, dtype=np.int64)
     for g in order:
-        need = targets - filled                           # (B, C)
-        v = counts[g].astype(np.float64)                  # (C,)
+        need = targets - filled                           # (B, C+1)
+        v = counts[g].astype(np.float64)                  # (C+1,)
         # Change in sum_c w_c (need - v)^2 when g joins each bin; the smallest is the best move.
         cost = ((need - v) ** 2 - need ** 2) @ weights    # (B,)
         b = int(np.argmin(cost))
@@ -83,9 +88,11 @@ def make_splits(labels: Sequence[int], groups: Sequence[str], n_classes: int, te
         test_groups = set(uniq[bins == 0].tolist())
         is_test = np.asarray([g in test_groups for g in groups], dtype=bool)
         if not is_test.any() or is_test.all():
-            raise MeddapError(f"data.test_fraction={test_fraction} leaves an empty "
-                              f"{'test' if not is_test.any() else 'training'} split with these "
-                              f"{len(uniq)} groups; change data.test_fraction.")
+            which = "test" if not is_test.any() else "training"
+            hint = "raise" if which == "test" else "lower"
+            raise MeddapError(f"data.test_fraction={test_fraction} leaves an empty {which} split with these "
+                              f"{len(uniq)} leakage-safe groups ({n} images); {hint} data.test_fraction "
+                              f"or add images.")
 
     fold = np.full(n, -1, dtype=np.int64)
     train_idx = np.nonzero(~is_test)[0]

@@ -328,6 +328,13 @@ def _summary(cfg, listings, manifest: pd.DataFrame, audit: pd.DataFrame, a_pairs
         print(f"  {cls:<12}{tr:>7}{te:>7}{ex:>10}   {'/'.join(map(str, per_fold))}")
     tot = {s: int((manifest["split"] == s).sum()) for s in ("train", "test", "external")}
     print(f"  {'total':<12}{tot['train']:>7}{tot['test']:>7}{tot['external']:>10}")
+    for cls, c in counts.items():
+        if 0 in c["folds"] or c["test"] == 0:
+            say(f"  warning: class '{cls}' is missing from "
+                + ("the test split" if c["test"] == 0 else "")
+                + (" and " if c["test"] == 0 and 0 in c["folds"] else "")
+                + (f"fold(s) {[k for k, v in enumerate(c['folds']) if v == 0]}" if 0 in c["folds"] else "")
+                + " (too few images or groups of it); its metrics there are undefined.")
 
     def count(kind: str) -> int:
         return int((audit["kind"] == kind).sum())

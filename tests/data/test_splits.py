@@ -99,3 +99,9 @@ def test_greedy_assign_balances_classes():
     bins = greedy_assign(counts, targets, np.arange(12))
     filled = np.array([counts[bins == b].sum(axis=0) for b in range(2)])
     np.testing.assert_array_equal(filled, targets)
+
+
+def test_few_groups_still_fill_every_fold():
+    """Ties between bins go to the emptier one: 4 single-image groups fill 3 folds."""
+    df = make_splits([0, 0, 1, 1], ["a", "b", "c", "d"], 2, 0.2, 3, seed=0, fixed_split=["train"] * 4)
+    assert sorted(df["fold"].value_counts().tolist()) == [1, 1, 2]
