@@ -26,6 +26,10 @@ __all__ = [
 ]
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def is_uri(path: str) -> bool:
     return "://" in str(path) and not str(path).startswith("file://")
 
@@ -92,6 +96,7 @@ def open_output(path: str) -> Iterator[io.BufferedIOBase]:
         try:
             with os.fdopen(fd, "wb") as f:
                 yield f
+            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
             os.replace(tmp, p)
         except BaseException:
             if os.path.exists(tmp):
