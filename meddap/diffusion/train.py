@@ -374,8 +374,10 @@ class LoraFinetuner:
         loss = self.loss_on(idx)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.optimizer)
+            # Average before unscaling: every rank then sees the same inf/nan check and keeps the
+            # same loss scale, so the replicas never diverge.
             self._sync_grads()
+            self.scaler.unscale_(self.optimizer)
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:

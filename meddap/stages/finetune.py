@@ -31,6 +31,7 @@ from typing import Any
 
 from meddap import storage
 from meddap.config import Config
+from meddap.diffusion.base import TINY_MODEL
 from meddap.errors import MeddapError
 from meddap.layout import RunLayout, adapter_name
 
@@ -103,7 +104,7 @@ def _train_loop(config: dict) -> None:
     import ray.train
     import torch
 
-    from meddap.diffusion.base import load_components
+    from meddap.diffusion.base import load_components, resolve_base_model
     from meddap.diffusion.train import Example, FinetuneSettings, LoraFinetuner
     from meddap.progress import Progress
 
@@ -119,7 +120,10 @@ def _train_loop(config: dict) -> None:
 
     settings = FinetuneSettings.from_config(cfg)
     examples = [Example(p, q) for p, q in zip(config["paths"], config["prompts"])]
-    ft = LoraFinetuner(load_components(config["model"]), examples, settings, device=device,
+    # Resolved again here: `builtin:tiny` with an object-store run_dir builds into a node-local cache,
+    # which the driver's node has but this worker's node may not.
+    model = resolve_base_model(cfg) if cfg.diffusion.base_model == TINY_MODEL else config["model"]
+    ft = LoraFinetuner(load_components(model), examples, settings, device=device,
                        rank=rank, world_size=world)
     ckpt = ray.train.get_checkpoint()
     resumed_from = 0
@@ -244,21 +248,25 @@ def finetune_adapter(cfg: Config, entry: dict, model: str, fail_after_epoch: int
         "ray_run": name,
     }
     cpus = 1.0
-    threads = max(1, int(cfg.ray.num_cpus or os.cpu_count() or 1) // max(1, t.num_workers)) if not t.use_gpu else 4
+    # A CPU worker claims one CPU and uses one torch thread: on a shared box more threads than claimed
+    # CPUs thrash (measured: 2 threads under load ran the tiny model ~100x slower than 1). Use more
+    # workers (DDP) to use more cores. A GPU worker only needs a few threads to feed its GPU.
+    threads = 4 if t.use_gpu else int(cpus)
     loop_config = {
         "cfg": cfg.to_dict(), "model": model, "name": adapter_name(fold), "out_dir": out,
         "paths": [str(p) for p in rows["path"]], "prompts": [prompts[c] for c in rows["class_name"]],
-        "meta": meta, "threads": min(threads, 8), "fail_after_epoch": fail_after_epoch,
+        "meta": meta, "threads": threads, "fail_after_epoch": fail_after_epoch,
     }
     storage_path = storage.join(cfg.ray.storage_path or lay.ray_storage, "finetune")
-    if not storage.is_uri(storage_path):
-        os.makedirs(storage_path, exist_ok=True)
+    # meddap.storage's filesystem (it honours AWS_ENDPOINT_URL for S3-compatible servers).
+    fs, fs_path = storage.filesystem(storage_path)
+    storage.makedirs(storage_path)
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker={"CPU": cpus, **({"GPU": 1} if t.use_gpu else {})}),
-        run_config=RunConfig(storage_path=storage_path, name=name,
+        run_config=RunConfig(storage_path=fs_path, storage_filesystem=fs, name=name,
                              failure_config=FailureConfig(max_failures=t.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )

@@ -119,3 +119,15 @@ def test_checkpoint_with_other_settings_is_refused(tiny_sd_dir, toy_manifest):
     other = _trainer(tiny_sd_dir, ex, lr=5e-4)
     with pytest.raises(ValueError, match="other settings.*lr"):
         other.load_state_dict(state)
+
+
+def test_gradient_checkpointing_trains_the_same_adapter(tiny_sd_dir, toy_manifest):
+    ex = _examples(toy_manifest, 2)
+    plain = _trainer(tiny_sd_dir, ex)
+    ckpt = _trainer(tiny_sd_dir, ex, gradient_checkpointing=True)
+    assert ckpt.unet.is_gradient_checkpointing
+    a, b = plain.train_epoch(0), ckpt.train_epoch(0)
+    np.testing.assert_allclose([r[2] for r in a], [r[2] for r in b], rtol=1e-5)
+    sa, sb = lora_state(plain.unet), lora_state(ckpt.unet)
+    assert any(float(v.abs().sum()) > 0 for k, v in sb.items() if "lora_B" in k)  # gradients reached LoRA
+    assert all(torch.allclose(sa[k], sb[k], atol=1e-6) for k in sa)
