@@ -66,3 +66,10 @@ def test_dashboard_not_exposed(cluster):
     head_cmds = " ".join(cluster["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head_cmds
     assert "0.0.0.0" not in (ROOT / "cluster.yaml").read_text().split("head_start_ray_commands")[1]
+
+
+def test_token_auth_on_every_node_with_one_shared_token(cluster):
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = [c for c in cluster[key] if "ray start" in c]
+        assert start and all("RAY_AUTH_MODE=token" in c for c in start), key
+    assert cluster["file_mounts"].get("~/.ray/auth_token") == "~/.ray/auth_token"
