@@ -1,5 +1,9 @@
 """Shared by the `ray job submit` entry points: parse `--config` and key=value, call one stage, exit.
 
+A stage job runs its stage through the pipeline's bookkeeping (meddap.stages.pipeline.run_stages):
+it is skipped when `run_dir/stages/<stage>.json` says it is done with these settings, refused when
+settings or inputs changed (use --force), and recorded when it finishes.
+
 Run by `ray job submit --working-dir . -- python jobs/<stage>.py ...`: the job server sets
 RAY_ADDRESS, so `meddap.raytools.ensure_ray` joins the cluster the job runs in; run by hand with no
 cluster, it starts a local Ray. The library never imports jobs/.
@@ -32,22 +36,26 @@ def main(stage: str, argv: list[str] | None = None) -> int:
     if stage == "pipeline":
         p.add_argument("--force", action="append", default=[], metavar="STAGE",
                        help="redo STAGE and every stage after it that depends on it (repeatable)")
+    else:
+        p.add_argument("--force", nargs="?", const=stage, choices=[stage], metavar=stage,
+                       help=f"redo {stage} even if its record says done (its earlier outputs are deleted first)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     try:
         cfg = load_config(args.config, args.overrides)
-        from meddap.raytools import ensure_ray
-
-        ensure_ray(cfg)
+        # No ray.init here: the pipeline and every stage that uses Ray call meddap.raytools.ensure_ray,
+        # which joins this job's cluster (RAY_ADDRESS) or starts a local Ray; a skipped stage needs none.
         if stage == "pipeline":
             from meddap.stages.pipeline import run
 
             run(cfg, force=args.force)
         else:
-            import importlib
+            # One stage, with the pipeline's bookkeeping: skipped when its record says done, refused
+            # when its settings or inputs changed, recorded when it finishes.
+            from meddap.stages.pipeline import run_stages
 
-            importlib.import_module(f"meddap.stages.{stage}").run(cfg)
+            run_stages(cfg, (stage,), force=[args.force] if args.force else ())
     except (ConfigError, MeddapError) as e:
         print(f"jobs/{stage}.py: error: {e}", file=sys.stderr, flush=True)
         return 2

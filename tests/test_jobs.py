@@ -128,3 +128,20 @@ def test_stage_records_written(cfg):
         st = state.check_stage(cfg, s)
         assert st.state == "done", st
         assert st.record["seconds"] > 0
+
+
+def test_stage_job_skips_a_done_stage_and_refuses_bad_config(cfg):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "jobs/report.py", "--config", "demo", f"run_dir={cfg.run_dir}"],
+                          cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "[pipeline] report: done already" in done.stdout
+    bad = subprocess.run([sys.executable, "jobs/sweep.py", "--config", "demo", f"run_dir={cfg.run_dir}",
+                          "classify.epochs=0"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "classify.epochs" in bad.stderr and "Traceback" not in bad.stderr
+    changed = subprocess.run([sys.executable, "jobs/sweep.py", "--config", "demo", f"run_dir={cfg.run_dir}",
+                              "classify.epochs=5"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert changed.returncode == 2 and "classify.epochs: 2 -> 5" in changed.stderr
