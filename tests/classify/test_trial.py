@@ -91,3 +91,15 @@ def test_best_epoch_weights_and_recomputable_metrics(tensors):
         m = classification_metrics(part.label, part.pred, CLASSES)
         assert m["accuracy"] == r.metrics[name]["accuracy"] and m["f1"] == r.metrics[name]["f1"]
     assert r.n_real == 12 and r.n_synthetic == 12 and r.images_per_second > 0 and r.train_seconds > 0
+
+
+def test_bench_compares_both_paths(capsys):
+    from meddap.bench.classify import main
+    from meddap.config import load_config
+
+    out = main(load_config("demo"), ["--images", "9", "--models", "squeezenet1_1", "--size", "32",
+                                      "--source-size", "48", "--batch-size", "4", "--repeats", "1", "--threads", "1"])
+    r = out["squeezenet1_1"]
+    assert r["in_memory"] > 0 and r["file_loader"] > 0 and r["ratio"] == pytest.approx(r["in_memory"] / r["file_loader"])
+    printed = capsys.readouterr().out
+    assert "squeezenet1_1" in printed and ("GPU figures" in printed or "GPU " in printed)
