@@ -28,7 +28,7 @@ import json
 import os
 import time
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -242,7 +242,7 @@ def _lesion(rng: np.random.Generator, size: int, class_name: str) -> tuple[np.nd
     inside = _soft_inside(signed, edge)
     mask = signed > 0
 
-    extra = np.zeros((size, size), np.float32)                   # echo added around the lesion (capsule, halo, spicules)
+    extra = np.zeros((size, size), np.float32)                   # echo around the lesion: capsule, halo, spicules
     if class_name == "benign" and rng.uniform() < 0.5:           # thin echogenic capsule
         extra += 0.9 * np.exp(-0.5 * (signed / (0.9 * px)) ** 2)
     if class_name == "malignant":
@@ -555,7 +555,8 @@ def write_phantom(out_dir, per_class: int = 60, variant: str = "standard", size:
         folder = out / class_name
         folder.mkdir(exist_ok=True)
         for i in range(1, int(per_class) + 1):
-            img_path, mask_path = folder / phantom_file_name(class_name, i), folder / phantom_file_name(class_name, i, True)
+            img_path = folder / phantom_file_name(class_name, i)
+            mask_path = folder / phantom_file_name(class_name, i, mask=True)
             if same_plan and img_path.exists() and mask_path.exists():
                 skipped += 1
                 continue
@@ -588,7 +589,8 @@ def phantom_contact_sheet(out_path, variant: str = "standard", per_class: int = 
         top = row * (size + gap)
         draw.text((4, top + size // 2 - 6), class_name, fill=230, font=_font(11))
         for col in range(per_class):
-            image, _ = make_phantom_image(class_name, phantom_image_rng(seed, variant, class_name, col + 1), size, variant)
+            rng = phantom_image_rng(seed, variant, class_name, col + 1)
+            image, _ = make_phantom_image(class_name, rng, size, variant)
             sheet.paste(Image.fromarray(image), (label_w + col * (size + gap), top))
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
