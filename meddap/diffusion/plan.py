@@ -6,9 +6,10 @@ trial with a smaller ratio r uses the first `synthetic_count(n, r)` of them by i
 (0.5, 1, 2) that is 2x the training set per adjective instead of 3.5x, and the 50 % set is a subset
 of the 100 % set, so ratio comparisons differ only in the amount of synthetic data.
 
-Rounding (one rule everywhere, `synthetic_count`): round half up, `floor(r * n + 0.5)`, so 0.5 x 5
-real images is 3 synthetic ones. Counts are monotone in r, so a smaller ratio never needs more
-images than the largest one made.
+Rounding (one rule everywhere, `synthetic_count`, the same as `meddap.classify.data`): Python's
+`round(r * n)`, halves to the even number, so 0.5 x 5 real images is 2 synthetic ones and 0.5 x 1
+is 0. round() never decreases as r grows, so a smaller ratio never needs more images than the
+largest one made.
 
 Seeds: each image's seed is a SHA-256 of (generate.seed, fold, adjective, class, index), never
 Python's `hash()` (salted per process). The same plan makes the same images, and any one image can
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -42,6 +42,7 @@ __all__ = [
     "real_train_counts",
     "select_synthetic",
     "check_generate_config",
+    "generation_settings",
     "image_file",
     "PLAN_COLUMNS",
 ]
@@ -55,11 +56,11 @@ PLAN_COLUMNS = ["image_id", "file", "path", "fold", "adapter_name", "adjective",
 
 
 def synthetic_count(n_real: int, ratio: float) -> int:
-    """Synthetic images for `n_real` real ones at `ratio`: round half up (0.5 x 5 -> 3)."""
+    """Synthetic images for `n_real` real ones at `ratio`: Python's round(ratio * n_real) (0.5 x 5 -> 2),
+    exactly what the classifier grid (`meddap.classify.data`) selects."""
     if ratio <= 0:
         raise ConfigError(f"config key 'generate.ratios' holds {ratio!r}: expected numbers > 0.")
-    # round(., 9) first so 0.35 * 10 = 3.4999999999999996 counts as 3.5 -> 4
-    return int(math.floor(round(ratio * n_real, 9) + 0.5))
+    return int(round(ratio * n_real))
 
 
 def image_seed(run_seed: int, fold: int, adjective: str, class_name: str, index: int) -> int:

@@ -94,6 +94,8 @@ def reconcile(plan: GenerationPlan, run_dir: str) -> tuple[pd.DataFrame, pd.Data
 
     old = storage.read_parquet(layout.synthetic_manifest) if storage.exists(layout.synthetic_manifest) \
         else pd.DataFrame(columns=MANIFEST_COLUMNS)
+    if not {"image_id", "spec"} <= set(old.columns):  # a manifest from elsewhere: trust only PNG provenance
+        old = pd.DataFrame(columns=MANIFEST_COLUMNS)
     listed = old[old["image_id"].isin(planned.index)]
     same_spec = listed["spec"].to_numpy() == planned.loc[listed["image_id"], "spec"].to_numpy()
     valid = set(listed.loc[same_spec, "image_id"]) & set(planned.index[present])
@@ -171,6 +173,7 @@ class _GenerateActor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from meddap.diffusion.generate import ImageRequest, png_bytes, png_metadata
 
+        t0 = time.perf_counter()
         requests = [ImageRequest(str(p), int(s), str(a))
                     for p, s, a in zip(batch["prompt"], batch["seed"], batch["adapter_name"])]
         images = self.gen.generate_batch(requests)  # (H, W, 3) uint8 each
@@ -187,9 +190,10 @@ class _GenerateActor:
                 f.write(png_bytes(im, meta))
             heights.append(im.shape[0])
             widths.append(im.shape[1])
-        worker = np.array([self.worker] * len(images))  # which actor made it: for the run's summary
+        n = len(images)
         return {"image_id": batch["image_id"], "out_width": np.array(widths), "out_height": np.array(heights),
-                "worker": worker}
+                "worker": np.array([self.worker] * n),  # which actor made it: for the run's summary
+                "busy_seconds": np.full(n, (time.perf_counter() - t0) / n)}  # actor time per image
 
 
 def _unwrap(err: BaseException) -> BaseException | None:

@@ -22,12 +22,15 @@ def _cfg(tmp_path, *overrides):
                                 "generate.ratios=[0.5, 1.0, 2.0]", *overrides])
 
 
-def test_synthetic_count_rounds_half_up_and_is_monotone():
-    assert synthetic_count(5, 0.5) == 3
+def test_synthetic_count_is_pythons_round_and_monotone():
+    # the classifier grid selects int(round(r * n)): the plan must make at least that many
+    assert synthetic_count(5, 0.5) == 2 and synthetic_count(7, 0.5) == 4  # halves to even
     assert synthetic_count(4, 0.5) == 2
-    assert synthetic_count(1, 0.5) == 1
-    assert synthetic_count(10, 0.35) == 4  # 3.4999999999999996 in floating point
+    assert synthetic_count(1, 0.5) == 0
     assert synthetic_count(545, 2.0) == 1090
+    for n in range(60):
+        for r in (0.25, 0.5, 1.0, 1.5, 2.0):
+            assert synthetic_count(n, r) == int(round(r * n))
     for n in range(60):
         counts = [synthetic_count(n, r) for r in (0.25, 0.5, 1.0, 1.5, 2.0)]
         assert counts == sorted(counts)
@@ -61,7 +64,7 @@ def test_ratios_are_nested(tmp_path):
     full = select_synthetic(syn, data_manifest(), cfg, 1, "bright", 1.0)
     double = select_synthetic(syn, data_manifest(), cfg, 1, "bright", 2.0)
     assert set(half["image_id"]) < set(full["image_id"]) < set(double["image_id"])
-    assert len(half) == 2 + 1 + 1 and len(full) == 6 and len(double) == 12  # benign 1.5 -> 2, normal 0.5 -> 1
+    assert len(half) == 2 + 1 + 0 and len(full) == 6 and len(double) == 12  # benign 1.5 -> 2, normal 0.5 -> 0
     for c in CLASSES:  # the first images by index
         assert sorted(half[half["class_name"] == c]["index"]) == list(range(len(half[half["class_name"] == c])))
     assert set(double["fold"]) == {1} and set(double["adjective"]) == {"bright"}
