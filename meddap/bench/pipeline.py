@@ -6,8 +6,10 @@ Runs the whole pipeline in a fresh temporary run dir (so nothing is skipped) and
     one task round trip, and per Tune trial the time a trial slot spent outside its training loop
     (sweep wall time x concurrent slots - sum of the trials' train_seconds, per trial), which holds
     Tune's scheduling, actor reuse, result/checkpoint syncing and each trial's data loading;
-  - for fine-tuning, the stage's wall time against the sum of the adapters' own training seconds
-    where adapter.json records them (Ray Train's worker-group start, checkpoint reporting).
+  - Ray Train's fixed cost (a TorchTrainer.fit() whose loop does nothing, 1 worker) against the
+    finetune stage (one fit() per adapter), and Tune's per-trial cost on a grid of empty trials;
+  - for fine-tuning, the stage's wall time against the adapters' own training seconds where
+    adapter.json records them.
 Ray must not be running in this process yet, so the start is measured (the CLI starts none).
 """
 
@@ -24,7 +26,7 @@ from meddap import storage
 from meddap.config import Config
 from meddap.layout import RunLayout
 
-__all__ = ["main", "ray_overheads", "trial_overhead"]
+__all__ = ["main", "ray_overheads", "empty_run_overheads", "trial_overhead"]
 
 
 def ray_overheads() -> dict:
@@ -51,6 +53,34 @@ def ray_overheads() -> dict:
         ray.get(_task.remote())
     task = (time.perf_counter() - t0) / 10
     return {"actor_start_s": actor_start, "task_round_trip_s": task}
+
+
+def _empty_loop(config: dict) -> None:
+    """A Train loop / Tune trainable that does no work: what remains is Ray's own cost."""
+    from ray import tune
+
+    if config.get("tune"):
+        tune.report({"done": 1})
+
+
+def empty_run_overheads(storage_dir: str, trials: int = 8) -> dict:
+    """Wall seconds of a Ray Train fit() with an empty loop (1 CPU worker), and per trial of a Tune
+    grid of `trials` empty trials (1 CPU each): Ray's fixed costs with no work to hide them."""
+    from ray import train, tune
+    from ray.train.torch import TorchTrainer
+
+    t0 = time.perf_counter()
+    TorchTrainer(_empty_loop, train_loop_config={},
+                 scaling_config=train.ScalingConfig(num_workers=1, use_gpu=False),
+                 run_config=train.RunConfig(storage_path=storage_dir, name="empty-train")).fit()
+    train_fit = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    tune.Tuner(tune.with_resources(_empty_loop, {"cpu": 1}),
+               param_space={"tune": True, "i": tune.grid_search(list(range(trials)))},
+               run_config=tune.RunConfig(storage_path=storage_dir, name="empty-tune", verbose=0)).fit()
+    tune_wall = time.perf_counter() - t0
+    return {"train_empty_fit_s": train_fit, "tune_empty_trials": trials, "tune_empty_wall_s": tune_wall,
+            "tune_empty_per_trial_s": tune_wall / trials}
 
 
 def trial_overhead(cfg: Config, sweep_seconds: float) -> dict | None:
@@ -112,6 +142,7 @@ def main(cfg: Config, argv: list[str]) -> dict:
     try:
         result = run(bench_cfg)
         overhead = ray_overheads()
+        overhead.update(empty_run_overheads(os.path.join(tmp, "empty")))
         timings = {t["stage"]: t["seconds"] for t in result["timings"]}
         total = result["total_seconds"]
         trials = trial_overhead(bench_cfg, timings.get("sweep", 0.0))
@@ -127,6 +158,14 @@ def main(cfg: Config, argv: list[str]) -> dict:
     print(f"[bench pipeline] Ray overhead: ray.init {timings.get('ray start', float('nan')):.2f}s, "
           f"actor start+first call {overhead['actor_start_s']:.3f}s, task round trip "
           f"{1000 * overhead['task_round_trip_s']:.1f} ms")
+    print(f"[bench pipeline] Ray Train fit() of an empty loop (1 worker): {overhead['train_empty_fit_s']:.1f}s; "
+          f"Tune grid of {overhead['tune_empty_trials']} empty trials: {overhead['tune_empty_wall_s']:.1f}s "
+          f"({overhead['tune_empty_per_trial_s']:.2f}s per trial)")
+    n_adapters = cfg.data.folds if cfg.diffusion.lora.per_fold else 1
+    if "finetune" in timings:
+        print(f"[bench pipeline] finetune: {n_adapters} Ray Train fit() calls x {overhead['train_empty_fit_s']:.1f}s "
+              f"of fixed cost = {n_adapters * overhead['train_empty_fit_s']:.1f}s of the stage's "
+              f"{timings['finetune']:.1f}s")
     if trials:
         print(f"[bench pipeline] sweep: {trials['trials']} trials on {trials['slots']} slots, "
               f"{trials['sum_train_seconds']:.1f}s in training loops of {trials['sweep_wall_seconds']:.1f}s wall "
