@@ -294,6 +294,10 @@ def run(cfg: Config) -> dict:
     from meddap.diffusion.base import check_base_model, resolve_base_model
     from meddap.raytools import ensure_ray
 
+    from meddap.diffusion.train import FinetuneSettings, class_prompts
+
+    FinetuneSettings.from_config(cfg)  # one rank, valid settings: refused before any work
+    class_prompts(cfg)
     plan = adapter_plan(cfg)
     lay = RunLayout(cfg.run_dir)
     todo = [e for e in plan if not storage.exists(storage.join(lay.adapter_dir(e["fold"]), ADAPTER_JSON))]
