@@ -197,15 +197,25 @@ class _GenerateActor:
 
 
 def _unwrap(err: BaseException) -> BaseException | None:
-    """The user-facing MeddapError/ConfigError inside a Ray error chain, if any."""
+    """The user-facing MeddapError/ConfigError inside a Ray error chain, if any.
+
+    An exception in an actor's __init__ reaches the driver as ActorDiedError, which keeps only the
+    original's text, so the message is taken from that text when no exception object is left.
+    """
+    import re
+
     from meddap.config import ConfigError
 
     seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, (MeddapError, ConfigError)):
-            return err
-        err = getattr(err, "cause", None) or err.__cause__ or err.__context__
+    cur: BaseException | None = err
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, (MeddapError, ConfigError)):
+            return cur
+        cur = getattr(cur, "cause", None) or cur.__cause__ or cur.__context__
+    found = re.search(r"(MeddapError|ConfigError): (.+)", str(err))
+    if found:
+        return (ConfigError if found.group(1) == "ConfigError" else MeddapError)(found.group(2).strip())
     return None
 
 

@@ -177,3 +177,19 @@ def test_ray_data_run_with_two_actors(run_dir, tiny_sd_dir, ray_session):
     row = m[(m["fold"] == 1) & (m["adjective"] == "bright")].iloc[0]
     here = gen.generate_one(row["prompt"], int(row["seed"]), "fold-1")
     assert np.abs(here.astype(int) - _read(row["path"]).astype(int)).max() <= 2
+
+
+def test_actor_errors_reach_the_user_as_meddap_errors():
+    try:
+        try:
+            raise stage.MeddapError("weights missing: put them in /x")
+        except stage.MeddapError as inner:
+            raise RuntimeError("ray wrapper") from inner
+    except RuntimeError as e:
+        assert str(stage._unwrap(e)) == "weights missing: put them in /x"
+    # an actor's __init__ failure arrives as ActorDiedError holding only the original's text
+    text = RuntimeError("The actor died ... Traceback ...\nmeddap.errors.MeddapError: base model folder '/m' is "
+                        "not a diffusers folder")
+    assert isinstance(stage._unwrap(text), stage.MeddapError)
+    assert "base model folder '/m'" in str(stage._unwrap(text))
+    assert stage._unwrap(RuntimeError("something else")) is None
