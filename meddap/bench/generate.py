@@ -38,9 +38,10 @@ def _args(cfg, argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m meddap bench generate", description=__doc__.split("\n\n")[1])
     p.add_argument("--model", choices=["tiny", "sd14"], default="tiny")
     p.add_argument("--images", type=int, default=48, help="images per measured path")
-    p.add_argument("--resolution", type=int, default=None, help="px (default: generate resolution of the config)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="px (default: the config's generate resolution; 224, the paper's, for sd14)")
     p.add_argument("--batch", type=int, default=cfg.generate.batch_size)
-    p.add_argument("--steps", type=int, default=cfg.generate.steps)
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the config's; 30 for sd14)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: on a shared box more threads spin-wait for each other)")
     p.add_argument("--repeats", type=int, default=2,
@@ -137,7 +138,8 @@ def main(cfg, argv: list[str]) -> dict:
     cuda = torch.cuda.is_available()
     if not cuda:
         torch.set_num_threads(a.threads)
-    resolution = a.resolution or cfg.generate_resolution
+    resolution = a.resolution or (224 if a.model == "sd14" else cfg.generate_resolution)
+    a.steps = a.steps or (30 if a.model == "sd14" else cfg.generate.steps)
     device = "cuda" if cuda else "cpu"
     where = torch.cuda.get_device_name(0) if cuda else f"CPU, {a.threads} torch threads"
     if a.model == "sd14" and not cuda:
