@@ -72,6 +72,9 @@ _SECTIONS: dict[str, tuple[str, ...]] = {
 _EXECUTION_ONLY = {
     "diffusion.train.num_workers", "diffusion.train.use_gpu", "diffusion.train.max_failures",
     "diffusion.train.gradient_checkpointing",
+    # Precision is how the same computation runs on a device ("auto" already means fp16 on CUDA and
+    # fp32 on CPU), so a run may continue on another machine with another precision setting.
+    "diffusion.train.mixed_precision", "generate.precision", "classify.mixed_precision",
     "generate.batch_size", "generate.workers", "generate.num_gpus_per_worker", "generate.cpus_per_worker",
     "classify.cpus_per_trial", "classify.gpus_per_trial", "classify.max_concurrent_trials",
     "classify.max_failures", "classify.checkpoint_every", "classify.threads_per_trial",
