@@ -90,6 +90,7 @@ class SyntheticGenerator:
             self.pipe.scheduler = _make_scheduler(scheduler, self.pipe.scheduler.config)
         self.scheduler_name = type(self.pipe.scheduler).__name__
         self.adapters = dict(adapters or {})
+        self._scales: dict[str, float] = {}
         for name, folder in self.adapters.items():
             self._load_adapter(name, folder)
         self._active: str | None = "\0unset"
@@ -113,6 +114,7 @@ class SyntheticGenerator:
         local = storage.local_path(storage.join(folder, ADAPTER_FILE))
         self.pipe.load_lora_weights(os.path.dirname(local), weight_name=os.path.basename(local),
                                     adapter_name=name)
+        self._scales[name] = _alpha_scale(folder, local)
 
     def _activate(self, adapter: str | None) -> None:
         if adapter == self._active:
@@ -124,7 +126,7 @@ class SyntheticGenerator:
             if adapter not in self.adapters:
                 raise KeyError(f"adapter {adapter!r} was not loaded (loaded: {sorted(self.adapters)})")
             self.pipe.enable_lora()
-            self.pipe.set_adapters([adapter])
+            self.pipe.set_adapters([adapter], adapter_weights=[self._scales.get(adapter, 1.0)])
         self._active = adapter
 
     @torch.inference_mode()
@@ -156,6 +158,27 @@ class SyntheticGenerator:
 
     def generate_one(self, prompt: str, seed: int, adapter: str | None = None) -> np.ndarray:
         return self.generate_batch([ImageRequest(prompt, seed, adapter)])[0]
+
+
+def _alpha_scale(folder: str, weights_file: str) -> float:
+    """alpha / rank from adapter.json when the weights file does not carry peft's LoRA config itself.
+
+    diffusers' LoRA format stores no alpha unless saved with `unet_lora_adapter_metadata`; loading
+    then assumes alpha = rank (scale 1), so an adapter trained with another alpha needs this factor.
+    """
+    from safetensors import safe_open
+
+    from meddap import storage
+
+    with safe_open(weights_file, "pt") as f:
+        if "lora_adapter_metadata" in (f.metadata() or {}):
+            return 1.0  # diffusers applied the saved alpha already
+    info_path = storage.join(folder, "adapter.json")
+    if not storage.exists(info_path):
+        return 1.0
+    info = json.loads(storage.read_text(info_path))
+    rank, alpha = info.get("rank"), info.get("alpha")
+    return float(alpha) / float(rank) if rank and alpha else 1.0
 
 
 def png_metadata(**fields) -> dict:

@@ -360,7 +360,7 @@ def run(cfg, *, in_process: bool = False) -> dict:
             workers.update(out["worker"].astype(str))
             rows = manifest_rows(plan, by_id.loc[out["image_id"].astype(str)].reset_index(drop=True))
             pending.append(rows)
-            progress.update(len(rows), extra=f"{len(kept) + progress.done}/{len(plan)} in the run")
+            progress.update(len(rows), extra=f"{len(kept) + progress.done + len(rows)}/{len(plan)} in the run")
             if time.perf_counter() - last_flush >= _FLUSH_EVERY_S:
                 done.extend(pending)
                 pending.clear()

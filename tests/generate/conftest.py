@@ -31,7 +31,8 @@ def data_manifest() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def make_adapter(model_dir: str, out_dir: str | Path, seed: int, fold: int, rank: int = 4) -> None:
+def make_adapter(model_dir: str, out_dir: str | Path, seed: int, fold: int, rank: int = 4,
+                 b_scale: float = 1.0) -> None:
     """A diffusers-format LoRA on the tiny UNet's attn2 q/k/v/out with random B (a fresh LoRA has B = 0)."""
     import torch
     from diffusers import StableDiffusionPipeline
@@ -41,13 +42,14 @@ def make_adapter(model_dir: str, out_dir: str | Path, seed: int, fold: int, rank
     from meddap.diffusion.base import load_pipeline
 
     unet = load_pipeline(model_dir).unet
+    torch.manual_seed(seed)  # peft's kaiming init of A: same seed, same A
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True,
                                 target_modules=r".*attn2\.(to_q|to_k|to_v|to_out\.0)$"))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in unet.named_parameters():
             if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5 * b_scale)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     StableDiffusionPipeline.save_lora_weights(str(out_dir), unet_lora_layers=get_peft_model_state_dict(unet))

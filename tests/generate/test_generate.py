@@ -193,3 +193,22 @@ def test_actor_errors_reach_the_user_as_meddap_errors():
     assert isinstance(stage._unwrap(text), stage.MeddapError)
     assert "base model folder '/m'" in str(stage._unwrap(text))
     assert stage._unwrap(RuntimeError("something else")) is None
+
+
+def test_adapter_alpha_from_adapter_json_scales_the_lora(tiny_sd_dir, gen_template, tmp_path):
+    import json
+
+    from .conftest import make_adapter
+
+    # alpha = 2 x rank recorded in adapter.json (diffusers' file carries no alpha) == B doubled at alpha = rank
+    scaled, doubled = tmp_path / "scaled", tmp_path / "doubled"
+    make_adapter(tiny_sd_dir, scaled, seed=20, fold=0)
+    info = json.loads((scaled / "adapter.json").read_text())
+    (scaled / "adapter.json").write_text(json.dumps({**info, "rank": 4, "alpha": 8}))
+    make_adapter(tiny_sd_dir, doubled, seed=20, fold=0, b_scale=2.0)
+    gen = SyntheticGenerator(tiny_sd_dir, {"scaled": str(scaled), "doubled": str(doubled),
+                                           "plain": str(gen_template / "adapters" / "fold-0")},
+                             steps=2, resolution=32)
+    a, b, c = (gen.generate_one(PROMPT, 3, n).astype(int) for n in ("scaled", "doubled", "plain"))
+    assert np.abs(a - b).max() <= 2
+    assert np.abs(a - c).mean() > 1
