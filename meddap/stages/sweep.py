@@ -332,9 +332,10 @@ def run(cfg: Config, *, _fail_after_epoch: Optional[dict] = None) -> dict:
     from meddap.classify.data import load_sweep_images
     from meddap.classify.models import classifier_names
 
+    from meddap.classify.models import build_classifier
+
     unknown = [m for m in cfg.classify.models if m not in classifier_names()]
     if unknown:
-        from meddap.classify.models import build_classifier
         build_classifier(unknown[0], len(cfg.data.classes))  # raises the MeddapError with close names
 
     lay = RunLayout(cfg.run_dir)
@@ -353,6 +354,10 @@ def run(cfg: Config, *, _fail_after_epoch: Optional[dict] = None) -> dict:
         return {"total": total, "done": len(done), "ran": 0, "failed": 0}
 
     manifest, synthetic = _read_inputs(cfg)
+    if cfg.classify.pretrained == "imagenet":
+        # Missing weights would otherwise fail every trial inside Ray, the reason buried in its logs.
+        for model in sorted({s.classifier for s in todo}):
+            build_classifier(model, len(cfg.data.classes), "imagenet", cfg.classify.weights_dir)
     todo_folds = {s.fold for s in todo}
     # Real-only trials also score every adjective's synthetic set of their fold (Figure 1a): decode
     # the pools of every fold with pending work.
@@ -399,7 +404,12 @@ def run(cfg: Config, *, _fail_after_epoch: Optional[dict] = None) -> dict:
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         ),
     )
-    tuner.fit()
+    grid = tuner.fit()
+    errors = {}
+    for r in grid:
+        if r.error is not None:
+            lines = [ln for ln in str(r.error).strip().splitlines() if ln.strip()]
+            errors[r.config["trial"]["trial_id"]] = lines[-1] if lines else type(r.error).__name__
 
     # Trials that finished in a worker whose completion the driver missed are still picked up here.
     for s in todo:
@@ -412,6 +422,7 @@ def run(cfg: Config, *, _fail_after_epoch: Optional[dict] = None) -> dict:
     if failed:
         raise MeddapError(
             f"{len(failed)} of {total} trials did not finish ({', '.join(failed[:5])}{' ...' if len(failed) > 5 else ''}); "
-            f"their errors are in {storage.join(root, name)}. Finished trials are kept: rerun `python -m meddap sweep` "
+            f"first error: {next((errors[t] for t in failed if t in errors), 'unknown')}; full errors in "
+            f"{storage.join(root, name)}. Finished trials are kept: rerun `python -m meddap sweep` "
             f"to run the missing ones (each resumes from its last checkpoint).")
     return {"total": total, "done": len(finished), "ran": len(todo), "failed": 0}

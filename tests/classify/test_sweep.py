@@ -51,6 +51,15 @@ def test_synthetic_manifest_lacking_fold_adjective_fails_before_training(tmp_pat
     assert not os.path.exists(RunLayout(run["run_dir"]).summary("trials"))
 
 
+def test_missing_imagenet_weights_fail_before_ray(tmp_path):
+    run = write_tiny_run(tmp_path, train_per_class=4, test_per_class=1, external_per_class=1, size=24)
+    cfg = load_config("demo", tiny_overrides(run["run_dir"], **{"classify.pretrained": "imagenet",
+                                                                "classify.weights_dir": str(tmp_path)}))
+    with pytest.raises(MeddapError) as e:
+        sweep.run(cfg)
+    assert "squeezenet1_1-" in str(e.value) and ".pth" in str(e.value) and "classify.weights_dir" in str(e.value)
+
+
 def test_tune_sweep_interrupted_then_resumed(tmp_path, ray_session):
     torch.set_num_threads(1)
     run = write_tiny_run(tmp_path, train_per_class=6, test_per_class=2, external_per_class=2,
@@ -66,6 +75,7 @@ def test_tune_sweep_interrupted_then_resumed(tmp_path, ray_session):
     with pytest.raises(MeddapError) as e:
         sweep.run(cfg, _fail_after_epoch={victim: 1})
     assert "1 of 4 trials did not finish" in str(e.value) and victim in str(e.value)
+    assert "injected failure" in str(e.value)
     first = storage.read_parquet(lay.summary("trials"))
     assert set(first.trial_id) == {s.trial_id for s in specs} - {victim}
 
