@@ -33,7 +33,7 @@ from meddap import storage
 from meddap.diffusion.generate import PNG_META_KEY, check_scheduler_name
 from meddap.diffusion.plan import GenerationPlan, build_plan
 from meddap.errors import MeddapError
-from meddap.layout import RunLayout, adjective_slug
+from meddap.layout import RunLayout
 from meddap.progress import Progress
 
 __all__ = ["run", "reconcile", "pool_size", "manifest_rows", "contact_sheet", "MANIFEST_COLUMNS"]
@@ -157,15 +157,19 @@ def pool_size(cfg, resources: dict) -> dict:
 class _GenerateActor:
     """Ray Data callable class: loads the model and adapters once, then makes batches of images."""
 
-    def __init__(self, cfg: dict, model: str, adapters: dict[str, str], settings: dict, threads: int):
+    def __init__(self, cfg: dict, model: str | None, adapters: dict[str, str], settings: dict, threads: int):
         import torch
 
         from meddap.config import Config
+        from meddap.diffusion.base import resolve_base_model
         from meddap.diffusion.generate import SyntheticGenerator
 
         if not torch.cuda.is_available():
             torch.set_num_threads(threads)
         self.cfg = Config.from_dict(cfg)
+        # None: resolve on this node. builtin:tiny with an s3:// run_dir lives in a node-local cache,
+        # so a path from the driver's node would not exist here (the build is seeded and atomic).
+        model = model or resolve_base_model(self.cfg)
         self.settings = settings
         self.gen = SyntheticGenerator.from_config(self.cfg, model, adapters)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
@@ -219,7 +223,8 @@ def _unwrap(err: BaseException) -> BaseException | None:
     return None
 
 
-def _generate_on_ray(cfg, plan: GenerationPlan, todo: pd.DataFrame, model: str, on_done) -> None:
+def _generate_on_ray(cfg, plan: GenerationPlan, todo: pd.DataFrame, model: str | None, on_done) -> None:
+    """model None: each actor resolves diffusion.base_model on its own node (the stage's case)."""
     import ray
 
     from meddap.raytools import ensure_ray
@@ -240,7 +245,8 @@ def _generate_on_ray(cfg, plan: GenerationPlan, todo: pd.DataFrame, model: str, 
         compute=ray.data.ActorPoolStrategy(size=pool["workers"]),
         num_cpus=pool["num_cpus"],
         num_gpus=pool["num_gpus"] or None,
-        fn_constructor_kwargs={"cfg": cfg.to_dict(), "model": model, "adapters": plan.adapters,
+        fn_constructor_kwargs={"cfg": cfg.to_dict(), "model": model,
+                               "adapters": plan.adapters,
                                "settings": plan.settings, "threads": pool["threads"]},
         batch_format="numpy",
     )
@@ -254,7 +260,7 @@ def _generate_on_ray(cfg, plan: GenerationPlan, todo: pd.DataFrame, model: str, 
         raise
 
 
-def _generate_in_process(cfg, plan: GenerationPlan, todo: pd.DataFrame, model: str, on_done) -> None:
+def _generate_in_process(cfg, plan: GenerationPlan, todo: pd.DataFrame, model: str | None, on_done) -> None:
     """The same actor code called directly, batch by batch, in this process (no Ray): for the
     benchmark's core-only figure and for tests of resume logic that need no actor start-up."""
     import torch
@@ -348,7 +354,7 @@ def run(cfg, *, in_process: bool = False) -> dict:
     gen_seconds = 0.0
     workers: set[str] = set()
     if len(todo):
-        model = resolve_base_model(cfg)  # builds builtin:tiny once, here, not in every actor
+        resolve_base_model(cfg)  # builds builtin:tiny once here; actors then find it built (same node)
         by_id = todo.set_index("image_id", drop=False)
         progress = Progress(len(todo), "generate", "images")
         pending: list[pd.DataFrame] = []
@@ -368,7 +374,7 @@ def run(cfg, *, in_process: bool = False) -> dict:
                 last_flush = time.perf_counter()
 
         try:
-            (_generate_in_process if in_process else _generate_on_ray)(cfg, plan, todo, model, on_done)
+            (_generate_in_process if in_process else _generate_on_ray)(cfg, plan, todo, None, on_done)
         finally:  # whatever finished is recorded, also on Ctrl-C or an actor failure
             done.extend(pending)
             _write_manifest(plan, pd.concat(done, ignore_index=True), layout.synthetic_manifest)
