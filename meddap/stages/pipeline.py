@@ -135,7 +135,7 @@ def choose_rank(rows: list[dict]) -> tuple[int, str]:
         if have:
             best = min(have, key=lambda i: rows[i][metric])
             return best, f"lowest {metric.upper()}"
-    reasons = sorted({str(r.get("status")) for r in rows})
+    reasons = sorted({str(r.get("status")).split(":")[0] for r in rows})  # the kind; details stay in `status`
     return 0, ("no FID or KID could be computed (" + "; ".join(reasons) + "): kept the first rank "
                "listed; provide pytorch-fid's Inception weights (fid.weights) to select by FID")
 
