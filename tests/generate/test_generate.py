@@ -56,6 +56,13 @@ def test_adapters_switch_without_reload(generator):
         generator.generate_one(PROMPT, 5, "fold-7")
 
 
+def test_scheduler_by_class_name(tiny_sd_dir, generator):
+    ddim = SyntheticGenerator(tiny_sd_dir, scheduler="DDIMScheduler", steps=2, resolution=32)
+    assert ddim.scheduler_name == "DDIMScheduler" and generator.scheduler_name == "PNDMScheduler"
+    a = ddim.generate_one(PROMPT, 11)
+    assert a.shape == (32, 32, 3) and np.array_equal(a, ddim.generate_one(PROMPT, 11))
+
+
 def test_unknown_scheduler_and_cpu_fp16_are_refused(tiny_sd_dir):
     with pytest.raises(ConfigError, match="generate.scheduler"):
         SyntheticGenerator(tiny_sd_dir, scheduler="NoSuchScheduler", resolution=32)
