@@ -174,8 +174,18 @@ def test_pool_never_claims_every_cpu(run_dir, tiny_sd_dir):
 
 
 def test_ray_data_run_with_two_actors(run_dir, tiny_sd_dir, ray_session):
+    import ray.data
+
     cfg = make_cfg(run_dir, tiny_sd_dir, "generate.batch_size=2")  # 2 actors x 0.5 CPU of the 2
-    out = stage.run(cfg)
+    ctx = ray.data.DataContext.get_current()
+    before = ctx.wait_for_min_actors_s
+    # Both actors up before the first batch is dispatched; otherwise, on a loaded box, the first
+    # actor can finish all 12 batches before the second has imported torch.
+    ctx.wait_for_min_actors_s = 300
+    try:
+        out = stage.run(cfg)
+    finally:
+        ctx.wait_for_min_actors_s = before
     assert out["generated"] == 24 and out["workers_used"] == 2
     m = _manifest(run_dir)
     assert len(m) == 24 and m["image_id"].is_unique
