@@ -138,3 +138,33 @@ def test_sweep_decodes_synthetic_images_from_an_s3_run_dir(s3_env):
     storage.write_bytes(uri, buf.getvalue())
     out = decode_images([uri], 8)  # (1, 1, 8, 8) uint8
     assert out.shape == (1, 1, 8, 8) and int(out[0, 0, 0, 0]) == 200
+
+
+@pytest.mark.slow
+def test_finetune_generate_fid_with_s3_run_dir(s3_env):
+    """Ray Train checkpoints, adapters, synthetic PNGs, their manifest, FID rows and stage records all
+    live in the bucket; a second call skips every stage from the records it reads back from there."""
+    run_dir = f"s3://{BUCKET}/stages-run"
+    overrides = [f"run_dir={run_dir}", "data.phantom.per_class=8", "data.external.source=null",
+                 "diffusion.lora.per_fold=false", "diffusion.train.epochs=1", "generate.adjectives=['']",
+                 "generate.ratios=[0.5]", "generate.steps=2"]
+    script = ("import sys; from meddap.config import load_config; from meddap.stages.pipeline import run_stages; "
+              "cfg = load_config('demo', sys.argv[1:]); "
+              "t = run_stages(cfg, ('prepare', 'finetune', 'generate', 'fid')); "
+              "print('ACTIONS', sorted((k, v['action']) for k, v in t.items()))")
+    env = dict(os.environ, **s3_env, PYTHONUNBUFFERED="1")
+    env.pop("RAY_ADDRESS", None)
+    first = subprocess.run([sys.executable, "-c", script, *overrides], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    lay = RunLayout(run_dir)
+    assert storage.exists(storage.join(lay.adapter_dir(-1), "pytorch_lora_weights.safetensors"))
+    assert any("/checkpoint_" in p for p in storage.listdir(storage.join(lay.ray_storage, "finetune"), recursive=True))
+    synth = storage.read_parquet(lay.synthetic_manifest)
+    assert len(synth) > 0 and all(p.startswith(f"s3://{BUCKET}/") and storage.exists(p) for p in synth["path"])
+    fid = storage.read_parquet(lay.summary("fid"))
+    assert set(fid["adjective"]) == {""} and len(fid) > 0
+    again = subprocess.run([sys.executable, "-c", script, *overrides], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "'ran'" not in again.stdout.split("ACTIONS", 1)[1]
