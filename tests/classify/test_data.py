@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import CLASSES, write_tiny_run
+from _classify_helpers import CLASSES, write_tiny_run
 from meddap.classify.data import (IMAGENET_MEAN, IMAGENET_STD, TrialSpec, load_sweep_images, model_input,
                                   select_training_rows, trial_tensors)
 from meddap.errors import MeddapError

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import CLASSES, tiny_overrides, write_tiny_run
+from _classify_helpers import CLASSES, tiny_overrides, write_tiny_run
 from meddap import storage
 from meddap.classify.metrics import classification_metrics
 from meddap.config import load_config

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CLASSES
+from _classify_helpers import CLASSES
 from meddap.classify.data import TrialSpec, load_sweep_images, trial_tensors
 from meddap.classify.metrics import classification_metrics
 from meddap.classify.trial import build_trial_model, train_trial, trial_seed
