@@ -18,6 +18,7 @@ Validation = train rows with fold == k; test = split "test"; external = split "e
 from __future__ import annotations
 
 import os
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -113,9 +114,32 @@ def _default_decoder() -> Callable[[str, int], np.ndarray]:
     return read_grey
 
 
+def _decode_any(decode: Callable, path: str, size: int) -> np.ndarray:
+    """Decode a local path, or an s3:// / gs:// URI (a run dir in an object store: generate writes the
+    synthetic images there) through a temporary local copy."""
+    from meddap import storage
+
+    if not storage.is_uri(path):
+        return decode(path, size)
+    from meddap.data.decode import ImageDecodeError
+
+    suffix = os.path.splitext(path)[1]
+    with tempfile.NamedTemporaryFile(suffix=suffix) as tmp:
+        try:
+            tmp.write(storage.read_bytes(path))
+        except OSError as e:
+            raise ImageDecodeError(path, f"cannot be read from the object store ({e})") from None
+        tmp.flush()
+        try:
+            return decode(tmp.name, size)
+        except ImageDecodeError as e:
+            raise ImageDecodeError(path, e.reason) from None
+
+
 def decode_images(paths: Sequence[str], size: int, decode: Optional[Callable] = None, what: str = "decode",
                   workers: Optional[int] = None) -> np.ndarray:
-    """(N, 1, size, size) uint8 from image files, decoded in a thread pool (Pillow releases the GIL)."""
+    """(N, 1, size, size) uint8 from image files (local paths or object-store URIs), decoded in a
+    thread pool (Pillow releases the GIL)."""
     decode = decode or _default_decoder()
     out = np.empty((len(paths), 1, size, size), dtype=np.uint8)
     if not len(paths):
@@ -123,7 +147,7 @@ def decode_images(paths: Sequence[str], size: int, decode: Optional[Callable] = 
     progress = Progress(len(paths), what, "images", every_s=5.0)
 
     def one(i: int) -> None:
-        grey = decode(paths[i], size)  # (S, S) uint8; ImageDecodeError names the file
+        grey = _decode_any(decode, paths[i], size)  # (S, S) uint8; ImageDecodeError names the file
         out[i, 0] = grey
 
     with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
