@@ -118,10 +118,6 @@ def test_prepare_stage_with_s3_run_dir(s3_env):
     assert all(Path(p).is_file() for p in manifest["path"])
 
 
-@pytest.mark.xfail(strict=True, raises=MeddapError, reason="meddap/classify/data.py:_default_decoder (used by decode_images, which the "
-                                       "sweep stage calls on synthetic/manifest.parquet paths) passes s3:// URIs "
-                                       "to read_grey, which opens local files only; remove this xfail once it "
-                                       "reads through meddap.storage")
 def test_sweep_decodes_synthetic_images_from_an_s3_run_dir(s3_env):
     """With run_dir on S3, generate writes synthetic PNGs (and their manifest paths) as s3:// URIs;
     the sweep must decode them from there."""
