@@ -252,7 +252,8 @@ def _trainable(config: dict, shared: dict) -> None:
     checkpoint = tune.get_checkpoint()  # a retry inside this sweep
     resume_from = config["trial"].get("resume_from")
     if checkpoint is None and resume_from:  # a checkpoint left by an earlier sweep
-        checkpoint = tune.Checkpoint(resume_from)
+        fs, fs_path = storage.filesystem(resume_from)  # s3:// run dirs: the endpoint from AWS_ENDPOINT_URL
+        checkpoint = tune.Checkpoint(fs_path, filesystem=fs)
     state = _load_state(checkpoint) if checkpoint is not None else None
 
     tensors = trial_tensors(shared["images"], spec, get=ray.get)
@@ -389,6 +390,8 @@ def run(cfg: Config, *, _fail_after_epoch: Optional[dict] = None) -> dict:
     progress = _progress_callback(summaries, total, len(done), root)
     # Checkpoints every few epochs force experiment snapshots; Tune's warning about that is noise here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    fs, fs_path = storage.filesystem(root)  # the same filesystem (and S3 endpoint) as meddap.storage
+    storage.makedirs(root)
     tuner = tune.Tuner(
         trainable,
         param_space=param_space,
@@ -399,7 +402,7 @@ def run(cfg: Config, *, _fail_after_epoch: Optional[dict] = None) -> dict:
             trial_dirname_creator=lambda t: t.config["trial"]["trial_id"],
         ),
         run_config=tune.RunConfig(
-            name=name, storage_path=root, verbose=0, callbacks=[progress],
+            name=name, storage_path=fs_path, storage_filesystem=fs, verbose=0, callbacks=[progress],
             failure_config=tune.FailureConfig(max_failures=c.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         ),
