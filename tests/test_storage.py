@@ -137,17 +137,18 @@ def test_sweep_decodes_synthetic_images_from_an_s3_run_dir(s3_env):
 
 
 @pytest.mark.slow
-def test_finetune_generate_fid_with_s3_run_dir(s3_env):
-    """Ray Train checkpoints, adapters, synthetic PNGs, their manifest, FID rows and stage records all
-    live in the bucket; a second call skips every stage from the records it reads back from there."""
-    run_dir = f"s3://{BUCKET}/stages-run"
-    overrides = [f"run_dir={run_dir}", "data.phantom.per_class=8", "data.external.source=null",
+def test_whole_pipeline_with_s3_run_dir(s3_env):
+    """Every stage with run_dir in the bucket: Ray Train and Tune checkpoints, adapter, synthetic PNGs
+    (manifest paths are s3:// URIs the sweep decodes from there), FID rows, trials, tables, figures,
+    report and stage records; a second run skips every stage from the records read back from there."""
+    run_dir = f"s3://{BUCKET}/pipeline-run"
+    overrides = [f"run_dir={run_dir}", "data.phantom.per_class=8", "data.external.phantom.per_class=4",
                  "diffusion.lora.per_fold=false", "diffusion.train.epochs=1", "generate.adjectives=['']",
-                 "generate.ratios=[0.5]", "generate.steps=2"]
-    script = ("import sys; from meddap.config import load_config; from meddap.stages.pipeline import run_stages; "
-              "cfg = load_config('demo', sys.argv[1:]); "
-              "t = run_stages(cfg, ('prepare', 'finetune', 'generate', 'fid')); "
-              "print('ACTIONS', sorted((k, v['action']) for k, v in t.items()))")
+                 "generate.ratios=[0.5]", "generate.steps=2", "classify.models=[squeezenet1_1]",
+                 "classify.epochs=1", "classify.checkpoint_every=1", "report.gradcam_images=1"]
+    script = ("import sys; from meddap.config import load_config; from meddap.stages.pipeline import run; "
+              "r = run(load_config('demo', sys.argv[1:])); "
+              "print('ACTIONS', sorted((t['stage'], t['action']) for t in r['timings']))")
     env = dict(os.environ, **s3_env, PYTHONUNBUFFERED="1")
     env.pop("RAY_ADDRESS", None)
     first = subprocess.run([sys.executable, "-c", script, *overrides], cwd=ROOT, env=env, capture_output=True,
@@ -156,11 +157,17 @@ def test_finetune_generate_fid_with_s3_run_dir(s3_env):
     lay = RunLayout(run_dir)
     assert storage.exists(storage.join(lay.adapter_dir(-1), "pytorch_lora_weights.safetensors"))
     assert any("/checkpoint_" in p for p in storage.listdir(storage.join(lay.ray_storage, "finetune"), recursive=True))
+    assert storage.listdir(storage.join(lay.ray_storage, "sweep"), recursive=True), "Tune state in the bucket"
     synth = storage.read_parquet(lay.synthetic_manifest)
     assert len(synth) > 0 and all(p.startswith(f"s3://{BUCKET}/") and storage.exists(p) for p in synth["path"])
-    fid = storage.read_parquet(lay.summary("fid"))
-    assert set(fid["adjective"]) == {""} and len(fid) > 0
+    assert set(storage.read_parquet(lay.summary("fid"))["adjective"]) == {""}
+    trials = storage.read_parquet(lay.summary("trials"))
+    assert trials["trial_id"].nunique() == 2 * 2  # squeezenet x 2 folds x (1 setting + real-only)
+    assert storage.exists(lay.path("report.md")) and storage.exists(lay.summary("table2"))
+    assert storage.listdir(lay.figures)
+    assert f"report: {run_dir}/report.md" in first.stdout
     again = subprocess.run([sys.executable, "-c", script, *overrides], cwd=ROOT, env=env, capture_output=True,
                            text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "'ran'" not in again.stdout.split("ACTIONS", 1)[1]
+    actions = again.stdout.split("ACTIONS", 1)[1]
+    assert all(f"('{s}', 'skipped')" in actions for s in ("prepare", "finetune", "generate", "fid", "sweep", "report"))
