@@ -32,7 +32,9 @@ def job() -> dict:
 
 @pytest.fixture(scope="module")
 def cfg(job):
-    return load_config("demo", [f"run_dir={job['run_dir']}"])
+    from _demo_run import DEMO_TEST_OVERRIDES
+
+    return load_config("demo", [f"run_dir={job['run_dir']}", *DEMO_TEST_OVERRIDES])
 
 
 def test_job_server_wants_the_token(job):
@@ -142,14 +144,17 @@ def test_stage_job_skips_a_done_stage_and_refuses_bad_config(cfg):
     import subprocess
     import sys
 
+    from _demo_run import DEMO_TEST_OVERRIDES
+
     root = Path(__file__).resolve().parents[1]
-    done = subprocess.run([sys.executable, "jobs/report.py", "--config", "demo", f"run_dir={cfg.run_dir}"],
+    done = subprocess.run([sys.executable, "jobs/report.py", "--config", "demo", f"run_dir={cfg.run_dir}",
+                          *DEMO_TEST_OVERRIDES],
                           cwd=root, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "[pipeline] report: done already" in done.stdout
     bad = subprocess.run([sys.executable, "jobs/sweep.py", "--config", "demo", f"run_dir={cfg.run_dir}",
-                          "classify.epochs=0"], cwd=root, capture_output=True, text=True, timeout=300)
+                          *DEMO_TEST_OVERRIDES, "classify.epochs=0"], cwd=root, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "classify.epochs" in bad.stderr and "Traceback" not in bad.stderr
     changed = subprocess.run([sys.executable, "jobs/sweep.py", "--config", "demo", f"run_dir={cfg.run_dir}",
-                              "classify.epochs=5"], cwd=root, capture_output=True, text=True, timeout=300)
+                              *DEMO_TEST_OVERRIDES, "classify.epochs=5"], cwd=root, capture_output=True, text=True, timeout=300)
     assert changed.returncode == 2 and "classify.epochs: 2 -> 5" in changed.stderr

@@ -207,13 +207,19 @@ def test_rank_selection_trains_each_rank_and_continues_with_the_lowest_fid(tmp_p
 # ---------------------------------------------------------------------------------------------
 # The real demo run dir (submitted once as a Ray job by tests/_demo_run.py).
 # ---------------------------------------------------------------------------------------------
+def _demo_overrides() -> list[str]:
+    from _demo_run import DEMO_TEST_OVERRIDES
+
+    return list(DEMO_TEST_OVERRIDES)
+
+
 @pytest.fixture(scope="module")
 def demo_cfg():
-    from _demo_run import demo_job, failure_text
+    from _demo_run import DEMO_TEST_OVERRIDES, demo_job, failure_text
 
     job = demo_job()
     assert job["returncode"] == 0, failure_text(job)
-    return load_config("demo", [f"run_dir={job['run_dir']}"])
+    return load_config("demo", [f"run_dir={job['run_dir']}", *DEMO_TEST_OVERRIDES])
 
 
 @pytest.mark.slow
@@ -242,13 +248,13 @@ def test_force_report_redoes_only_the_report(demo_cfg, ray_session):
 def test_changed_settings_on_the_demo_are_refused(demo_cfg, ray_session):
     lay = RunLayout(demo_cfg.run_dir)
     adapter = storage.read_bytes(storage.join(lay.adapter_dir(0), "adapter.json"))
-    rank = load_config("demo", [f"run_dir={demo_cfg.run_dir}", "diffusion.lora.rank=8"])
+    rank = load_config("demo", [f"run_dir={demo_cfg.run_dir}", *_demo_overrides(), "diffusion.lora.rank=8"])
     with pytest.raises(MeddapError, match=r"diffusion\.lora\.rank: 4 -> 8[\s\S]*--force finetune"):
         pipeline.run(rank)
-    adj = load_config("demo", [f"run_dir={demo_cfg.run_dir}", "generate.adjectives=['', bright]"])
+    adj = load_config("demo", [f"run_dir={demo_cfg.run_dir}", *_demo_overrides(), "generate.adjectives=['', bright]"])
     with pytest.raises(MeddapError, match=r"generate\.adjectives[\s\S]*--force generate"):
         pipeline.run(adj)
-    seed = load_config("demo", [f"run_dir={demo_cfg.run_dir}", "data.seed=1"])
+    seed = load_config("demo", [f"run_dir={demo_cfg.run_dir}", *_demo_overrides(), "data.seed=1"])
     with pytest.raises(MeddapError, match=r"data\.seed: 0 -> 1[\s\S]*--force prepare"):
         pipeline.run(seed)
     assert storage.read_bytes(storage.join(lay.adapter_dir(0), "adapter.json")) == adapter
