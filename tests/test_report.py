@@ -215,6 +215,10 @@ def report_run(tmp_path_factory, trials):
                                              reference_distance=1.0, threshold_distance=0.1, flagged=d < 0.1, dims=64)
                                         for sid, rid, d in (("s000", "t00", 0.05), ("s001", "t01", 0.5))]),
                           lay.summary("memorization"))
+    storage.write_parquet(pd.DataFrame([dict(rank=r, fold=-1, fid=None, kid=k, dims=2048, status=st, chosen=r == 4)
+                                        for r, k, st in ((2, 0.031, "kid only"), (4, 0.012, "kid only"),
+                                                         (8, 0.020, "kid only"))]).astype({"fid": float}),
+                          lay.summary("rank_selection"))
     # Fold-0 weights for squeezenet only (real-only and its validation-chosen setting); resnet18 has none.
     for adj, ratio in ((None, 0.0), ("dark", 1.0)):
         torch.manual_seed(0)
@@ -259,6 +263,8 @@ def test_report_notes_missing_parts(report_run):
     assert "real + 100% dark" in md                       # squeezenet's validation-chosen setting
     assert "| 0 | \"\" (none) | 1 / 2 |" in md              # memorisation: flagged / images per set
     assert not any("memorisation" in s for s in out["skipped"])
+    assert "## LoRA rank selection" in md and "Chosen rank: 4." in md
+    assert "| 4 | -1 | n/a | 0.0120 | 2048 | yes |" in md
 
 
 def test_report_stage_without_trials_says_run_sweep(tmp_path):

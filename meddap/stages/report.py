@@ -571,6 +571,19 @@ def run(cfg) -> dict:
             rep.img(rel, "The synthetic images closest to a real training image, beside it")
     elif fid is not None:
         rep.p("Memorisation check: not computed (it needs the same features as FID; see notes).")
+    ranks = _optional(lay.summary("rank_selection"))
+    if ranks is not None and len(ranks):
+        rep.h(2, "LoRA rank selection")
+        chosen = sorted(set(ranks.loc[ranks["chosen"].astype(bool), "rank"].tolist()))
+        rep.p("Each rank was fine-tuned (one adapter on the whole training pool), a no-adjective set the size of "
+              "the training set was generated, and its FID against the real training images decided "
+              f"(lowest wins; KID breaks a tie or stands in when FID is missing). Chosen rank: "
+              f"{', '.join(str(r) for r in chosen) or 'none'}.")
+        rep.table(pd.DataFrame({
+            "rank": ranks["rank"], "fold": ranks["fold"], "FID": [_num(v) for v in ranks["fid"]],
+            "KID": [_num(v, ".4f") for v in ranks["kid"]], "dims": ranks["dims"],
+            "chosen": ["yes" if c else "" for c in ranks["chosen"]],
+            "status": [str(x) if len(str(x)) < 40 else str(x)[:37] + "..." for x in ranks["status"]]}))
     rep.h(2, "Figure 1(a): real-only classifiers on each synthetic set")
     if f1a is not None and len(f1a):
         piv = f1a.pivot(index="adjective", columns="classifier", values="accuracy_mean")
