@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
 
-__all__ = ["ensure_ray", "cluster_resources"]
+__all__ = ["ensure_ray", "cluster_resources", "keep_sigint_handler"]
 
 
 def ensure_ray(cfg=None) -> None:
@@ -27,3 +30,20 @@ def cluster_resources() -> dict:
 
     ensure_ray()
     return dict(ray.cluster_resources())
+
+
+@contextlib.contextmanager
+def keep_sigint_handler():
+    """Put the caller's Ctrl-C handler back after the block.
+
+    Ray Train's and Ray Tune's `fit()` install their own SIGINT handlers and leave them installed after
+    they return (Ray 2.60). Ray Train's stale handler then swallows a later Ctrl-C (it "aborts" a run
+    that is over), so a pipeline that fine-tuned could no longer be stopped in generate or sweep.
+    """
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        yield
+    finally:
+        if previous is not None:  # None: a handler not installed from Python; leave it alone
+            signal.signal(signal.SIGINT, previous)

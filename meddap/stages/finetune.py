@@ -219,6 +219,7 @@ def finetune_adapter(cfg: Config, entry: dict, model: str, fail_after_epoch: int
     from ray.train.torch import TorchTrainer
 
     from meddap.diffusion.train import class_prompts
+    from meddap.raytools import keep_sigint_handler
 
     lay = RunLayout(cfg.run_dir)
     fold = entry["fold"]
@@ -273,7 +274,12 @@ def finetune_adapter(cfg: Config, entry: dict, model: str, fail_after_epoch: int
     _log(f"{adapter_name(fold)}: training on {len(rows)} images (Ray run {name} in {storage_path})")
     t0 = time.perf_counter()
     try:
-        trainer.fit()  # Train V2's Result.metrics may be None: the worker wrote the outputs itself
+        with keep_sigint_handler():
+            trainer.fit()  # Train V2's Result.metrics may be None: the worker wrote the outputs itself
+    except SystemExit:
+        # Ray Train's Ctrl-C handler aborts the run and then calls sys.exit (status 0 or 1): report it as
+        # the interrupt it is (exit 130 in the CLI), not as a success; the epoch checkpoints are kept.
+        raise KeyboardInterrupt from None
     except TrainingFailedError as e:
         lines = [ln for ln in str(e).splitlines() if ln.strip()]
         raise MeddapError(
@@ -282,7 +288,8 @@ def finetune_adapter(cfg: Config, entry: dict, model: str, fail_after_epoch: int
             f"the last epoch checkpoint under {storage_path}/{name}.") from None
     if not storage.exists(done):
         raise MeddapError(f"Ray Train finished adapter {adapter_name(fold)} without writing {done}; "
-                          f"see the worker logs above (checkpoints under {storage_path}/{name}).")
+                          f"see the worker logs above (checkpoints under {storage_path}/{name}). If the run was "
+                          f"interrupted, rerun to resume it from its last epoch checkpoint.")
     meta = json.loads(storage.read_text(done))
     _log(f"{adapter_name(fold)}: done in {time.perf_counter() - t0:.1f}s: {meta['steps']} steps, final loss "
          f"{meta['final_loss']:.4f} -> {out}")

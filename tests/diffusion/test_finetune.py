@@ -57,6 +57,41 @@ def test_missing_base_model_is_a_clear_error(tmp_path, toy_manifest, monkeypatch
     assert not (tmp_path / "adapters").exists()
 
 
+class _FakeTrainer:
+    """Stands in for TorchTrainer: fit() installs a SIGINT handler and leaves it, as Ray Train 2.60 does,
+    then ends the way Ray Train's Ctrl-C handler ends it (sys.exit) or returns normally."""
+
+    outcome = "sigint"
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def fit(self):
+        import signal
+        signal.signal(signal.SIGINT, lambda signum, frame: None)  # Ray Train's, never put back by Ray
+        if _FakeTrainer.outcome == "sigint":
+            raise SystemExit(0)  # what Ray Train's handler does after aborting the run
+
+
+def test_ctrl_c_in_ray_train_is_an_interrupt_and_ctrl_c_works_afterwards(tmp_path, toy_manifest, monkeypatch):
+    import signal
+
+    import ray.train.torch
+
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", _FakeTrainer)
+    cfg = _cfg(tmp_path)
+    entry = finetune.adapter_plan(cfg, toy_manifest)[0]
+    before = signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(_FakeTrainer, "outcome", "sigint")
+    with pytest.raises(KeyboardInterrupt):  # not SystemExit(0): the CLI exits 130, not 0
+        finetune.finetune_adapter(cfg, entry, "builtin:tiny")
+    assert signal.getsignal(signal.SIGINT) is before  # a later Ctrl-C (generate, sweep) is not swallowed
+    monkeypatch.setattr(_FakeTrainer, "outcome", "returns")
+    with pytest.raises(MeddapError, match="without writing.*rerun to resume"):
+        finetune.finetune_adapter(cfg, entry, "builtin:tiny")
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 @pytest.mark.slow
 def test_ray_train_run_interrupted_resumed_and_not_retrained(tmp_path, toy_manifest, tiny_sd_dir, ray_session):
     _with_manifest(tmp_path, toy_manifest)
