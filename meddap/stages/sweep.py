@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import tempfile
+import threading
 import time
 from typing import Optional
 
@@ -285,6 +287,22 @@ def _progress_callback(summaries: _Summaries, total: int, already: int, root: st
             self.t0 = time.perf_counter()
             self.failed: list[str] = []
             self.running: set[str] = set()
+            self.interrupted = False
+
+        def setup(self, **info):
+            # Tune has just installed its Ctrl-C handler (it stops the experiment and returns normally);
+            # wrap it so the stage can tell an interrupted sweep from one whose trials failed.
+            if threading.current_thread() is not threading.main_thread():
+                return
+            tune_handler = signal.getsignal(signal.SIGINT)
+            if not callable(tune_handler):
+                return
+
+            def _interrupt(signum, frame):
+                self.interrupted = True
+                tune_handler(signum, frame)
+
+            signal.signal(signal.SIGINT, _interrupt)
 
         def _line(self, what: str) -> None:
             done = len(summaries.frames["trials"])
@@ -369,7 +387,7 @@ def run(cfg: Config, *, _fail_after_epoch: Optional[dict] = None) -> dict:
     import ray
     from ray import tune
 
-    from meddap.raytools import ensure_ray
+    from meddap.raytools import ensure_ray, keep_sigint_handler
 
     ensure_ray(cfg)
     images.real_images = ray.put(images.real_images)
@@ -407,7 +425,8 @@ def run(cfg: Config, *, _fail_after_epoch: Optional[dict] = None) -> dict:
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         ),
     )
-    grid = tuner.fit()
+    with keep_sigint_handler():  # Tune leaves its handler installed after fit()
+        grid = tuner.fit()
     errors = {}
     for r in grid:
         if r.error is not None:
@@ -422,6 +441,8 @@ def run(cfg: Config, *, _fail_after_epoch: Optional[dict] = None) -> dict:
     finished = set(summaries.frames["trials"])
     failed = [s.trial_id for s in todo if s.trial_id not in finished]
     _log(f"{len(finished)}/{total} trials done; {summaries.best_line()}; summaries in {lay.summary('trials')}")
+    if failed and progress.interrupted:
+        raise KeyboardInterrupt  # Ctrl-C: the CLI says so (exit 130); the unfinished trials did not fail
     if failed:
         raise MeddapError(
             f"{len(failed)} of {total} trials did not finish ({', '.join(failed[:5])}{' ...' if len(failed) > 5 else ''}); "

@@ -127,3 +127,51 @@ def test_tune_sweep_interrupted_then_resumed(tmp_path, ray_session):
     # 3) A third run has nothing to do and changes nothing.
     assert sweep.run(cfg)["ran"] == 0
     pd.testing.assert_frame_equal(storage.read_parquet(lay.summary("trials")), trials)
+
+
+class _FakeTuner:
+    """Stands in for tune.Tuner: fit() installs a handler that stops the experiment on Ctrl-C and
+    returns normally, as Tune 2.60 does, sets up the callbacks, and is interrupted (or not)."""
+
+    interrupt = True
+
+    def __init__(self, trainable, *, run_config, **kwargs):
+        self.callbacks = run_config.callbacks
+
+    def fit(self):
+        import signal
+        stopped = []
+        original = signal.getsignal(signal.SIGINT)
+
+        def tune_handler(signum, frame):  # like ray.tune.tune._setup_signal_catching's
+            stopped.append(signum)
+            signal.signal(signal.SIGINT, original)
+
+        signal.signal(signal.SIGINT, tune_handler)
+        for cb in self.callbacks:
+            cb.setup(stop=None, num_samples=1, total_num_samples=1)
+        if _FakeTuner.interrupt:
+            signal.raise_signal(signal.SIGINT)
+            assert stopped  # Tune's own handler still ran (it stops the experiment gracefully)
+        return []  # no trial finished
+
+
+def test_ctrl_c_during_the_sweep_is_an_interrupt_not_failed_trials(tmp_path, ray_session, monkeypatch):
+    import signal
+
+    from ray import tune
+
+    run = write_tiny_run(tmp_path, train_per_class=4, test_per_class=1, external_per_class=1,
+                         adjectives=("dark",), size=24)
+    cfg = load_config("demo", tiny_overrides(run["run_dir"], **{"generate.adjectives": "[dark]",
+                                                                "generate.ratios": "[1.0]"}))
+    monkeypatch.setattr(tune, "Tuner", _FakeTuner)
+    before = signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(_FakeTuner, "interrupt", True)
+    with pytest.raises(KeyboardInterrupt):  # the CLI: "interrupted; finished work is kept", exit 130
+        sweep.run(cfg)
+    assert signal.getsignal(signal.SIGINT) is before
+    monkeypatch.setattr(_FakeTuner, "interrupt", False)
+    with pytest.raises(MeddapError, match="4 of 4 trials did not finish"):
+        sweep.run(cfg)
+    assert signal.getsignal(signal.SIGINT) is before  # Tune's handler is not left behind
