@@ -88,6 +88,21 @@ def test_force_redoes_the_stage_and_what_depends_on_it(tmp_path, fake):
         pipeline.run_stages(cfg, state.STAGES, force=["swep"])
 
 
+def test_sweep_settings_are_checked_before_fine_tuning(tmp_path, fake, monkeypatch):
+    import meddap.raytools
+
+    def no_ray(cfg=None):
+        raise AssertionError("Ray started before the classifier settings were checked")
+
+    monkeypatch.setattr(meddap.raytools, "ensure_ray", no_ray)
+    with pytest.raises(MeddapError, match="unknown classifier 'resnet99'.*resnet34"):
+        pipeline.run(_cfg(tmp_path, "classify.models=[resnet34, resnet99]"))
+    with pytest.raises(MeddapError, match=r"squeezenet1_1-.*\.pth.*classify.weights_dir"):
+        pipeline.run(_cfg(tmp_path, "classify.models=[squeezenet1_1]", "classify.pretrained=imagenet",
+                          f"classify.weights_dir={tmp_path}"))
+    assert fake == [] and not os.path.exists(tmp_path / "run")
+
+
 def test_changed_setting_is_refused_before_any_work(tmp_path, fake):
     cfg = _cfg(tmp_path)
     pipeline.run_stages(cfg, state.STAGES)

@@ -214,11 +214,23 @@ def select_rank(cfg: Config, force: Iterable[str] = (), timings: dict | None = N
 # ---------------------------------------------------------------------------------------------
 # The study.
 # ---------------------------------------------------------------------------------------------
+def _preflight(cfg: Config, force: list[str]) -> None:
+    """Settings only a late stage uses, checked before any work: the sweep's classifier names and
+    ImageNet weights would otherwise fail only after fine-tuning and generation (hours on the paper)."""
+    sweep_redone = any("sweep" in state.downstream(f) for f in force)
+    if state.check_stage(cfg, "sweep").state == "done" and not sweep_redone:
+        return
+    from meddap.stages.sweep import check_classifiers
+
+    check_classifiers(cfg)
+
+
 def run(cfg: Config, force: Iterable[str] = ()) -> dict:
     """Run every stage that is not done; returns {"timings": [...], "report": path, "rank": int}."""
     from meddap.raytools import ensure_ray
 
     force = _check_force(force)
+    _preflight(cfg, force)
     t_all = time.perf_counter()
     timings: dict[str, dict] = {}
     _log(f"run_dir {cfg.run_dir} (config '{cfg.name}')" + (f"; forced: {', '.join(force)}" if force else ""))

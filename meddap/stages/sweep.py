@@ -43,7 +43,7 @@ from meddap.config import Config
 from meddap.errors import MeddapError
 from meddap.layout import RunLayout
 
-__all__ = ["run", "build_grid", "grid_size", "TRIAL_COLUMNS"]
+__all__ = ["run", "build_grid", "grid_size", "check_classifiers", "TRIAL_COLUMNS"]
 
 TRIAL_COLUMNS = ["trial_id", "classifier", "adjective", "ratio", "fold", "eval_set", "accuracy", "sensitivity",
                  "specificity", "precision", "f1", "n_real", "n_synthetic", "best_epoch", "train_seconds",
@@ -345,17 +345,27 @@ def _read_inputs(cfg: Config) -> tuple[pd.DataFrame, Optional[pd.DataFrame]]:
     return manifest, synthetic
 
 
-def run(cfg: Config, *, _fail_after_epoch: Optional[dict] = None) -> dict:
-    """Run every grid trial not finished yet; returns counts. `_fail_after_epoch` ({trial_id: epoch})
-    is a test hook that makes those trials fail right after that epoch's checkpoint."""
-    from meddap.classify.data import load_sweep_images
-    from meddap.classify.models import classifier_names
-
-    from meddap.classify.models import build_classifier
+def check_classifiers(cfg: Config, weights: bool = True) -> None:
+    """MeddapError for an unknown name in classify.models and, with `weights` and
+    classify.pretrained=imagenet, for ImageNet weights that cannot be loaded. `run` (the pipeline)
+    calls it before fine-tuning, so a typo does not surface only after hours of finetune and generate."""
+    from meddap.classify.models import build_classifier, classifier_names
 
     unknown = [m for m in cfg.classify.models if m not in classifier_names()]
     if unknown:
         build_classifier(unknown[0], len(cfg.data.classes))  # raises the MeddapError with close names
+    if weights and cfg.classify.pretrained == "imagenet":
+        for model in cfg.classify.models:
+            build_classifier(model, len(cfg.data.classes), "imagenet", cfg.classify.weights_dir)
+
+
+def run(cfg: Config, *, _fail_after_epoch: Optional[dict] = None) -> dict:
+    """Run every grid trial not finished yet; returns counts. `_fail_after_epoch` ({trial_id: epoch})
+    is a test hook that makes those trials fail right after that epoch's checkpoint."""
+    from meddap.classify.data import load_sweep_images
+    from meddap.classify.models import build_classifier
+
+    check_classifiers(cfg, weights=False)
 
     lay = RunLayout(cfg.run_dir)
     specs = build_grid(cfg)
