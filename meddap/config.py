@@ -225,8 +225,19 @@ class GenerateConfig:
         _check(len(self.adjectives) >= 1, f"{prefix}.adjectives", self.adjectives, "a non-empty list")
         _check(len(set(self.adjectives)) == len(self.adjectives), f"{prefix}.adjectives", self.adjectives,
                "unique adjectives")
+        # Adjectives and ratios name folders and trial ids (`adjective_slug`, f"r{ratio:g}"): two that map to
+        # one name would mix their images or results.
+        from meddap.layout import adjective_slug
+
+        slugs = [adjective_slug(a) for a in self.adjectives]
+        _check(len(set(slugs)) == len(slugs), f"{prefix}.adjectives", self.adjectives,
+               "adjectives that stay distinct as folder names ('' is stored as 'none', spaces as '_')")
+        _check(not any(c in a for a in self.adjectives for c in "/\\") and not set(slugs) & {".", ".."},
+               f"{prefix}.adjectives", self.adjectives, "adjectives without '/' or '\\' and other than '.' / '..'")
         _check(len(self.ratios) >= 1 and all(r > 0 for r in self.ratios), f"{prefix}.ratios", self.ratios,
                "a non-empty list of numbers > 0")
+        _check(len({f"{r:g}" for r in self.ratios}) == len(self.ratios), f"{prefix}.ratios", self.ratios,
+               "unique ratios")
         _check(self.steps >= 1, f"{prefix}.steps", self.steps, "an integer >= 1")
         _check(self.guidance_scale >= 0, f"{prefix}.guidance_scale", self.guidance_scale, "a number >= 0")
         if self.resolution is not None:

@@ -49,6 +49,19 @@ def test_out_of_range_is_refused():
         load_config("demo", ["diffusion.lora.rank=0"])
 
 
+@pytest.mark.parametrize("override, message", [
+    ("generate.ratios=[1, 1.0]", "unique ratios"),
+    ("generate.adjectives=['', none]", "distinct as folder names"),  # '' is stored as 'none'
+    ("generate.adjectives=['very bright', very_bright]", "distinct as folder names"),
+    ("generate.adjectives=['a/b']", "without '/'"),
+    ("generate.adjectives=['..']", "without '/'"),
+])
+def test_adjectives_and_ratios_that_collide_as_names_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("demo", [override])
+    load_config("demo", ["generate.adjectives=['', dark, 'very bright']", "generate.ratios=[0.5, 1, 2]"])
+
+
 def test_overrides_are_typed_by_the_schema():
     cfg = load_config("demo", ["data.folds=3", "data.root=123", "classify.lr=1e-3", "diffusion.lora.rank=[2, 4, 8]",
                                "generate.adjectives=['', dark]", "classify.gpus_per_trial=0.5"])
