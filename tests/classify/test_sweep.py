@@ -40,6 +40,13 @@ def test_unknown_classifier_fails_before_work(tmp_path):
     assert "densenet12" in str(e.value) and "densenet121" in str(e.value)
 
 
+def test_repeated_classifier_fails_before_work(tmp_path):
+    cfg = load_config("demo", tiny_overrides(str(tmp_path / "run"), **{"classify.models": "[squeezenet1_1, squeezenet1_1]"}))
+    with pytest.raises(MeddapError, match="squeezenet1_1 more than once"):
+        sweep.run(cfg)
+    assert not (tmp_path / "run").exists()
+
+
 def test_synthetic_manifest_lacking_fold_adjective_fails_before_training(tmp_path):
     run = write_tiny_run(tmp_path, train_per_class=4, test_per_class=1, external_per_class=1, size=24)
     syn = run["synthetic"]
