@@ -62,6 +62,18 @@ def test_adjectives_and_ratios_that_collide_as_names_are_refused(override, messa
     load_config("demo", ["generate.adjectives=['', dark, 'very bright']", "generate.ratios=[0.5, 1, 2]"])
 
 
+def test_yaml_key_given_twice_is_refused_not_silently_overridden(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("data:\n  folds: 3\n  seed: 1\n  folds: 4\n")
+    with pytest.raises(ConfigError, match=r"key 'folds' is given twice.*line 4"):
+        load_config(str(path))
+    path.write_text("data:\n  folds: 3\ndata:\n  seed: 1\n")  # the first data: block would be dropped
+    with pytest.raises(ConfigError, match="key 'data' is given twice"):
+        load_config(str(path))
+    path.write_text("data:\n  folds: 3\ngenerate:\n  ratios: [1.0]\n")
+    assert load_config(str(path)).data.folds == 3
+
+
 def test_overrides_are_typed_by_the_schema():
     cfg = load_config("demo", ["data.folds=3", "data.root=123", "classify.lr=1e-3", "diffusion.lora.rank=[2, 4, 8]",
                                "generate.adjectives=['', dark]", "classify.gpus_per_trial=0.5"])
