@@ -65,7 +65,7 @@ def test_adjectives_and_ratios_that_collide_as_names_are_refused(override, messa
 def test_yaml_key_given_twice_is_refused_not_silently_overridden(tmp_path):
     path = tmp_path / "mine.yaml"
     path.write_text("data:\n  folds: 3\n  seed: 1\n  folds: 4\n")
-    with pytest.raises(ConfigError, match=r"key 'folds' is given twice.*line 4"):
+    with pytest.raises(ConfigError, match=r"(?s)key 'folds' is given twice.*line 4"):
         load_config(str(path))
     path.write_text("data:\n  folds: 3\ndata:\n  seed: 1\n")  # the first data: block would be dropped
     with pytest.raises(ConfigError, match="key 'data' is given twice"):
