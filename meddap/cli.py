@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import time
 
@@ -109,6 +110,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except (ConfigError, MeddapError) as e:
         print(f"meddap {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        # A path the user gave that cannot be used (run_dir under a file, no permission, disk full, ...):
+        # one line, not a stack trace. MEDDAP_TRACEBACK=1 shows the trace when it is a bug after all.
+        if os.environ.get("MEDDAP_TRACEBACK"):
+            raise
+        print(f"meddap {args.command}: error: {type(e).__name__}: {e}. Check the paths in the config and on the "
+              f"command line (run_dir, data.root, ...): they must exist where they are read, be folders where "
+              f"folders are expected, and be writable where outputs go (MEDDAP_TRACEBACK=1 shows the stack trace).",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"meddap {args.command}: interrupted; finished work is kept, rerun to resume.", file=sys.stderr)

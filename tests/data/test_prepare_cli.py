@@ -183,6 +183,21 @@ def test_errors_name_the_path(nasty, tmp_path, capsys):
     assert rc == 2 and "too few" in err and "data.folds" in err
 
 
+def test_unusable_run_dir_or_output_path_is_one_line_not_a_trace(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MEDDAP_TRACEBACK", raising=False)
+    a_file = tmp_path / "f"
+    a_file.write_text("not a folder")
+    rc, _, err = _run(capsys, "--config", "demo", f"run_dir={a_file}")
+    assert rc == 2 and "NotADirectoryError" in err and str(a_file) in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    rc = main(["phantom", str(a_file / "sub"), "--per-class", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and str(a_file / "sub") in err and "writable" in err
+    monkeypatch.setenv("MEDDAP_TRACEBACK", "1")
+    with pytest.raises(NotADirectoryError):
+        main(["phantom", str(a_file / "sub"), "--per-class", "1"])
+
+
 def test_all_images_of_a_class_unreadable(tmp_path, capsys, builders):
     b = builders
     root = tmp_path / "A"
