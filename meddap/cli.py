@@ -58,7 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_) in STAGES.items():
         sp = sub.add_parser(name, help=help_, description=help_)
-        sp.add_argument("--config", default="demo", help="shipped config name or YAML path (default: demo)")
+        sp.add_argument("--config", default="demo", help="shipped config name or YAML path (default: demo)"
+                        + ("; demo accepts only demo (use `run --config NAME` for others)" if name == "demo" else ""))
         if name in ("run", "demo"):
             sp.add_argument("--force", action="append", default=[], metavar="STAGE",
                             help="redo STAGE and every stage after it that depends on it (repeatable)")
@@ -99,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(args.config, overrides)
             _load(BENCHES[args.what])(cfg, rest)
             return 0
+        if args.command == "demo" and args.config != "demo":  # it would be ignored: say so instead
+            raise ConfigError(f"`demo` always runs the demo config; for --config {args.config} use "
+                              f"`python -m meddap run --config {args.config} ...`.")
         config = "demo" if args.command == "demo" else args.config
         cfg = load_config(config, args.overrides)
         fn = _load(STAGES[args.command][0])

@@ -74,6 +74,14 @@ def test_yaml_key_given_twice_is_refused_not_silently_overridden(tmp_path):
     assert load_config(str(path)).data.folds == 3
 
 
+def test_demo_with_another_config_is_refused_not_ignored(tmp_path, capsys):
+    from meddap.cli import main
+
+    assert main(["demo", "--config", "paper", f"run_dir={tmp_path / 'run'}"]) == 2
+    assert "python -m meddap run --config paper" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_overrides_are_typed_by_the_schema():
     cfg = load_config("demo", ["data.folds=3", "data.root=123", "classify.lr=1e-3", "diffusion.lora.rank=[2, 4, 8]",
                                "generate.adjectives=['', dark]", "classify.gpus_per_trial=0.5"])
