@@ -245,14 +245,26 @@ def load_sweep_images(manifest: pd.DataFrame, synthetic: Optional[pd.DataFrame],
     # Checked first (above), decoded second: a missing synthetic set fails before minutes of decoding.
     real_rows = manifest[manifest["split"].isin(("train", *_EVAL_SPLITS))].reset_index(drop=True).copy()
     real_rows["row"] = np.arange(len(real_rows))
-    real_images = decode_images(real_rows["path"].tolist(), image_size, decode, "decode real")
+    from meddap.data.decode import ImageDecodeError
+
+    try:
+        real_images = decode_images(real_rows["path"].tolist(), image_size, decode, "decode real")
+    except ImageDecodeError as e:
+        raise MeddapError(f"{e}. It is listed in the data manifest: put it back, or rerun `python -m meddap prepare` "
+                          f"(same config and run_dir; `run --force prepare` in the pipeline) to make a manifest "
+                          f"of the files there now.") from None
     syn_rows, syn_images = {}, {}
     for key, rows in sorted(needed.items()):
         rows = rows.sort_values(["label", "index"]).reset_index(drop=True).copy()
         rows["row"] = np.arange(len(rows))
         syn_rows[key] = rows
-        syn_images[key] = decode_images(rows["path"].tolist(), image_size, decode,
-                                        f"decode synthetic fold {key[0]} {key[1]!r}")
+        try:
+            syn_images[key] = decode_images(rows["path"].tolist(), image_size, decode,
+                                            f"decode synthetic fold {key[0]} {key[1]!r}")
+        except ImageDecodeError as e:
+            raise MeddapError(f"{e}. It is listed in the synthetic manifest: rerun `python -m meddap generate` "
+                              f"(same config and run_dir), which regenerates missing or unreadable images, then "
+                              f"the sweep.") from None
     return SweepImages(list(classes), image_size, real_rows, real_images, syn_rows, syn_images)
 
 

@@ -100,3 +100,20 @@ def test_model_input_flip_grey_to_rgb_and_normalisation():
     coin = torch.rand(2, generator=torch.Generator().manual_seed(0)) < 0.5
     for i in range(2):
         torch.testing.assert_close(flipped[i], plain[i].flip(-1) if coin[i] else plain[i])
+
+
+def test_a_missing_image_names_the_file_and_the_stage_that_remakes_it(tmp_path):
+    import os
+
+    run = write_tiny_run(tmp_path, train_per_class=2, test_per_class=1, external_per_class=1, adjectives=("dark",),
+                         size=16)
+    man, syn = run["manifest"], run["synthetic"]
+    spec = [TrialSpec("squeezenet1_1", 0, "dark", 1.0)]
+    gone = syn[(syn.fold == 0) & (syn.adjective == "dark")].sort_values("index").path.iloc[0]
+    os.remove(gone)
+    with pytest.raises(MeddapError, match="synthetic manifest: rerun `python -m meddap generate`") as e:
+        load_sweep_images(man, syn, spec, CLASSES, 16)
+    assert gone in str(e.value) and "file not found" in str(e.value)
+    os.remove(man[man.split == "test"].path.iloc[0])
+    with pytest.raises(MeddapError, match="data manifest: put it back, or rerun `python -m meddap prepare`"):
+        load_sweep_images(man, syn, spec, CLASSES, 16)
