@@ -388,6 +388,8 @@ def _type_name(tp: Any) -> str:
         return f"{origin.__name__}[{', '.join(_type_name(a) for a in typing.get_args(tp))}]"
     if tp is type(None):
         return "null"
+    if dataclasses.is_dataclass(tp):  # a section: say what a user writes, not the class name
+        return "a mapping of keys (a YAML section)"
     return getattr(tp, "__name__", str(tp))
 
 

@@ -38,6 +38,8 @@ def test_wrong_type_is_refused():
         load_config("demo", ["data.folds=three"])
     with pytest.raises(ConfigError, match=r"classify\.models"):
         load_config("demo", ["classify.models=resnet34"])
+    with pytest.raises(ConfigError, match=r"'data\.phantom' = 3 .*expected a mapping of keys \(a YAML section\)"):
+        load_config("demo", ["data.phantom=3"])  # not the internal class name (PhantomConfig)
 
 
 def test_out_of_range_is_refused():
