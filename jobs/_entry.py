@@ -26,8 +26,8 @@ __all__ = ["main"]
 
 
 def main(stage: str, argv: list[str] | None = None) -> int:
-    from meddap.config import ConfigError, load_config
-    from meddap.errors import MeddapError
+    from meddap.cli import user_error_exit
+    from meddap.config import load_config
 
     p = argparse.ArgumentParser(prog=f"jobs/{stage}.py",
                                 description=f"meddap {stage} as a Ray job (ray job submit --working-dir . -- "
@@ -56,8 +56,7 @@ def main(stage: str, argv: list[str] | None = None) -> int:
             from meddap.stages.pipeline import run_stages
 
             run_stages(cfg, (stage,), force=[args.force] if args.force else ())
-    except (ConfigError, MeddapError) as e:
-        print(f"jobs/{stage}.py: error: {e}", file=sys.stderr, flush=True)
-        return 2
+    except BaseException as e:  # noqa: BLE001 - one line for user errors and Ctrl-C; bugs re-raise
+        return user_error_exit(f"jobs/{stage}.py", e)
     print(f"[job] {stage} finished in {time.perf_counter() - t0:.1f}s; outputs under {cfg.run_dir}", flush=True)
     return 0

@@ -15,7 +15,7 @@ import time
 from meddap.config import ConfigError, load_config, shipped_configs
 from meddap.errors import MeddapError
 
-__all__ = ["main", "STAGES"]
+__all__ = ["main", "STAGES", "user_error_exit"]
 
 # command -> (module:function, one-line help)
 STAGES: dict[str, tuple[str, str]] = {
@@ -80,6 +80,27 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def user_error_exit(label: str, e: BaseException) -> int:
+    """Exit status for an exception that reached a command's top level, printing one line for the
+    errors a user can fix (config, inputs, unusable paths) and for Ctrl-C; anything else re-raises.
+    Shared by the CLI and the `ray job submit` entry points in jobs/."""
+    if isinstance(e, (ConfigError, MeddapError)):
+        print(f"{label}: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    if isinstance(e, OSError) and not os.environ.get("MEDDAP_TRACEBACK"):
+        # A path the user gave that cannot be used (run_dir under a file, no permission, disk full, ...):
+        # one line, not a stack trace. MEDDAP_TRACEBACK=1 shows the trace when it is a bug after all.
+        print(f"{label}: error: {type(e).__name__}: {e}. Check the paths in the config and on the "
+              f"command line (run_dir, data.root, ...): they must exist where they are read, be folders where "
+              f"folders are expected, and be writable where outputs go (MEDDAP_TRACEBACK=1 shows the stack trace).",
+              file=sys.stderr, flush=True)
+        return 2
+    if isinstance(e, KeyboardInterrupt):
+        print(f"{label}: interrupted; finished work is kept, rerun to resume.", file=sys.stderr, flush=True)
+        return 130
+    raise e
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command is None:
@@ -112,22 +133,8 @@ def main(argv: list[str] | None = None) -> int:
             fn(cfg)
         print(f"[meddap] {args.command} finished in {time.perf_counter() - t0:.1f}s; outputs under {cfg.run_dir}")
         return 0
-    except (ConfigError, MeddapError) as e:
-        print(f"meddap {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        # A path the user gave that cannot be used (run_dir under a file, no permission, disk full, ...):
-        # one line, not a stack trace. MEDDAP_TRACEBACK=1 shows the trace when it is a bug after all.
-        if os.environ.get("MEDDAP_TRACEBACK"):
-            raise
-        print(f"meddap {args.command}: error: {type(e).__name__}: {e}. Check the paths in the config and on the "
-              f"command line (run_dir, data.root, ...): they must exist where they are read, be folders where "
-              f"folders are expected, and be writable where outputs go (MEDDAP_TRACEBACK=1 shows the stack trace).",
-              file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"meddap {args.command}: interrupted; finished work is kept, rerun to resume.", file=sys.stderr)
-        return 130
+    except BaseException as e:  # noqa: BLE001 - user-facing errors become one line; bugs re-raise
+        return user_error_exit(f"meddap {args.command}", e)
 
 
 if __name__ == "__main__":

@@ -158,3 +158,17 @@ def test_stage_job_skips_a_done_stage_and_refuses_bad_config(cfg):
     changed = subprocess.run([sys.executable, "jobs/sweep.py", "--config", "demo", f"run_dir={cfg.run_dir}",
                               *DEMO_TEST_OVERRIDES, "classify.epochs=5"], cwd=root, capture_output=True, text=True, timeout=300)
     assert changed.returncode == 2 and "classify.epochs: 2 -> 5" in changed.stderr
+
+
+def test_stage_job_reports_an_unusable_run_dir_in_one_line(tmp_path):
+    """The job entry points share the CLI's handling: an OSError from a bad path is one line, exit 2."""
+    import subprocess
+    import sys
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, "jobs/pipeline.py", "--config", "demo", f"run_dir={blocker}/run"],
+                         cwd=root, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "error:" in res.stderr and "Traceback" not in res.stderr

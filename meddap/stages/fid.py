@@ -121,7 +121,7 @@ def _real_training(manifest: pd.DataFrame, fold: int) -> pd.DataFrame:
 
 def _read_input(path: str, what: str, stage: str) -> pd.DataFrame:
     if not storage.exists(path):
-        raise MeddapError(f"{what} not found at {path}: run `python -m meddap {stage}` first "
+        raise MeddapError(f"{what} was not found at {path}: run `python -m meddap {stage}` first "
                           f"(same --config and run_dir).")
     return storage.read_parquet(path)
 
