@@ -18,10 +18,13 @@ SD-1.4-shaped models with random weights.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
+import socket
 import tempfile
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -208,6 +211,24 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
+@functools.lru_cache(maxsize=4)
+def _hub_resolvable(host: str) -> bool:
+    try:
+        socket.getaddrinfo(host, 443)
+        return True
+    except OSError:
+        return False
+
+
+def _local_only() -> bool:
+    """Look only in the local cache when offline by setting, or when the hub's host cannot even be
+    resolved (no network): huggingface_hub would otherwise retry for ~30 s before failing the same way."""
+    if _offline():
+        return True
+    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname
+    return not (host and _hub_resolvable(host))
+
+
 def _how_to_provide(model: str) -> str:
     return (f"Provide the weights of {model!r} in one of these ways: (1) download the model elsewhere "
             f"(e.g. `huggingface-cli download {model}` or `git clone https://huggingface.co/{model}`) and set "
@@ -231,8 +252,13 @@ def _check_local(model: str) -> None:
 
 
 def _wrap_load_error(model: str, err: Exception) -> MeddapError:
-    where = "offline (HF_HUB_OFFLINE=1), not in the local Hugging Face cache" if _offline() else \
-        "not found locally and could not be downloaded"
+    if _offline():
+        where = "offline (HF_HUB_OFFLINE=1), not in the local Hugging Face cache"
+    elif _local_only():
+        where = "the hub cannot be reached from this machine (its host does not resolve) and it is not in the " \
+                "local Hugging Face cache"
+    else:
+        where = "not found locally and could not be downloaded"
     return MeddapError(f"could not load base model {model!r}: {where} "
                        f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). "
                        + _how_to_provide(model))
@@ -254,7 +280,7 @@ def check_base_model(model: str) -> None:
 
     _check_local(model)
     try:
-        DiffusionPipeline.load_config(model, local_files_only=_offline())
+        DiffusionPipeline.load_config(model, local_files_only=_local_only())
     except _load_errors() as e:
         raise _wrap_load_error(model, e) from None
 
@@ -271,7 +297,7 @@ def load_pipeline(model: str, device: str | torch.device = "cpu", dtype: torch.d
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
             model, dtype=dtype, safety_checker=None, requires_safety_checker=False,
-            local_files_only=_offline())
+            local_files_only=_local_only())
     except _load_errors() as e:
         raise _wrap_load_error(model, e) from None
     pipe.set_progress_bar_config(disable=True)
@@ -286,7 +312,7 @@ def load_components(model: str, device: str | torch.device = "cpu", dtype: torch
     from transformers import CLIPTextModel, CLIPTokenizer
 
     _check_local(model)
-    kw = dict(local_files_only=_offline())
+    kw = dict(local_files_only=_local_only())
     try:
         tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer", **kw)
         text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", dtype=dtype, **kw)

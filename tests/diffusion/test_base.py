@@ -89,6 +89,19 @@ def test_unreachable_hub_id_is_a_clear_error(monkeypatch, tmp_path):
         base.load_components("CompVis/stable-diffusion-v1-4")
 
 
+def test_unresolvable_hub_fails_fast_without_offline_flag(monkeypatch, tmp_path):
+    """No network and no HF_HUB_OFFLINE: the clear error comes at once, not after the hub client's retries."""
+    import time
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.meddap-test.invalid")  # .invalid never resolves
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    t0 = time.perf_counter()
+    with pytest.raises(MeddapError, match=r"cannot be reached.*HF_HOME"):
+        base.check_base_model("CompVis/stable-diffusion-v1-4")
+    assert time.perf_counter() - t0 < 10
+
+
 def test_sd14_shapes_from_shipped_configs():
     # Built on the meta device: shapes and counts without allocating SD's 3.4 GB of weights.
     unet = base.build_sd14_unet("meta")
