@@ -18,7 +18,6 @@ import pytest
 
 from meddap import storage
 from meddap.config import load_config
-from meddap.errors import MeddapError
 from meddap.layout import RunLayout
 
 ROOT = Path(__file__).resolve().parents[1]
