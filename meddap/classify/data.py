@@ -176,8 +176,12 @@ def _real_train_rows(manifest: pd.DataFrame, fold: int) -> pd.DataFrame:
 
 
 def _synthetic_counts(real: pd.DataFrame, ratio: float, n_classes: int) -> dict[int, int]:
+    """Per label, the synthetic images a trial at `ratio` uses: the generation plan's own rule, so the
+    sweep selects exactly what generate made (ratio 0, the real-only baseline, uses none)."""
+    from meddap.diffusion.plan import synthetic_count
+
     counts = real["label"].value_counts()
-    return {c: int(round(ratio * int(counts.get(c, 0)))) for c in range(n_classes)}
+    return {c: synthetic_count(int(counts.get(c, 0)), ratio) if ratio > 0 else 0 for c in range(n_classes)}
 
 
 def select_training_rows(manifest: pd.DataFrame, synthetic: Optional[pd.DataFrame], spec: TrialSpec,

@@ -25,7 +25,6 @@ from __future__ import annotations
 import functools
 import io
 import json
-import os
 import time
 import zlib
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
+from meddap import storage
 from meddap.errors import MeddapError
 
 __all__ = [
@@ -475,9 +475,7 @@ def _png_bytes(grey: np.ndarray) -> bytes:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    storage.write_bytes(str(path), data)  # temp file + rename: no half-written image is ever seen
 
 
 def _plan(seed: int, variant: str, size: int) -> dict:
