@@ -33,6 +33,7 @@ __all__ = [
     "training_prompt",
     "class_prompts",
     "load_image",
+    "to_sd_pixels",
     "resolve_precision",
 ]
 
@@ -106,13 +107,19 @@ def class_prompts(cfg) -> dict[str, str]:
     return {c: training_prompt(cfg.diffusion.prompt_template, phrases[c]) for c in cfg.data.classes}
 
 
+def to_sd_pixels(grey: torch.Tensor) -> torch.Tensor:
+    """(..., R, R) uint8 grey -> (..., 3, R, R) float in [-1, 1]: grey replicated as SD wants RGB.
+    The one pixel transform of fine-tuning; `_pixel_batch` applies it to a batch."""
+    x = grey.float().div(127.5).sub(1.0)
+    return x.unsqueeze(-3).expand(*x.shape[:-2], 3, *x.shape[-2:])
+
+
 def load_image(path: str, resolution: int) -> torch.Tensor:
-    """(3, R, R) float in [-1, 1]: the canonical grey image, resized, replicated to SD's 3 channels."""
+    """(3, R, R) float in [-1, 1]: the canonical grey image of `path`, resized, through `to_sd_pixels`."""
     from meddap.data.decode import read_grey
 
     grey = torch.from_numpy(np.ascontiguousarray(read_grey(path, resolution)))  # (R, R) uint8
-    x = grey.float().div(127.5).sub(1.0)
-    return x.unsqueeze(0).expand(3, -1, -1).contiguous()
+    return to_sd_pixels(grey).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,9 +262,9 @@ class LoraFinetuner:
                 torch.cuda.empty_cache()
 
     def _pixel_batch(self, idx: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
-        x = self.pixels[idx].float().div(127.5).sub(1.0)  # (B, R, R) in [-1, 1]
-        x = torch.where(flips.view(-1, 1, 1), x.flip(-1), x)
-        return x.unsqueeze(1).expand(-1, 3, -1, -1)  # (B, 3, R, R): grey replicated as SD wants RGB
+        grey = self.pixels[idx]  # (B, R, R) uint8
+        grey = torch.where(flips.view(-1, 1, 1), grey.flip(-1), grey)
+        return to_sd_pixels(grey)  # (B, 3, R, R) in [-1, 1]
 
     @torch.no_grad()
     def _encode_images(self, idx: torch.Tensor, flips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
