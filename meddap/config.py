@@ -57,7 +57,7 @@ def _check(cond: bool, key: str, value: Any, allowed: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Sections. Each field's `help` is the documentation README's config table is made from.
+# Sections. Each field's `help` is the documentation docs/configuration.md's key table is made from.
 # ---------------------------------------------------------------------------------------------
 def _f(default: Any, help: str) -> Any:
     """A field with documentation; mutable defaults (lists, dicts, sections) are copied per instance."""
@@ -572,7 +572,7 @@ def load_config(name_or_path: str = "demo", overrides: list[str] | tuple[str, ..
 
 
 def iter_keys(cls: type = Config, prefix: str = ""):
-    """(dotted key, type name, default, help) for every leaf key: README's config table."""
+    """(dotted key, type name, default, help) for every leaf key: docs/configuration.md's key table (tools/build_docs.py)."""
     for f in dataclasses.fields(cls):
         tp = typing.get_type_hints(cls)[f.name]
         if dataclasses.is_dataclass(tp):

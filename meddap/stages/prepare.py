@@ -35,7 +35,7 @@ from meddap.progress import Progress
 
 __all__ = ["run", "MANIFEST_COLUMNS", "decode_records"]
 
-# The contract (see README): later stages rely on these; patient_id and phash are extras.
+# The contract (see docs/data.md): later stages rely on these; patient_id and phash are extras.
 MANIFEST_COLUMNS = ["image_id", "path", "dataset", "class_name", "label", "split", "fold", "group_id",
                     "sha256", "width", "height", "patient_id", "phash"]
 _CACHE_COLUMNS = ["path", "file_size", "mtime_ns", "sha256", "phash", "phash_mirror", "thumb", "width", "height",
