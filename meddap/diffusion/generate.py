@@ -78,14 +78,20 @@ class SyntheticGenerator:
     adapters: {name: adapter folder holding pytorch_lora_weights.safetensors} (local or URI).
     """
 
-    def __init__(self, model: str, adapters: dict[str, str] | None = None, *, steps: int = 30,
+    def __init__(self, model: str | None, adapters: dict[str, str] | None = None, *, steps: int = 30,
                  guidance_scale: float = 7.5, resolution: int = 224, scheduler: str | None = None,
-                 precision: str = "auto", device: str | None = None):
+                 precision: str = "auto", device: str | None = None, single_file_config: str | None = None,
+                 pipeline=None):
         from meddap.diffusion.base import load_pipeline
 
         self.device, self.dtype = resolve_device_dtype(precision, device)
         self.steps, self.guidance_scale, self.resolution = steps, float(guidance_scale), resolution
-        self.pipe = load_pipeline(model, device=self.device, dtype=self.dtype)  # safety checker off
+        if pipeline is not None:  # built in memory (the GPU benchmark's SD-1.4-shaped random model)
+            self.pipe = pipeline.to(self.device, self.dtype)
+            self.pipe.set_progress_bar_config(disable=True)
+        else:
+            self.pipe = load_pipeline(model, device=self.device, dtype=self.dtype,  # safety checker off
+                                      single_file_config=single_file_config)
         if scheduler:
             self.pipe.scheduler = _make_scheduler(scheduler, self.pipe.scheduler.config)
         self.scheduler_name = type(self.pipe.scheduler).__name__
@@ -101,7 +107,7 @@ class SyntheticGenerator:
         g = cfg.generate
         return cls(model, adapters, steps=g.steps, guidance_scale=g.guidance_scale,
                    resolution=cfg.generate_resolution, scheduler=g.scheduler, precision=g.precision,
-                   device=device)
+                   device=device, single_file_config=cfg.diffusion.single_file_config)
 
     def _load_adapter(self, name: str, folder: str) -> None:
         import os

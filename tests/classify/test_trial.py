@@ -23,7 +23,7 @@ def tensors(tiny_run):
 
 
 def _cfg(**kw):
-    base = dict(models=["squeezenet1_1"], pretrained="none", epochs=2, batch_size=8, checkpoint_every=1, seed=0)
+    base = dict(models=["squeezenet1_1"], pretrained="none", epochs=2, batch_size=8, checkpoint_seconds=0, seed=0)
     base.update(kw)
     return ClassifyConfig(**base)
 
@@ -57,7 +57,7 @@ def test_fresh_model_per_trial_no_carry_over(tensors):
 
 
 def test_resume_from_checkpoint_equals_uninterrupted(tensors):
-    cfg = _cfg(epochs=3, checkpoint_every=1)
+    cfg = _cfg(epochs=3, checkpoint_seconds=0)
     states, epochs = {}, []
 
     def report(epoch, metrics, state):
@@ -75,7 +75,7 @@ def test_resume_from_checkpoint_equals_uninterrupted(tensors):
 
 
 def test_best_epoch_weights_and_recomputable_metrics(tensors):
-    cfg = _cfg(epochs=6, models=["resnet18"], checkpoint_every=10)
+    cfg = _cfg(epochs=6, models=["resnet18"], checkpoint_seconds=1e9)
     spec = dataclasses.replace(SPEC_A, classifier="resnet18")
     r = train_trial(spec, tensors[SPEC_A], cfg, CLASSES)
     vals = [h["val_accuracy"] for h in r.history]
