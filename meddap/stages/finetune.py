@@ -228,7 +228,9 @@ def finetune_adapter(cfg: Config, entry: dict, model: str, fail_after_epoch: int
     """Train one adapter with a TorchTrainer unless its adapter.json exists; returns adapter.json's content.
     `use_gpu`: the resolved diffusion.train.use_gpu (None: resolve it here, see `resolve_gpu`)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from meddap.device import forced_cpu
 
     from meddap.diffusion.train import class_prompts
     from meddap.raytools import keep_sigint_handler
@@ -279,6 +281,8 @@ def finetune_adapter(cfg: Config, entry: dict, model: str, fail_after_epoch: int
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config=loop_config,
+        # GPU workers talk NCCL; workers that compute on CPUs (MEDDAP_DEVICE=cpu on GPU nodes too) gloo.
+        torch_config=TorchConfig(backend="nccl" if use_gpu and not forced_cpu() else "gloo"),
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus, **({"GPU": 1} if use_gpu else {})}),
         run_config=RunConfig(storage_path=fs_path, storage_filesystem=fs, name=name,
