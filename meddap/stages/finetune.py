@@ -173,7 +173,7 @@ def _train_loop(config: dict) -> None:
             raise RuntimeError(f"injected failure after epoch {fail_at}")
 
     if rank == 0:
-        _write_outputs(ft, config, resumed_from)
+        _write_outputs(ft, dict(config, device=describe(device)), resumed_from)
 
 
 def _write_outputs(ft, config: dict, resumed_from: int = 0) -> None:
@@ -214,6 +214,9 @@ def _write_outputs(ft, config: dict, resumed_from: int = 0) -> None:
         "seed": s.seed,
         "prediction_type": ft.prediction_type,
         "resumed_from_step": resumed_from,
+        "device": config.get("device", ""),  # where the last run computed, e.g. "cuda:0 (NVIDIA H100 ...)"
+        "weight_dtype": str(ft.weight_dtype).replace("torch.", ""),
+        "loss_scaling": ft.scaler is not None,
         "final_loss": float(sum(r[2] for r in ft.losses[-ft.steps_per_epoch:]) / ft.steps_per_epoch),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })
