@@ -330,8 +330,10 @@ def _weights_variant(folder: Path, dtype: torch.dtype | None = None) -> str | No
         names = os.listdir(folder / part) if (folder / part).is_dir() else []
         has_default = any(_DEFAULT_WEIGHTS.match(n) for n in names)
         has_fp16 = any(_FP16_WEIGHTS.match(n) for n in names)
-        (default if has_default else []).append(part)
-        (fp16 if has_fp16 else []).append(part)
+        if has_default:
+            default.append(part)
+        if has_fp16:
+            fp16.append(part)
         if not (has_default or has_fp16):
             missing.append(part)
     if missing:
@@ -360,6 +362,23 @@ def _check_folder(folder: Path, model: str) -> None:
                           f"meddap needs {', '.join(_REQUIRED)} (safety_checker/ and feature_extractor/ may be "
                           f"absent). Download the model again (`huggingface-cli download {SD14_REPO}`).")
     _weights_variant(folder)
+
+
+def _source(model: str, dtype: torch.dtype | None = None) -> tuple[str, dict]:
+    """(what `from_pretrained` should load, its keyword arguments) for a folder or hub id.
+
+    A folder, or a hub id whose snapshot is in the local cache, loads from disk with no hub call, in
+    the weight variant that is there. A cached snapshot that is incomplete is an error offline; online
+    the hub id is loaded instead, so the download completes."""
+    folder = _local_folder(model)
+    if folder is not None:
+        try:
+            _check_folder(folder, model)
+            return str(folder), dict(local_files_only=True, variant=_weights_variant(folder, dtype))
+        except MeddapError:
+            if _looks_like_path(model) or _local_only():
+                raise
+    return model, dict(local_files_only=_local_only())
 
 
 def _single_file_config(config: str | None) -> tuple[str, bool]:
@@ -405,11 +424,8 @@ def check_base_model(model: str, single_file_config: str | None = None) -> None:
                               f"({', '.join(SINGLE_FILE_SUFFIXES)}).")
         _single_file_config(single_file_config)
         return
-    folder = _local_folder(model)
-    if folder is not None:
-        _check_folder(folder, model)
-        return
-    _wrap(model, lambda: DiffusionPipeline.load_config(model, local_files_only=_local_only()))
+    where, kw = _source(model)
+    _wrap(model, lambda: DiffusionPipeline.load_config(where, local_files_only=kw["local_files_only"]))
 
 
 def unet_config(model: str, single_file_config: str | None = None) -> dict:
@@ -420,10 +436,9 @@ def unet_config(model: str, single_file_config: str | None = None) -> dict:
         source, local = _single_file_config(single_file_config)
         return dict(_wrap(source, lambda: UNet2DConditionModel.load_config(source, subfolder="unet",
                                                                           local_files_only=local)))
-    folder = _local_folder(model)
-    where = str(folder) if folder is not None else model
+    where, kw = _source(model)
     return dict(_wrap(model, lambda: UNet2DConditionModel.load_config(where, subfolder="unet",
-                                                                     local_files_only=folder is not None or _local_only())))
+                                                                     local_files_only=kw["local_files_only"])))
 
 
 def count_unet_parameters(model: str, single_file_config: str | None = None) -> int:
@@ -458,15 +473,8 @@ def load_pipeline(model: str, device: str | torch.device = "cpu", dtype: torch.d
     if is_single_file(model):
         pipe = _load_single_file(model, dtype, single_file_config)
     else:
-        folder = _local_folder(model)
-        if folder is not None:
-            _check_folder(folder, model)
-            variant = _weights_variant(folder, dtype)
-            pipe = _wrap(model, lambda: StableDiffusionPipeline.from_pretrained(
-                str(folder), dtype=dtype, variant=variant, local_files_only=True, **_OFF))
-        else:
-            pipe = _wrap(model, lambda: StableDiffusionPipeline.from_pretrained(
-                model, dtype=dtype, local_files_only=_local_only(), **_OFF))
+        where, kw = _source(model, dtype)
+        pipe = _wrap(model, lambda: StableDiffusionPipeline.from_pretrained(where, dtype=dtype, **kw, **_OFF))
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -485,12 +493,7 @@ def load_components(model: str, device: str | torch.device = "cpu", dtype: torch
         parts = dict(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
                      noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config))
     else:
-        folder = _local_folder(model)
-        if folder is not None:
-            _check_folder(folder, model)
-            where, kw = str(folder), dict(local_files_only=True, variant=_weights_variant(folder, dtype))
-        else:
-            where, kw = model, dict(local_files_only=_local_only())
+        where, kw = _source(model, dtype)
         plain = dict(local_files_only=kw["local_files_only"])
 
         def load():

@@ -13,8 +13,9 @@
    `ActorPoolStrategy` pool. With `generate.use_gpu` resolved to true (`auto`: the cluster has GPUs or
    its autoscaler can add them, meddap.placement) every actor asks for `generate.num_gpus_per_worker`
    GPUs whatever the cluster holds at that moment: the pool starts at one actor and grows to what
-   the cluster can hold, so an autoscaler adds GPU nodes instead of the work landing on CPUs. Each actor loads the base model and every adapter once (peft named
-   adapters, switched with `set_adapters`), writes each PNG atomically and returns manifest rows.
+   the cluster can hold, so an autoscaler adds GPU nodes instead of the work landing on CPUs. Each
+   actor loads the base model and every adapter once (peft named adapters, switched with
+   `set_adapters`), writes each PNG atomically and returns manifest rows.
    The driver consumes results as they come (`iter_batches`) and rewrites
    `synthetic/manifest.parquet` atomically every few seconds, so a kill loses at most the batches
    in flight.
