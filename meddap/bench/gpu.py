@@ -44,7 +44,7 @@ __all__ = ["main", "PAPER"]
 PAPER = {"s_per_step": 0.33, "memory_gb": 6.9, "gpu": "RTX 2080 Ti"}
 PROMPT = "ultrasound image of benign tumor in the breast"
 # Full run (one GPU) and --smoke (CPU, toy sizes): sizes and repeat counts of every section.
-FULL = dict(matmul=8192, matmul_iters=50, resolution=224, lora_images=12, lora_warmup=3, lora_steps=20,
+FULL = dict(matmul=8192, matmul_iters=50, resolution=224, lora_images=20, lora_warmup=3, lora_steps=20,
             gen_steps=30, gen_batches=(16, 32, 64), gen_single=4, cls_size=224, cls_batch=32, cls_warmup=3,
             cls_steps=20, sd14=True)
 SMOKE = dict(matmul=256, matmul_iters=3, resolution=64, lora_images=2, lora_warmup=1, lora_steps=1,
@@ -177,7 +177,8 @@ def _lora_rows(p: dict, device: torch.device, work: str, peak: float) -> list[di
         ft = LoraFinetuner(_sd_parts(p, work, device), examples, settings, device=device, rank=0, world_size=1)
         ft.train_epoch(0, max_steps=p["lora_warmup"])
         flops = _flops(lambda: ft.train_step(torch.tensor([0], device=device)))
-        seconds = _timed(device, lambda: ft.train_epoch(0, max_steps=p["lora_steps"])) / p["lora_steps"]
+        steps = min(p["lora_steps"], ft.steps_per_epoch)  # one timed epoch prefix: batch 1, one image a step
+        seconds = _timed(device, lambda: ft.train_epoch(1, max_steps=steps)) / steps
         row.update(value=seconds, unit="s/step", flops=flops, flop_rate=flops / seconds,
                    limit_fraction=flops / seconds / peak, peak_memory_gb=_peak_gb(device),
                    vs_paper_time=PAPER["s_per_step"] / seconds)
@@ -316,6 +317,9 @@ def table(meta: dict, rows: list[dict]) -> str:
              f"{meta['diffusers']}, CUDA {meta['cuda']}; {meta['date']}",
              f"- FLOP limit (measured here): {meta['peak_flops'] / 1e12:.3g} TFLOP/s, {meta['peak_dtype']} "
              f"{meta['matmul']}^3 matmuls; 'of limit' = achieved FLOP/s / this",
+             "- FLOPs counted here by torch on the same code; NOTES.md's counts at 224 px for comparison: UNet "
+             "forward 139.5 GFLOP, one image (30 steps, guidance) 8.9 TFLOP, training per image ResNet34 ~22, "
+             "DenseNet121 ~17, SqueezeNet1.1 ~2.1 GFLOP",
              f"- paper (USLoRA, {PAPER['gpu']}, fp16): {PAPER['s_per_step']} s/step, {PAPER['memory_gb']} GB; "
              "memory here is torch's peak allocation (nvidia-smi adds the CUDA context, ~0.5 GB)",
              f"- total time: {meta['seconds']:.0f} s",
