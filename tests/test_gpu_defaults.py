@@ -152,3 +152,15 @@ def test_classifier_autocast_bf16_only_where_native(fake_gpu):
     assert autocast_dtype("auto", fake_gpu(False)) == torch.float16
     assert autocast_dtype("bf16", fake_gpu(False)) == torch.float16
     assert autocast_dtype("auto", torch.device("cpu")) is None
+
+
+def test_shipped_cluster_yaml_lets_auto_see_its_gpu_node_types(monkeypatch):
+    """On a head started by `ray up cluster.yaml`, ~/ray_bootstrap_config.yaml holds these node types:
+    `auto` must see that GPU nodes can be added although the cluster starts with none."""
+    from pathlib import Path
+
+    shipped = Path(__file__).resolve().parents[1] / "cluster.yaml"
+    monkeypatch.setattr("meddap.placement.BOOTSTRAP_CONFIG", str(shipped))
+    out = gpu_outlook(load_config("paper"), resources={"CPU": 8.0})
+    assert out.now == 0 and out.most >= 1
+    assert resolve_use_gpu("auto", "diffusion.train.use_gpu", out, what="fine-tuning", unet_parameters=SD14_UNET)
