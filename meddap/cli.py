@@ -33,6 +33,7 @@ BENCHES = {
     "generate": "meddap.bench.generate:main",
     "classify": "meddap.bench.classify:main",
     "pipeline": "meddap.bench.pipeline:main",
+    "gpu": "meddap.bench.gpu:main",
 }
 
 

@@ -68,6 +68,16 @@ def _f(default: Any, help: str) -> Any:
 
 SOURCES = ("busi", "imagefolder", "manifest", "phantom")
 
+# classify.gpus_per_trial=auto on a cluster with (or able to add) GPUs: 4 classifier trials share a GPU
+# (one trial of the paper's ResNet34 at batch 32 uses a fraction of a modern GPU; paper.yaml packs 4 too).
+AUTO_GPUS_PER_TRIAL = 0.25
+
+# Keys that were replaced: naming one gives an error that says what to write instead.
+_RENAMED = {
+    "classify.checkpoint_every": "classify.checkpoint_seconds (trial checkpoints are taken by time now, "
+                                 "e.g. classify.checkpoint_seconds=60; 0 = every epoch)",
+}
+
 
 @dataclass
 class PhantomConfig:
@@ -162,11 +172,14 @@ class DiffusionTrainConfig:
     lr: float = _f(1e-4, "AdamW learning rate, constant schedule.")
     batch_size: int = _f(1, "Images per optimizer step per worker (paper: 1).")
     num_workers: int = _f(1, "Ray Train workers (DDP over the LoRA parameters).")
-    use_gpu: bool = _f(False, "Give each Ray Train worker one GPU.")
+    use_gpu: Union[Literal["auto"], bool] = _f(
+        "auto", "One GPU per Ray Train worker. auto: yes when the Ray cluster has GPUs or its autoscaler can add "
+                "GPU nodes (docs/gpu.md); a GPU-sized base model then never falls back to the CPU silently.")
     max_failures: int = _f(1, "Times Ray Train restarts a failed worker group from the last checkpoint.")
     random_flip: bool = _f(True, "Random horizontal flip of training images.")
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = _f(
-        "auto", "auto: fp16 on CUDA, fp32 on CPU. The LoRA weights stay fp32.")
+        "auto", "auto: bf16 without loss scaling on GPUs with native bf16 (Ampere+), else fp16 with loss scaling; "
+                "fp32 on CPU. bf16 where it is only emulated (Turing) runs as fp16. The LoRA weights stay fp32.")
     gradient_checkpointing: bool = _f(False, "Recompute UNet activations in the backward pass (less memory, slower).")
     cache_latents: bool = _f(True, "Encode images (and their flips) and prompts once, not every step.")
     seed: int = _f(0, "Seed of noise, timesteps, flips and LoRA init.")
@@ -182,7 +195,12 @@ class DiffusionTrainConfig:
 @dataclass
 class DiffusionConfig:
     base_model: str = _f("CompVis/stable-diffusion-v1-4",
-                         "Hub id or local diffusers folder; 'builtin:tiny' builds a few-MB SD into <run_dir>/models/.")
+                         "Hub id (from the Hugging Face cache or the hub), a local diffusers folder, or a single-file "
+                         "checkpoint (sd-v1-4.ckpt / .safetensors); 'builtin:tiny' builds a few-MB SD into "
+                         "<run_dir>/models/.")
+    single_file_config: Optional[str] = _f(
+        None, "For a single-file base_model: the diffusers folder or hub id whose configs and tokenizer describe it "
+              "(a checkpoint holds neither); null = CompVis/stable-diffusion-v1-4 from the Hugging Face cache.")
     resolution: int = _f(224, "Training (and default generation) resolution in pixels (paper: 224).")
     prompt_template: str = _f("ultrasound image of {class_phrase} tumor in the breast",
                               "Training prompt per class; must contain {class_phrase}.")
@@ -212,6 +230,9 @@ class GenerateConfig:
     scheduler: Optional[str] = _f(None, "null = the base model's scheduler; or a diffusers scheduler class name.")
     resolution: Optional[int] = _f(None, "null = diffusion.resolution (not the pipeline's 512 default).")
     precision: Literal["auto", "fp32", "fp16", "bf16"] = _f("auto", "auto: fp16 on CUDA, fp32 on CPU.")
+    use_gpu: Union[Literal["auto"], bool] = _f(
+        "auto", "Generation actors on GPUs (generate.num_gpus_per_worker each). auto: yes when the Ray cluster has "
+                "GPUs or its autoscaler can add GPU nodes; the pool then asks for GPUs even while none are up.")
     batch_size: int = _f(16, "Prompts per pipeline call.")
     workers: Optional[int] = _f(None, "Ray Data actors; null = one per GPU, or on CPU a pool that leaves CPUs free.")
     num_gpus_per_worker: float = _f(1.0, "GPUs per actor when GPUs are present.")
@@ -262,12 +283,17 @@ class ClassifyConfig:
     lr: float = _f(1e-3, "Adam learning rate (paper: 1e-3).")
     image_size: Optional[int] = _f(None, "null = data.image_size.")
     random_flip: bool = _f(True, "Random horizontal flip during training.")
-    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = _f("auto", "auto: bf16/fp16 autocast on CUDA, fp32 on CPU.")
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = _f(
+        "auto", "auto: bf16 autocast on GPUs with native bf16, else fp16 with loss scaling; fp32 on CPU.")
     cpus_per_trial: float = _f(1.0, "CPUs each Tune trial claims.")
-    gpus_per_trial: float = _f(0.0, "GPU fraction each trial claims (e.g. 0.25 packs 4 trials on a GPU).")
+    gpus_per_trial: Union[Literal["auto"], float] = _f(
+        "auto", f"GPU fraction each trial claims (e.g. 0.25 packs 4 trials on a GPU; 0 = CPU). auto: "
+                f"{AUTO_GPUS_PER_TRIAL:g} when the Ray cluster has GPUs or its autoscaler can add GPU nodes, else 0.")
     max_concurrent_trials: Optional[int] = _f(None, "null = as many as resources allow.")
     max_failures: int = _f(2, "Retries of a failed trial (from its last checkpoint).")
-    checkpoint_every: int = _f(5, "Epochs between trial checkpoints.")
+    checkpoint_seconds: float = _f(
+        60.0, "Seconds of training between trial checkpoints (taken at the end of an epoch; 0 = every epoch). "
+              "By time, not epochs: an epoch of the paper takes ~0.2 s on an H100, a checkpoint ~350 MB.")
     threads_per_trial: Optional[int] = _f(None, "torch CPU threads in a trial; null = cpus_per_trial.")
     seed: int = _f(0, "Base seed; each trial's seed is derived from it and the trial's settings.")
     save_models: Literal["none", "fold0", "all"] = _f(
@@ -281,12 +307,14 @@ class ClassifyConfig:
         if self.image_size is not None:
             _check(16 <= self.image_size <= 2048, f"{prefix}.image_size", self.image_size, "null or [16, 2048]")
         _check(self.cpus_per_trial > 0, f"{prefix}.cpus_per_trial", self.cpus_per_trial, "a number > 0")
-        _check(self.gpus_per_trial >= 0, f"{prefix}.gpus_per_trial", self.gpus_per_trial, "a number >= 0")
+        _check(self.gpus_per_trial == "auto" or self.gpus_per_trial >= 0, f"{prefix}.gpus_per_trial",
+               self.gpus_per_trial, "auto or a number >= 0")
         if self.max_concurrent_trials is not None:
             _check(self.max_concurrent_trials >= 1, f"{prefix}.max_concurrent_trials", self.max_concurrent_trials,
                    "null or an integer >= 1")
         _check(self.max_failures >= 0, f"{prefix}.max_failures", self.max_failures, "an integer >= 0")
-        _check(self.checkpoint_every >= 1, f"{prefix}.checkpoint_every", self.checkpoint_every, "an integer >= 1")
+        _check(self.checkpoint_seconds >= 0, f"{prefix}.checkpoint_seconds", self.checkpoint_seconds,
+               "a number of seconds >= 0")
 
 
 @dataclass
@@ -328,6 +356,9 @@ class RayConfig:
     address: Optional[str] = _f(None, "null: join the cluster if one runs (RAY_ADDRESS), else start a local Ray.")
     num_cpus: Optional[int] = _f(None, "CPUs of a locally started Ray; null = all.")
     storage_path: Optional[str] = _f(None, "Ray Train/Tune storage; null = <run_dir>/ray.")
+    autoscaling_config: Optional[str] = _f(
+        None, "The autoscaler's cluster config on the driver's node, read to learn whether GPU nodes can be added "
+              "(GPU settings 'auto'); null = ~/ray_bootstrap_config.yaml, where `ray up` puts it on the head.")
 
 
 @dataclass
@@ -454,6 +485,9 @@ def _build(cls: type, d: dict, prefix: str, source: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in d if k not in names]
+    for k in unknown:
+        if prefix + k in _RENAMED:
+            raise ConfigError(f"config key '{prefix}{k}' (from {source}) was replaced by {_RENAMED[prefix + k]}.")
     if unknown:
         k = unknown[0]
         import difflib

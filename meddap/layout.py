@@ -15,8 +15,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from meddap.storage import join
-
 __all__ = ["RunLayout", "adjective_slug", "adapter_name"]
 
 
@@ -35,6 +33,8 @@ class RunLayout:
     run_dir: str
 
     def path(self, *parts: str) -> str:
+        from meddap.storage import join  # pyarrow: not at import, so config checks run without it (bench gpu)
+
         return join(self.run_dir, *parts)
 
     # prepare

@@ -197,6 +197,35 @@ def test_load_inception_from_weights_file(fake_inception_weights, dims):
     assert out.shape == (2, dims)
 
 
+def test_stand_in_has_pytorch_fids_published_layout(fake_inception_weights, monkeypatch):
+    """The stand-in's keys and shapes are those of the network pytorch-fid itself builds and loads
+    pt_inception-2015-12-05-6726825d.pth into (captured just before it would load the published file)."""
+    import pytorch_fid.inception as pfi
+    import torchvision.models.inception as tvi
+
+    built = []
+    monkeypatch.setattr(pfi, "load_state_dict_from_url", lambda *a, **k: {})
+    monkeypatch.setattr(tvi.Inception3, "load_state_dict", lambda self, state, *a, **k: built.append(self))
+    pfi.fid_inception_v3()
+    state, _ = fake_inception_weights
+    theirs = built[0].state_dict()
+    assert INCEPTION_WEIGHTS_FILE == "pt_inception-2015-12-05-6726825d.pth"
+    assert {k: tuple(v.shape) for k, v in theirs.items()} == {k: tuple(v.shape) for k, v in state.items()}
+
+
+def test_load_inception_from_torch_hub_cache(fake_inception_weights, tmp_path, monkeypatch):
+    """fid.weights null: the published file where pytorch-fid's download leaves it, $TORCH_HOME/hub/checkpoints."""
+    import shutil
+
+    state, path = fake_inception_weights
+    checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    shutil.copyfile(path, checkpoints / INCEPTION_WEIGHTS_FILE)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    model = load_inception(2048)
+    torch.testing.assert_close(model.inception.blocks[0][0].conv.weight, state["Conv2d_1a_3x3.conv.weight"])
+
+
 # ---------------------------------------------------------------------------------------------
 # The fid stage on hand-made manifests
 # ---------------------------------------------------------------------------------------------

@@ -21,14 +21,16 @@ import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import numpy as np
-import pandas as pd
 import torch
 
 from meddap.errors import MeddapError
 from meddap.progress import Progress
+
+if TYPE_CHECKING:  # pandas is imported where frames are made: `bench gpu` runs the batch transform without it
+    import pandas as pd
 
 __all__ = [
     "TrialSpec",
@@ -42,6 +44,7 @@ __all__ = [
     "select_training_rows",
     "load_sweep_images",
     "trial_tensors",
+    "imagenet_stats",
     "model_input",
 ]
 
@@ -187,6 +190,8 @@ def _synthetic_counts(real: pd.DataFrame, ratio: float, n_classes: int) -> dict[
 def select_training_rows(manifest: pd.DataFrame, synthetic: Optional[pd.DataFrame], spec: TrialSpec,
                          classes: Sequence[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(real rows, synthetic rows) of a trial's training set, as the module docstring defines them."""
+    import pandas as pd
+
     real = _real_train_rows(manifest, spec.fold)
     if spec.real_only:
         return real, (synthetic.iloc[:0] if synthetic is not None else pd.DataFrame())
@@ -293,6 +298,8 @@ def _pool_key(data: SweepImages, fold: int, adjective: str) -> tuple[int, str]:
 def trial_tensors(data: SweepImages, spec: TrialSpec, get: Callable = lambda x: x) -> TrialTensors:
     """The trial's training set, its validation/test/external sets and (real-only trials) the
     synthetic sets of its fold for every adjective, as uint8 tensors."""
+    import pandas as pd
+
     rows = data.real_rows
     real = rows[(rows["split"] == "train") & (rows["fold"] != spec.fold)]
     val = rows[(rows["split"] == "train") & (rows["fold"] == spec.fold)]
@@ -329,15 +336,23 @@ def trial_tensors(data: SweepImages, spec: TrialSpec, get: Callable = lambda x: 
 # ---------------------------------------------------------------------------------------------
 # Batch transform on the device
 # ---------------------------------------------------------------------------------------------
+def imagenet_stats(device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean and std as (1, 3, 1, 1) tensors on `device`: build once, pass to `model_input`."""
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    return mean, std
+
+
 def model_input(batch: torch.Tensor, *, flip: bool = False, generator: Optional[torch.Generator] = None,
-                channels_last: bool = False) -> torch.Tensor:
+                channels_last: bool = False,
+                stats: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """(B, 1, S, S) uint8 -> (B, 3, S, S) float32 ImageNet-normalised, with a random horizontal flip
-    per image when `flip` (drawn from `generator`, on the batch's device)."""
+    per image when `flip` (drawn from `generator`, on the batch's device). `stats`: `imagenet_stats`
+    on the batch's device, built once by a caller that runs many batches (else built here)."""
     x = batch.float().div_(255.0)                                           # (B, 1, S, S) in [0, 1]
     if flip:
         coin = torch.rand(x.shape[0], device=x.device, generator=generator) < 0.5  # (B,)
         x = torch.where(coin[:, None, None, None], x.flip(-1), x)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    mean, std = stats if stats is not None else imagenet_stats(x.device)
     x = (x.expand(-1, 3, -1, -1) - mean) / std                              # (B, 3, S, S)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x

@@ -23,7 +23,6 @@ import warnings
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
-from scipy.fft import dctn
 
 from meddap.errors import MeddapError
 
@@ -173,6 +172,8 @@ def thumbnail_correlation(a: np.ndarray, b: np.ndarray) -> float:
 
 def _low_dct(grey: np.ndarray) -> np.ndarray:
     """(H, W) uint8 -> (8, 8) lowest-frequency orthonormal DCT-II coefficients of the 32 x 32 thumbnail."""
+    from scipy.fft import dctn  # here, not at the top: image decoding (and `bench gpu`) runs without scipy
+
     coeffs = dctn(thumbnail(grey).astype(np.float64), type=2, norm="ortho")  # (32, 32)
     return coeffs[:_PHASH_SIDE, :_PHASH_SIDE]
 

@@ -78,14 +78,20 @@ class SyntheticGenerator:
     adapters: {name: adapter folder holding pytorch_lora_weights.safetensors} (local or URI).
     """
 
-    def __init__(self, model: str, adapters: dict[str, str] | None = None, *, steps: int = 30,
+    def __init__(self, model: str | None, adapters: dict[str, str] | None = None, *, steps: int = 30,
                  guidance_scale: float = 7.5, resolution: int = 224, scheduler: str | None = None,
-                 precision: str = "auto", device: str | None = None):
+                 precision: str = "auto", device: str | None = None, single_file_config: str | None = None,
+                 pipeline=None):
         from meddap.diffusion.base import load_pipeline
 
         self.device, self.dtype = resolve_device_dtype(precision, device)
         self.steps, self.guidance_scale, self.resolution = steps, float(guidance_scale), resolution
-        self.pipe = load_pipeline(model, device=self.device, dtype=self.dtype)  # safety checker off
+        if pipeline is not None:  # built in memory (the GPU benchmark's SD-1.4-shaped random model)
+            self.pipe = pipeline.to(self.device, self.dtype)
+            self.pipe.set_progress_bar_config(disable=True)
+        else:
+            self.pipe = load_pipeline(model, device=self.device, dtype=self.dtype,  # safety checker off
+                                      single_file_config=single_file_config)
         if scheduler:
             self.pipe.scheduler = _make_scheduler(scheduler, self.pipe.scheduler.config)
         self.scheduler_name = type(self.pipe.scheduler).__name__
@@ -101,20 +107,16 @@ class SyntheticGenerator:
         g = cfg.generate
         return cls(model, adapters, steps=g.steps, guidance_scale=g.guidance_scale,
                    resolution=cfg.generate_resolution, scheduler=g.scheduler, precision=g.precision,
-                   device=device)
+                   device=device, single_file_config=cfg.diffusion.single_file_config)
 
     def _load_adapter(self, name: str, folder: str) -> None:
         import os
 
-        from meddap import storage
-        from meddap.diffusion.plan import ADAPTER_FILE
-
-        # local_path: the file itself for a local run_dir, a cached download for s3:// / gs://.
+        weights, info = _adapter_files(folder)
         # Loading from a file (not a state dict) keeps diffusers' LoRA metadata (alpha) in effect.
-        local = storage.local_path(storage.join(folder, ADAPTER_FILE))
-        self.pipe.load_lora_weights(os.path.dirname(local), weight_name=os.path.basename(local),
+        self.pipe.load_lora_weights(os.path.dirname(weights), weight_name=os.path.basename(weights),
                                     adapter_name=name)
-        self._scales[name] = _alpha_scale(folder, local)
+        self._scales[name] = _alpha_scale(weights, info)
 
     def _activate(self, adapter: str | None) -> None:
         if adapter == self._active:
@@ -160,7 +162,25 @@ class SyntheticGenerator:
         return self.generate_batch([ImageRequest(prompt, seed, adapter)])[0]
 
 
-def _alpha_scale(folder: str, weights_file: str) -> float:
+def _adapter_files(folder: str) -> tuple[str, str | None]:
+    """(local path of the adapter's weights file, text of its adapter.json or None) for an adapter
+    folder: a local folder as it is (no object-store layer needed, e.g. in `bench gpu`), an s3:// or
+    gs:// one through meddap.storage (the weights as a cached download)."""
+    import os
+
+    from meddap.diffusion.lora import LORA_WEIGHTS_NAME
+
+    if os.path.isdir(folder):
+        info = os.path.join(folder, "adapter.json")
+        return os.path.join(folder, LORA_WEIGHTS_NAME), (open(info).read() if os.path.isfile(info) else None)
+    from meddap import storage
+
+    info = storage.join(folder, "adapter.json")
+    return (storage.local_path(storage.join(folder, LORA_WEIGHTS_NAME)),
+            storage.read_text(info) if storage.exists(info) else None)
+
+
+def _alpha_scale(weights_file: str, adapter_json: str | None) -> float:
     """alpha / rank from adapter.json when the weights file does not carry peft's LoRA config itself.
 
     diffusers' LoRA format stores no alpha unless saved with `unet_lora_adapter_metadata`; loading
@@ -168,15 +188,12 @@ def _alpha_scale(folder: str, weights_file: str) -> float:
     """
     from safetensors import safe_open
 
-    from meddap import storage
-
     with safe_open(weights_file, "pt") as f:
         if "lora_adapter_metadata" in (f.metadata() or {}):
             return 1.0  # diffusers applied the saved alpha already
-    info_path = storage.join(folder, "adapter.json")
-    if not storage.exists(info_path):
+    if adapter_json is None:
         return 1.0
-    info = json.loads(storage.read_text(info_path))
+    info = json.loads(adapter_json)
     rank, alpha = info.get("rank"), info.get("alpha")
     return float(alpha) / float(rank) if rank and alpha else 1.0
 

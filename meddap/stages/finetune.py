@@ -4,8 +4,10 @@
 
 For each adapter (`adapters/fold-<k>/`, or `adapters/all/` when diffusion.lora.per_fold is false):
   - training images: fold k's training images (train rows with fold != k), or every train row;
-  - a TorchTrainer with `diffusion.train.num_workers` workers (one GPU each when use_gpu), the
-    LoRA gradients averaged across workers each step (see meddap.diffusion.train);
+  - a TorchTrainer with `diffusion.train.num_workers` workers, the LoRA gradients averaged across
+    workers each step (see meddap.diffusion.train); each worker asks for one GPU when
+    `diffusion.train.use_gpu` resolves to true (`auto`: the cluster has or can add GPUs, see
+    meddap.placement; an SD-sized model with no GPU in sight is an error, never a silent CPU run);
   - a checkpoint every epoch (LoRA weights, optimizer, step, epoch, RNG, losses) through
     `ray.train.report`; the run is named after its settings and images, so a killed run started
     again with the same config finds its checkpoints (`ray.train.get_checkpoint`) and continues,
@@ -104,6 +106,7 @@ def _train_loop(config: dict) -> None:
     import ray.train
     import torch
 
+    from meddap.device import compute_device, describe
     from meddap.diffusion.base import load_components, resolve_base_model
     from meddap.diffusion.train import Example, FinetuneSettings, LoraFinetuner
     from meddap.progress import Progress
@@ -112,19 +115,19 @@ def _train_loop(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(config["threads"])
-    if cfg.diffusion.train.use_gpu:
+    # Ray gave this worker a GPU when use_gpu resolved to true; MEDDAP_DEVICE=cpu computes on the CPU anyway.
+    device = compute_device(config["use_gpu"], "fine-tuning worker")
+    if device.type == "cuda":
         import ray.train.torch
-        device = ray.train.torch.get_device()
-    else:
-        device = torch.device("cpu")
+        device = ray.train.torch.get_device()  # this worker's GPU among the node's
 
     settings = FinetuneSettings.from_config(cfg)
     examples = [Example(p, q) for p, q in zip(config["paths"], config["prompts"])]
     # Resolved again here: `builtin:tiny` with an object-store run_dir builds into a node-local cache,
     # which the driver's node has but this worker's node may not.
     model = resolve_base_model(cfg) if cfg.diffusion.base_model == TINY_MODEL else config["model"]
-    ft = LoraFinetuner(load_components(model), examples, settings, device=device,
-                       rank=rank, world_size=world)
+    ft = LoraFinetuner(load_components(model, single_file_config=cfg.diffusion.single_file_config), examples,
+                       settings, device=device, rank=rank, world_size=world)
     ckpt = ray.train.get_checkpoint()
     resumed_from = 0
     if ckpt is not None:
@@ -136,17 +139,24 @@ def _train_loop(config: dict) -> None:
     elif rank == 0:
         _log(f"{config['name']}: LoRA rank {settings.rank} on {settings.targets}: {ft.trainable:,} trainable of "
              f"{ft.total:,} UNet parameters ({100 * ft.share:.4f} %); {len(examples)} images, "
-             f"{ft.steps_per_epoch} steps/epoch x {settings.epochs} epochs on {world} worker(s), {device}")
+             f"{ft.steps_per_epoch} steps/epoch x {settings.epochs} epochs on {world} worker(s), "
+             f"{describe(device)}, weights {str(ft.weight_dtype).replace('torch.', '')}"
+             f"{', fp16 loss scaling' if ft.scaler is not None else ''}")
 
     remaining = ft.total_steps - ft.step
     progress = Progress(max(remaining, 1), f"finetune {config['name']}", unit="steps",
                         stream=None) if rank == 0 else None
     fail_at = config.get("fail_after_epoch")
+    last = f"{ft.losses[-1][2]:.4f}" if ft.losses else "-"
     for epoch in range(ft.epoch, settings.epochs):
         t0 = time.perf_counter()
-        rows = ft.train_epoch(epoch, on_step=(lambda s, l: progress.update(
-            1, f"epoch {epoch + 1}/{settings.epochs} step {s}/{ft.total_steps} loss {l:.4f}")) if progress else None)
+        # Losses stay on the device during an epoch (no host sync per step): progress shows the last
+        # finished epoch's mean loss.
+        rows = ft.train_epoch(epoch, on_step=(lambda s: progress.update(
+            1, f"epoch {epoch + 1}/{settings.epochs} step {s}/{ft.total_steps} last epoch's loss {last}"))
+            if progress else None)
         mean_loss = sum(r[2] for r in rows) / len(rows)
+        last = f"{mean_loss:.4f}"
         metrics = {"epoch": epoch + 1, "step": ft.step, "loss": mean_loss,
                    "steps_per_s": len(rows) / max(time.perf_counter() - t0, 1e-9)}
         with tempfile.TemporaryDirectory() as d:
@@ -163,7 +173,7 @@ def _train_loop(config: dict) -> None:
             raise RuntimeError(f"injected failure after epoch {fail_at}")
 
     if rank == 0:
-        _write_outputs(ft, config, resumed_from)
+        _write_outputs(ft, dict(config, device=describe(device)), resumed_from)
 
 
 def _write_outputs(ft, config: dict, resumed_from: int = 0) -> None:
@@ -204,6 +214,9 @@ def _write_outputs(ft, config: dict, resumed_from: int = 0) -> None:
         "seed": s.seed,
         "prediction_type": ft.prediction_type,
         "resumed_from_step": resumed_from,
+        "device": config.get("device", ""),  # where the last run computed, e.g. "cuda:0 (NVIDIA H100 ...)"
+        "weight_dtype": str(ft.weight_dtype).replace("torch.", ""),
+        "loss_scaling": ft.scaler is not None,
         "final_loss": float(sum(r[2] for r in ft.losses[-ft.steps_per_epoch:]) / ft.steps_per_epoch),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })
@@ -213,10 +226,14 @@ def _write_outputs(ft, config: dict, resumed_from: int = 0) -> None:
 # ---------------------------------------------------------------------------------------------
 # The driver side
 # ---------------------------------------------------------------------------------------------
-def finetune_adapter(cfg: Config, entry: dict, model: str, fail_after_epoch: int | None = None) -> dict | None:
-    """Train one adapter with a TorchTrainer unless its adapter.json exists; returns adapter.json's content."""
+def finetune_adapter(cfg: Config, entry: dict, model: str, fail_after_epoch: int | None = None,
+                     use_gpu: bool | None = None) -> dict | None:
+    """Train one adapter with a TorchTrainer unless its adapter.json exists; returns adapter.json's content.
+    `use_gpu`: the resolved diffusion.train.use_gpu (None: resolve it here, see `resolve_gpu`)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from meddap.device import forced_cpu
 
     from meddap.diffusion.train import class_prompts
     from meddap.raytools import keep_sigint_handler
@@ -232,6 +249,8 @@ def finetune_adapter(cfg: Config, entry: dict, model: str, fail_after_epoch: int
     rows = entry["rows"]
     prompts = class_prompts(cfg)
     t = cfg.diffusion.train
+    if use_gpu is None:
+        use_gpu = resolve_gpu(cfg, model)
     name = _run_name(cfg, entry, model)
     meta = {
         "base_model": cfg.diffusion.base_model,
@@ -252,11 +271,11 @@ def finetune_adapter(cfg: Config, entry: dict, model: str, fail_after_epoch: int
     # A CPU worker claims one CPU and uses one torch thread: on a shared box more threads than claimed
     # CPUs thrash (measured: 2 threads under load ran the tiny model ~100x slower than 1). Use more
     # workers (DDP) to use more cores. A GPU worker only needs a few threads to feed its GPU.
-    threads = 4 if t.use_gpu else int(cpus)
+    threads = 4 if use_gpu else int(cpus)
     loop_config = {
         "cfg": cfg.to_dict(), "model": model, "name": adapter_name(fold), "out_dir": out,
         "paths": [str(p) for p in rows["path"]], "prompts": [prompts[c] for c in rows["class_name"]],
-        "meta": meta, "threads": threads, "fail_after_epoch": fail_after_epoch,
+        "meta": meta, "threads": threads, "fail_after_epoch": fail_after_epoch, "use_gpu": use_gpu,
     }
     storage_path = storage.join(cfg.ray.storage_path or lay.ray_storage, "finetune")
     # meddap.storage's filesystem (it honours AWS_ENDPOINT_URL for S3-compatible servers).
@@ -265,13 +284,16 @@ def finetune_adapter(cfg: Config, entry: dict, model: str, fail_after_epoch: int
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                     resources_per_worker={"CPU": cpus, **({"GPU": 1} if t.use_gpu else {})}),
+        # GPU workers talk NCCL; workers that compute on CPUs (MEDDAP_DEVICE=cpu on GPU nodes too) gloo.
+        torch_config=TorchConfig(backend="nccl" if use_gpu and not forced_cpu() else "gloo"),
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cpus, **({"GPU": 1} if use_gpu else {})}),
         run_config=RunConfig(storage_path=fs_path, storage_filesystem=fs, name=name,
                              failure_config=FailureConfig(max_failures=t.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
-    _log(f"{adapter_name(fold)}: training on {len(rows)} images (Ray run {name} in {storage_path})")
+    _log(f"{adapter_name(fold)}: training on {len(rows)} images, {t.num_workers} worker(s) with "
+         f"{'one GPU' if use_gpu else 'CPUs'} each (Ray run {name} in {storage_path})")
     t0 = time.perf_counter()
     try:
         with keep_sigint_handler():
@@ -309,16 +331,33 @@ def run(cfg: Config) -> dict:
     lay = RunLayout(cfg.run_dir)
     todo = [e for e in plan if not storage.exists(storage.join(lay.adapter_dir(e["fold"]), ADAPTER_JSON))]
     results: dict[str, dict] = {}
+    use_gpu = False
     if todo:
         model = resolve_base_model(cfg)
-        check_base_model(model)
+        check_base_model(model, cfg.diffusion.single_file_config)
         _print_accounting(cfg, model)
         ensure_ray(cfg)
+        use_gpu = resolve_gpu(cfg, model)
     else:
         model = cfg.diffusion.base_model
     for entry in plan:
-        results[adapter_name(entry["fold"])] = finetune_adapter(cfg, entry, model)
+        results[adapter_name(entry["fold"])] = finetune_adapter(cfg, entry, model, use_gpu=use_gpu)
     return results
+
+
+def resolve_gpu(cfg: Config, model: str) -> bool:
+    """diffusion.train.use_gpu for this cluster and base model (meddap.placement); Ray must be up."""
+    from meddap.diffusion.base import count_unet_parameters
+    from meddap.placement import gpu_outlook, resolve_use_gpu
+    from meddap.raytools import ensure_ray
+
+    ensure_ray(cfg)
+    outlook = gpu_outlook(cfg)
+    use = resolve_use_gpu(cfg.diffusion.train.use_gpu, "diffusion.train.use_gpu", outlook, what="fine-tuning",
+                          unet_parameters=count_unet_parameters(model, cfg.diffusion.single_file_config))
+    _log(f"diffusion.train.use_gpu={cfg.diffusion.train.use_gpu}: workers {'ask for one GPU each' if use else 'use CPUs'}"
+         f" ({outlook})")
+    return use
 
 
 def _print_accounting(cfg: Config, model: str) -> None:
@@ -326,12 +365,10 @@ def _print_accounting(cfg: Config, model: str) -> None:
     import torch
     from diffusers import UNet2DConditionModel
 
+    from meddap.diffusion.base import unet_config
     from meddap.diffusion.lora import add_uslora, count_trainable, lora_targets
 
-    try:
-        unet_cfg = UNet2DConditionModel.load_config(model, subfolder="unet")
-    except OSError as e:
-        raise MeddapError(f"base model {model!r} has no readable unet/config.json ({e}).") from None
+    unet_cfg = unet_config(model, cfg.diffusion.single_file_config)
     l = cfg.diffusion.lora
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(unet_cfg)

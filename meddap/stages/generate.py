@@ -10,8 +10,12 @@
    everything else (deleted files, stale settings) is generated.
 3. Generate what is missing: a Ray Dataset of requests, one block per batch, ordered by adapter so an
    actor switches adapters at most at a boundary; `map_batches` with `_GenerateActor` on an
-   `ActorPoolStrategy` pool. Each actor loads the base model and every adapter once (peft named
-   adapters, switched with `set_adapters`), writes each PNG atomically and returns manifest rows.
+   `ActorPoolStrategy` pool. With `generate.use_gpu` resolved to true (`auto`: the cluster has GPUs or
+   its autoscaler can add them, meddap.placement) every actor asks for `generate.num_gpus_per_worker`
+   GPUs whatever the cluster holds at that moment: the pool starts at one actor and grows to what
+   the cluster can hold, so an autoscaler adds GPU nodes instead of the work landing on CPUs. Each
+   actor loads the base model and every adapter once (peft named adapters, switched with
+   `set_adapters`), writes each PNG atomically and returns manifest rows.
    The driver consumes results as they come (`iter_batches`) and rewrites
    `synthetic/manifest.parquet` atomically every few seconds, so a kill loses at most the batches
    in flight.
@@ -123,23 +127,32 @@ def _write_manifest(plan: GenerationPlan, rows: pd.DataFrame, path: str) -> None
 # ---------------------------------------------------------------------------------------------
 # Ray Data
 # ---------------------------------------------------------------------------------------------
-def pool_size(cfg, resources: dict) -> dict:
-    """{workers, num_cpus, num_gpus, threads} of the actor pool for the cluster's `resources`.
+def pool_size(cfg, resources: dict, use_gpu: bool | None = None, most_gpus: float | None = None) -> dict:
+    """{workers, min_workers, num_cpus, num_gpus, threads} of the actor pool for the cluster's `resources`.
 
-    GPUs: one actor per `generate.num_gpus_per_worker` GPUs (or `generate.workers`). CPU only:
-    actors of `generate.cpus_per_worker` CPUs, never claiming every CPU: a pool that does starves
-    Ray Data's other tasks and hangs forever (ray#44687; seen here on 2 CPUs).
+    `use_gpu`: the resolved generate.use_gpu (None: GPUs when `resources` has them). `most_gpus`: the
+    most GPUs the cluster can have (its autoscaler's node types; default: those it has now).
+    GPUs: one actor per `generate.num_gpus_per_worker` GPUs (or `generate.workers`), at least one even
+    while the cluster has none: the pool starts with the actors that fit now (at least one) and
+    grows to `workers` as GPU nodes join. CPU only: actors of `generate.cpus_per_worker` CPUs, never
+    claiming every CPU: a pool that does starves Ray Data's other tasks and hangs forever (ray#44687;
+    seen here on 2 CPUs).
     """
     g = cfg.generate
     cpus = float(resources.get("CPU", 1.0))
     gpus = float(resources.get("GPU", 0.0))
     free = max(cpus - 1.0, 0.0)  # CPUs the pool may claim: at least one stays free
-    if gpus > 0:
-        n = g.workers or max(1, int(gpus // g.num_gpus_per_worker))
-        n = min(n, max(1, int(gpus // g.num_gpus_per_worker)))
-        num_cpus = min(1.0, free / n) if free > 0 else cpus / (2 * n)
-        return {"workers": n, "num_cpus": num_cpus, "num_gpus": g.num_gpus_per_worker, "threads": 1,
-                "note": f"{n} actor(s) x {g.num_gpus_per_worker:g} GPU"}
+    if use_gpu is None:
+        use_gpu = gpus > 0
+    if use_gpu:
+        per = g.num_gpus_per_worker
+        most = max(gpus, most_gpus or 0.0)
+        n = g.workers or max(1, int(most // per))
+        now = max(1, min(n, int(gpus // per)))
+        # GPU nodes bring their own CPUs: one CPU per actor, less only when the cluster is that small now.
+        num_cpus = min(1.0, free / now) if free > 0 else cpus / (2 * now)
+        return {"workers": n, "min_workers": now, "num_cpus": num_cpus, "num_gpus": per, "threads": 1,
+                "note": f"{now} to {n} actor(s) x {per:g} GPU" if now < n else f"{n} actor(s) x {per:g} GPU"}
     per = g.cpus_per_worker
     most = int(math.floor(free / per + 1e-9))
     note = ""
@@ -150,28 +163,32 @@ def pool_size(cfg, resources: dict) -> dict:
     if n > most:
         note = f"; generate.workers={n} lowered to {most} to leave >= 1 of {cpus:g} CPUs free"
         n = most
-    return {"workers": n, "num_cpus": per, "num_gpus": 0.0, "threads": max(1, int(round(per))),
+    return {"workers": n, "min_workers": n, "num_cpus": per, "num_gpus": 0.0, "threads": max(1, int(round(per))),
             "note": f"{n} actor(s) x {per:g} CPU{note}"}
 
 
 class _GenerateActor:
     """Ray Data callable class: loads the model and adapters once, then makes batches of images."""
 
-    def __init__(self, cfg: dict, model: str | None, adapters: dict[str, str], settings: dict, threads: int):
+    def __init__(self, cfg: dict, model: str | None, adapters: dict[str, str], settings: dict, threads: int,
+                 use_gpu: bool | None = None):
         import torch
 
         from meddap.config import Config
+        from meddap.device import compute_device
         from meddap.diffusion.base import resolve_base_model
         from meddap.diffusion.generate import SyntheticGenerator
 
-        if not torch.cuda.is_available():
+        # use_gpu: Ray gave this actor a GPU (None, in-process: whatever this process has).
+        device = compute_device(torch.cuda.is_available() if use_gpu is None else use_gpu, "generation actor")
+        if device.type == "cpu":
             torch.set_num_threads(threads)
         self.cfg = Config.from_dict(cfg)
         # None: resolve on this node. builtin:tiny with an s3:// run_dir lives in a node-local cache,
         # so a path from the driver's node would not exist here (the build is seeded and atomic).
         model = model or resolve_base_model(self.cfg)
         self.settings = settings
-        self.gen = SyntheticGenerator.from_config(self.cfg, model, adapters)
+        self.gen = SyntheticGenerator.from_config(self.cfg, model, adapters, device=str(device))
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -230,7 +247,8 @@ def _generate_on_ray(cfg, plan: GenerationPlan, todo: pd.DataFrame, model: str |
     from meddap.raytools import ensure_ray
 
     ensure_ray(cfg)
-    pool = pool_size(cfg, dict(ray.cluster_resources()))
+    use_gpu, outlook = resolve_gpu(cfg)
+    pool = pool_size(cfg, dict(ray.cluster_resources()), use_gpu, outlook.most)
     bs = cfg.generate.batch_size
     # One block per batch, each within one adapter: the plan is ordered by adapter, so an actor
     # switches adapters only where one adapter's images end.
@@ -242,12 +260,12 @@ def _generate_on_ray(cfg, plan: GenerationPlan, todo: pd.DataFrame, model: str |
     ds = ray.data.from_pandas(blocks).map_batches(
         _GenerateActor,
         batch_size=bs,
-        compute=ray.data.ActorPoolStrategy(size=pool["workers"]),
+        compute=ray.data.ActorPoolStrategy(min_size=pool["min_workers"], max_size=pool["workers"]),
         num_cpus=pool["num_cpus"],
         num_gpus=pool["num_gpus"] or None,
         fn_constructor_kwargs={"cfg": cfg.to_dict(), "model": model,
                                "adapters": plan.adapters,
-                               "settings": plan.settings, "threads": pool["threads"]},
+                               "settings": plan.settings, "threads": pool["threads"], "use_gpu": use_gpu},
         batch_format="numpy",
     )
     try:
@@ -258,6 +276,20 @@ def _generate_on_ray(cfg, plan: GenerationPlan, todo: pd.DataFrame, model: str |
         if inner is not None:
             raise type(inner)(str(inner)) from None
         raise
+
+
+def resolve_gpu(cfg):
+    """(generate.use_gpu resolved for this cluster and base model, the cluster's GpuOutlook); Ray must be up."""
+    from meddap.diffusion.base import count_unet_parameters, resolve_base_model
+    from meddap.placement import gpu_outlook, resolve_use_gpu
+
+    outlook = gpu_outlook(cfg)
+    params = count_unet_parameters(resolve_base_model(cfg), cfg.diffusion.single_file_config)
+    use = resolve_use_gpu(cfg.generate.use_gpu, "generate.use_gpu", outlook, what="generation",
+                          unet_parameters=params)
+    print(f"[generate] generate.use_gpu={cfg.generate.use_gpu}: actors {'ask for GPUs' if use else 'use CPUs'} "
+          f"({outlook})", flush=True)
+    return use, outlook
 
 
 def _generate_in_process(cfg, plan: GenerationPlan, todo: pd.DataFrame, model: str | None, on_done) -> None:

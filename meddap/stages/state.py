@@ -76,8 +76,9 @@ _EXECUTION_ONLY = {
     # fp32 on CPU), so a run may continue on another machine with another precision setting.
     "diffusion.train.mixed_precision", "generate.precision", "classify.mixed_precision",
     "generate.batch_size", "generate.workers", "generate.num_gpus_per_worker", "generate.cpus_per_worker",
+    "generate.use_gpu",
     "classify.cpus_per_trial", "classify.gpus_per_trial", "classify.max_concurrent_trials",
-    "classify.max_failures", "classify.checkpoint_every", "classify.threads_per_trial",
+    "classify.max_failures", "classify.checkpoint_seconds", "classify.threads_per_trial",
     "fid.batch_size",
 }
 

@@ -10,9 +10,11 @@ How it runs
   driver's node (Ray copies them once to any other node), so no trial decodes a file.
 - Each trial is a Tune function trainable around `meddap.classify.trial.train_trial`, with
   `classify.cpus_per_trial` CPUs and `classify.gpus_per_trial` GPU (fractions pack several trials on
-  one GPU), at most `classify.max_concurrent_trials` at once, retried `classify.max_failures` times.
-  Every `classify.checkpoint_every` epochs it reports a checkpoint (`ray.tune.report(..., checkpoint=)`),
-  so a retried trial continues from there (`ray.tune.get_checkpoint()`).
+  one GPU; `auto` = a quarter of a GPU when the cluster has or can add GPUs, see meddap.placement),
+  at most `classify.max_concurrent_trials` at once, retried `classify.max_failures` times.
+  Once `classify.checkpoint_seconds` have passed since its last checkpoint, a trial reports one at the
+  end of an epoch (`ray.tune.report(..., checkpoint=)`), so a retried trial continues from there
+  (`ray.tune.get_checkpoint()`).
 - Outputs, written by each trial as it finishes under `run_dir/trials/<trial_id>/`:
   `predictions.parquet`, `synthetic_eval.parquet` (real-only trials), `model.pt` (per
   classify.save_models), and LAST `trials.parquet`, the marker that the trial is done. The driver
@@ -239,6 +241,7 @@ def _trainable(config: dict, shared: dict) -> None:
 
     from meddap.classify.data import TrialSpec, trial_tensors
     from meddap.classify.trial import train_trial
+    from meddap.device import compute_device
 
     cfg = Config.from_dict(shared["cfg"])
     spec = TrialSpec.from_dict(config["trial"])
@@ -248,8 +251,9 @@ def _trainable(config: dict, shared: dict) -> None:
         return
     c = cfg.classify
     torch.set_num_threads(c.threads_per_trial or max(1, int(c.cpus_per_trial)))
-    use_cuda = c.gpus_per_trial > 0 and torch.cuda.is_available()
-    device = torch.device("cuda" if use_cuda else "cpu")
+    # shared["gpus_per_trial"]: classify.gpus_per_trial resolved on the driver; > 0 means Ray gave this
+    # trial (a share of) a GPU. MEDDAP_DEVICE=cpu computes on the CPU anyway (tests).
+    device = compute_device(shared["gpus_per_trial"] > 0, "classifier trial")
 
     checkpoint = tune.get_checkpoint()  # a retry inside this sweep
     resume_from = config["trial"].get("resume_from")
@@ -363,6 +367,18 @@ def check_classifiers(cfg: Config, weights: bool = True) -> None:
             build_classifier(model, len(cfg.data.classes), "imagenet", cfg.classify.weights_dir)
 
 
+def resolve_gpus(cfg: Config) -> float:
+    """classify.gpus_per_trial for the cluster this process is connected to (meddap.placement)."""
+    from meddap.config import AUTO_GPUS_PER_TRIAL
+    from meddap.placement import gpu_outlook, resolve_gpus_per_trial
+
+    outlook = gpu_outlook(cfg)
+    gpus = resolve_gpus_per_trial(cfg.classify.gpus_per_trial, outlook, AUTO_GPUS_PER_TRIAL)
+    _log(f"classify.gpus_per_trial={cfg.classify.gpus_per_trial}: each trial asks for "
+         f"{f'{gpus:g} GPU' if gpus else 'CPUs only'} ({outlook})")
+    return gpus
+
+
 def run(cfg: Config, *, _fail_after_epoch: Optional[dict] = None) -> dict:
     """Run every grid trial not finished yet; returns counts. `_fail_after_epoch` ({trial_id: epoch})
     is a test hook that makes those trials fail right after that epoch's checkpoint."""
@@ -404,6 +420,7 @@ def run(cfg: Config, *, _fail_after_epoch: Optional[dict] = None) -> dict:
     from meddap.raytools import ensure_ray, keep_sigint_handler
 
     ensure_ray(cfg)
+    gpus = resolve_gpus(cfg)
     images.real_images = ray.put(images.real_images)
     images.synthetic_images = {k: ray.put(v) for k, v in images.synthetic_images.items()}
 
@@ -414,10 +431,11 @@ def run(cfg: Config, *, _fail_after_epoch: Optional[dict] = None) -> dict:
         _log(f"{len(resumed)} unfinished trials resume from their checkpoints: {', '.join(resumed[:5])}"
              f"{' ...' if len(resumed) > 5 else ''}")
     param_space = {"trial": tune.grid_search([{**s.to_dict(), "resume_from": earlier.get(s.trial_id)} for s in todo])}
-    shared = {"cfg": cfg.to_dict(), "images": images, "fail_after_epoch": dict(_fail_after_epoch or {})}
+    shared = {"cfg": cfg.to_dict(), "images": images, "fail_after_epoch": dict(_fail_after_epoch or {}),
+              "gpus_per_trial": gpus}
     c = cfg.classify
     trainable = tune.with_resources(tune.with_parameters(_trainable, shared=shared),
-                                    {"cpu": c.cpus_per_trial, "gpu": c.gpus_per_trial})
+                                    {"cpu": c.cpus_per_trial, "gpu": gpus})
     name = time.strftime("run-%Y%m%d-%H%M%S", time.gmtime()) + f"-{os.getpid()}"
     progress = _progress_callback(summaries, total, len(done), root)
     # Checkpoints every few epochs force experiment snapshots; Tune's warning about that is noise here.

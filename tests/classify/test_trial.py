@@ -23,7 +23,7 @@ def tensors(tiny_run):
 
 
 def _cfg(**kw):
-    base = dict(models=["squeezenet1_1"], pretrained="none", epochs=2, batch_size=8, checkpoint_every=1, seed=0)
+    base = dict(models=["squeezenet1_1"], pretrained="none", epochs=2, batch_size=8, checkpoint_seconds=0, seed=0)
     base.update(kw)
     return ClassifyConfig(**base)
 
@@ -57,7 +57,7 @@ def test_fresh_model_per_trial_no_carry_over(tensors):
 
 
 def test_resume_from_checkpoint_equals_uninterrupted(tensors):
-    cfg = _cfg(epochs=3, checkpoint_every=1)
+    cfg = _cfg(epochs=3, checkpoint_seconds=0)
     states, epochs = {}, []
 
     def report(epoch, metrics, state):
@@ -75,7 +75,7 @@ def test_resume_from_checkpoint_equals_uninterrupted(tensors):
 
 
 def test_best_epoch_weights_and_recomputable_metrics(tensors):
-    cfg = _cfg(epochs=6, models=["resnet18"], checkpoint_every=10)
+    cfg = _cfg(epochs=6, models=["resnet18"], checkpoint_seconds=1e9)
     spec = dataclasses.replace(SPEC_A, classifier="resnet18")
     r = train_trial(spec, tensors[SPEC_A], cfg, CLASSES)
     vals = [h["val_accuracy"] for h in r.history]
@@ -103,3 +103,52 @@ def test_bench_compares_both_paths(capsys):
     assert r["in_memory"] > 0 and r["file_loader"] > 0 and r["ratio"] == pytest.approx(r["in_memory"] / r["file_loader"])
     printed = capsys.readouterr().out
     assert "squeezenet1_1" in printed and ("GPU figures" in printed or "GPU " in printed)
+
+
+def test_checkpoints_by_time_not_epochs(tensors, monkeypatch):
+    """classify.checkpoint_seconds: a state goes to `report` once that much training time has passed
+    (checked at each epoch's end), never after the last epoch. A fake clock moves 25 s per reading."""
+    import meddap.classify.trial as trial
+
+    clock = {"t": 0.0}
+
+    def monotonic():
+        clock["t"] += 25.0
+        return clock["t"]
+
+    monkeypatch.setattr(trial.time, "monotonic", monotonic)
+    got = []
+    train_trial(SPEC_A, tensors[SPEC_A], _cfg(epochs=5, checkpoint_seconds=60), CLASSES,
+                report=lambda e, m, s: got.append(e) if s is not None else None)
+    assert got == [3]   # 25, 50, 75 s after the start: due at epoch 3; then 25 s since it, and epoch 5 is the last
+    none = []
+    train_trial(SPEC_A, tensors[SPEC_A], _cfg(epochs=3, checkpoint_seconds=1e9), CLASSES,
+                report=lambda e, m, s: none.append(s))
+    assert none == [None, None, None]
+
+
+def test_a_trial_builds_its_constants_once_and_reads_the_device_once_per_epoch(tensors, monkeypatch):
+    """Normalisation constants are made once per trial (not per batch), validation images stay on the
+    device, and an epoch's loss and validation accuracy come back in one read."""
+    import meddap.classify.data as data
+    import meddap.classify.trial as trial
+
+    made, build = [], data.imagenet_stats
+    monkeypatch.setattr(trial, "imagenet_stats", lambda device: made.append(device) or build(device))
+    monkeypatch.setattr(data, "imagenet_stats", lambda device: pytest.fail("stats built per batch"))
+    reads = {"item": 0, "tolist": 0}
+    for name in reads:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _name=name, _original=original, **k):
+            import sys
+
+            if "torch/optim/" not in sys._getframe(1).f_code.co_filename.replace("\\", "/"):  # CPU Adam's step counter
+                reads[_name] += 1
+            return _original(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    result = train_trial(SPEC_A, tensors[SPEC_A], _cfg(epochs=3), CLASSES)
+    monkeypatch.undo()
+    assert len(made) == 1
+    assert reads == {"item": 0, "tolist": 3}
+    assert len(result.history) == 3

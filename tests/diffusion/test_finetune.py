@@ -84,11 +84,11 @@ def test_ctrl_c_in_ray_train_is_an_interrupt_and_ctrl_c_works_afterwards(tmp_pat
     before = signal.getsignal(signal.SIGINT)
     monkeypatch.setattr(_FakeTrainer, "outcome", "sigint")
     with pytest.raises(KeyboardInterrupt):  # not SystemExit(0): the CLI exits 130, not 0
-        finetune.finetune_adapter(cfg, entry, "builtin:tiny")
+        finetune.finetune_adapter(cfg, entry, "builtin:tiny", use_gpu=False)
     assert signal.getsignal(signal.SIGINT) is before  # a later Ctrl-C (generate, sweep) is not swallowed
     monkeypatch.setattr(_FakeTrainer, "outcome", "returns")
     with pytest.raises(MeddapError, match="without writing.*rerun to resume"):
-        finetune.finetune_adapter(cfg, entry, "builtin:tiny")
+        finetune.finetune_adapter(cfg, entry, "builtin:tiny", use_gpu=False)
     assert signal.getsignal(signal.SIGINT) is before
 
 
