@@ -226,6 +226,11 @@ def _compare(trials: pd.DataFrame, eval_set: str, metrics: list[str], table: str
     if predictions is None:
         out.attrs["note"] = (f"{table}: summary/predictions.parquet is absent, so the paired bootstrap over test "
                              f"images (boot_*, p_holm) was not computed; only the fold t-test is given.")
+    elif out["boot_p"].isna().any():
+        lacking = ", ".join(out.loc[out["boot_p"].isna(), "classifier"])
+        out.attrs["note"] = (f"{table}: no paired bootstrap for {lacking}: predictions.parquet lacks per-image "
+                             f"predictions of their compared trials on {'/'.join(eval_sets or (eval_set,))}; "
+                             f"rerun those trials (`python -m meddap sweep`) to get them.")
     return out
 
 

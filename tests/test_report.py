@@ -344,6 +344,10 @@ def test_bootstrap_columns_identical_and_clearly_better(trials):
     assert not np.isnan(sq.p_value)                                  # the fold t-test stays beside it
     no_pred = table2(trials)
     assert no_pred["boot_p"].isna().all() and "predictions.parquet is absent" in no_pred.attrs["note"]
+    preds = _predictions(trials, same)
+    partial = table2(trials, preds[~preds.trial_id.str.startswith("resnet18__real")]).set_index("classifier")
+    assert np.isnan(partial.loc["resnet18", "boot_p"]) and partial.loc["squeezenet1_1", "boot_p"] == 1.0
+    assert "no paired bootstrap for resnet18" in partial.attrs["note"]
 
 
 def test_table3_states_used_and_excluded_and_the_full_set(trials):

@@ -413,7 +413,7 @@ def _summary(cfg, listings, manifest: pd.DataFrame, audit: pd.DataFrame, a_pairs
         for r in ov.head(5).itertuples():
             how = f"d={r.distance}" if pd.notna(r.distance) else r.reason.split("(")[-1].rstrip(")")
             print(f"  {r.path} ~ {r.other_path} ({how}, A {r.other_split})")
-        if cfg.data.external.exclude_overlap:
+        if cfg.data.external.exclude_overlap and n_flagged:
             say(f"data.external.exclude_overlap=true: the {n_flagged} flagged B images are left out of the "
                 f"external evaluation and Table 3 (the report also gives Table 3 on all B images)")
     say(f"manifest: {layout.manifest} ({len(manifest)} rows); audit: {layout.audit} ({len(audit)} findings)")
