@@ -100,12 +100,24 @@ class ExternalDataConfig:
     phantom: PhantomConfig = field(
         default_factory=lambda: PhantomConfig(per_class=40, variant="shifted", seed=1),
         metadata={"help": "Phantom settings when external.source is 'phantom'."})
+    exclude_overlap: bool = _f(
+        True, "true: Dataset B images that copy a Dataset A image (manifest column a_overlap) are left out of the "
+              "external evaluation and Table 3; the report also gives Table 3 on all of Dataset B.")
+    match_min_correlation: float = _f(
+        0.9, "A Dataset B image copies a Dataset A image when their 32x32 thumbnails correlate at least this much "
+             "after the best alignment (rotation by 90/180/270 or a small angle, mirror, zoom). Unrelated phantom "
+             "scans stay below 0.82; rotated, mirrored, rescaled and sharpened copies reach 0.94-1.0.")
+    match_max_angle: float = _f(15.0, "Largest small rotation (degrees, either way) searched when matching B to A.")
 
     def validate(self, prefix: str) -> None:
         if self.source not in (None, "phantom"):
             _check(bool(self.root), f"{prefix}.root", self.root,
                    f"a folder or file path when {prefix}.source is '{self.source}'")
         self.phantom.validate(f"{prefix}.phantom")
+        _check(0.0 < self.match_min_correlation <= 1.0, f"{prefix}.match_min_correlation",
+               self.match_min_correlation, "a number in (0, 1]")
+        _check(0.0 <= self.match_max_angle <= 45.0, f"{prefix}.match_max_angle", self.match_max_angle,
+               "a number of degrees in [0, 45] (larger turns are covered by the 90-degree rotations)")
 
 
 @dataclass
@@ -295,7 +307,14 @@ class ClassifyConfig:
         60.0, "Seconds of training between trial checkpoints (taken at the end of an epoch; 0 = every epoch). "
               "By time, not epochs: an epoch of the paper takes ~0.2 s on an H100, a checkpoint ~350 MB.")
     threads_per_trial: Optional[int] = _f(None, "torch CPU threads in a trial; null = cpus_per_trial.")
-    seed: int = _f(0, "Base seed; each trial's seed is derived from it and the trial's settings.")
+    seed: int = _f(0, "Base seed; a trial's seed (initial weights, data order, flips) is derived from it and the "
+                      "trial's classifier, fold and repeat only, so every adjective and ratio starts alike "
+                      "(common random numbers).")
+    repeats: int = _f(1, "Trials per (classifier, adjective, ratio, fold) cell, each repeat with new seeds; the "
+                         "statistics pair augmented and real-only trials by (fold, repeat).")
+    channels: Literal["rgb", "grey"] = _f(
+        "grey", "rgb: images reach the classifiers (and FID) in colour, as the authors fed them: synthetic images "
+                "as generated, grey real images replicated to 3 channels; grey: every image converted to grey.")
     save_models: Literal["none", "fold0", "all"] = _f(
         "fold0", "Which trials keep their best-epoch weights (report's Grad-CAM uses fold 0).")
 
@@ -315,11 +334,14 @@ class ClassifyConfig:
         _check(self.max_failures >= 0, f"{prefix}.max_failures", self.max_failures, "an integer >= 0")
         _check(self.checkpoint_seconds >= 0, f"{prefix}.checkpoint_seconds", self.checkpoint_seconds,
                "a number of seconds >= 0")
+        _check(1 <= self.repeats <= 100, f"{prefix}.repeats", self.repeats, "an integer in [1, 100]")
 
 
 @dataclass
 class FidConfig:
     dims: Literal[64, 192, 768, 2048] = _f(2048, "InceptionV3 feature size (pytorch-fid block): 64, 192, 768 or 2048.")
+    extra_dims: list[int] = _f([], "Further feature sizes reported beside `dims`, each labelled with its dims (the "
+                                   "paper's FID magnitudes suggest 64); the memorisation check uses `dims` only.")
     weights: Optional[str] = _f(None, "Path of pytorch-fid's pt_inception weights file; null = torch hub's cache.")
     batch_size: int = _f(50, "Images per Inception forward pass.")
     kid_subset_size: int = _f(100, "Subset size for KID's unbiased MMD estimate.")
@@ -334,6 +356,9 @@ class FidConfig:
 
     def validate(self, prefix: str) -> None:
         _check(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, "an integer >= 1")
+        _check(all(d in (64, 192, 768, 2048) for d in self.extra_dims) and len(set(self.extra_dims)) == len(self.extra_dims)
+               and self.dims not in self.extra_dims, f"{prefix}.extra_dims", self.extra_dims,
+               "a list of distinct sizes from 64, 192, 768, 2048, without fid.dims")
         _check(self.kid_subset_size >= 2, f"{prefix}.kid_subset_size", self.kid_subset_size, "an integer >= 2")
         _check(self.kid_subsets >= 1, f"{prefix}.kid_subsets", self.kid_subsets, "an integer >= 1")
         _check(self.memorization_threshold >= 0, f"{prefix}.memorization_threshold",
@@ -344,11 +369,15 @@ class FidConfig:
 class ReportConfig:
     gradcam_images: int = _f(4, "Test images shown in the Grad-CAM figure per architecture.")
     contact_sheet_per_cell: int = _f(4, "Synthetic samples per (adjective, class) cell of a contact sheet.")
+    bootstrap_samples: int = _f(10000, "Draws of the paired bootstrap over test images (Tables 2 and 3); >= 10,000.")
+    seed: int = _f(0, "Seed of the bootstrap draws.")
 
     def validate(self, prefix: str) -> None:
         _check(self.gradcam_images >= 1, f"{prefix}.gradcam_images", self.gradcam_images, "an integer >= 1")
         _check(self.contact_sheet_per_cell >= 1, f"{prefix}.contact_sheet_per_cell",
                self.contact_sheet_per_cell, "an integer >= 1")
+        _check(self.bootstrap_samples >= 10000, f"{prefix}.bootstrap_samples", self.bootstrap_samples,
+               "an integer >= 10000 (fewer draws make the 2.5 % tails and small p-values noisy)")
 
 
 @dataclass

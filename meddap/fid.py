@@ -45,8 +45,8 @@ __all__ = [
 
 # pytorch-fid's port of the TensorFlow FID Inception (the file name torch hub caches it under).
 INCEPTION_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
-# pytorch-fid resizes every input to Inception's native 299 x 299 itself; images are read at this
-# size so real and synthetic images go through the same single resampling.
+# Inception's native input side; pytorch-fid's InceptionV3 resizes every input to it (bilinear). The fid
+# stage reads real and synthetic images at the generation resolution first (one Pillow filter for both).
 INCEPTION_INPUT_SIZE = 299
 
 
@@ -269,15 +269,16 @@ def extract_features(paths: Sequence[str], extractor: nn.Module, batch_size: int
                      device: str | torch.device = "cpu",
                      reader: Callable[[str, int], np.ndarray] | None = None,
                      progress: Callable[[int], None] | None = None) -> np.ndarray:
-    """(N, D) float64 features of image files, read as the canonical grey (H, W) uint8 at `image_size`
-    and replicated to 3 channels in [0, 1] (what pytorch-fid's Inception expects)."""
+    """(N, D) float64 features of image files, read at `image_size` as the canonical grey (H, W) uint8
+    (replicated to 3 channels) or, from a colour reader, (H, W, 3) uint8; in [0, 1] (what pytorch-fid's
+    Inception expects)."""
     read = reader or _default_reader
     extractor = extractor.eval().to(device)
     chunks = []
     for start in range(0, len(paths), batch_size):
-        batch = np.stack([read(p, image_size) for p in paths[start:start + batch_size]])  # (B, H, W) uint8
+        batch = np.stack([read(p, image_size) for p in paths[start:start + batch_size]])  # (B, H, W[, 3]) uint8
         x = torch.from_numpy(batch).to(device=device, dtype=torch.float32).div_(255.0)
-        x = x[:, None].expand(-1, 3, -1, -1)                                                 # (B, 3, H, W)
+        x = x[:, None].expand(-1, 3, -1, -1) if x.ndim == 3 else x.permute(0, 3, 1, 2)    # (B, 3, H, W)
         feats = extractor(x)                                                                 # (B, D)
         chunks.append(feats.reshape(feats.shape[0], -1).double().cpu().numpy())
         if progress is not None:

@@ -5,7 +5,7 @@ run_dir/
   models/tiny-sd/                                    builtin tiny base model (diffusion.base_model=builtin:tiny)
   adapters/fold-<k>/ | adapters/all/                 finetune (pytorch_lora_weights.safetensors, adapter.json, loss.parquet)
   synthetic/manifest.parquet, synthetic/<adapter>/<adjective>/<class>/<index>.png, synthetic/contact-<adapter>.png
-  summary/{trials,predictions,fid,table1,table2,table3,fig1a,rank_selection}.parquet
+  summary/{trials,predictions,fid,table1,table2,table3,table3_full,fig1a,rank_selection}.parquet
   figures/*.png, report.md, report.html              report
   ray/                                               Ray Train / Tune storage (checkpoints)
   stages/<stage>.json                                what each stage ran with (config + input hashes)

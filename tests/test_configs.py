@@ -117,3 +117,16 @@ def test_local_2080ti_is_the_paper_study_on_one_card():
     assert local.diffusion.train.mixed_precision == "fp16" and local.generate.precision == "fp16"
     assert local.classify.gpus_per_trial * local.classify.max_concurrent_trials <= 1.0
     assert local.diffusion.train.num_workers == 1
+
+
+def test_statistics_colour_and_fid_keys_checked_at_the_door():
+    paper = load_config("paper")
+    assert paper.classify.channels == "rgb" and paper.fid.extra_dims == [64]
+    assert paper.data.external.exclude_overlap and paper.classify.repeats == 1
+    assert paper.report.bootstrap_samples >= 10_000
+    for bad, key in (("report.bootstrap_samples=999", "report.bootstrap_samples"),
+                     ("fid.extra_dims=[2048]", "fid.extra_dims"), ("fid.extra_dims=[65]", "fid.extra_dims"),
+                     ("classify.channels=rgba", "classify.channels"), ("classify.repeats=0", "classify.repeats"),
+                     ("data.external.match_min_correlation=0", "data.external.match_min_correlation")):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_config("demo", [bad])

@@ -1,7 +1,10 @@
 """One classifier trial, plain PyTorch: tensors and settings in, metrics and predictions out.
 
-`train_trial` builds a FRESH model for every trial, seeded from `classify.seed` and the trial's
-settings (the authors' script kept training one network across adjectives; we never do), trains it
+`train_trial` builds a FRESH model for every trial (the authors' script kept training one network
+across adjectives; we never do), seeded from `classify.seed` and the trial's classifier, fold and
+repeat only: every adjective and ratio of one (classifier, fold, repeat) starts from the same initial
+weights and the same data-order/flip seed (common random numbers), so a paired difference measures the
+training data, not the luck of the draw. It trains it
 with Adam for `classify.epochs` epochs on in-memory uint8 tensors (augmented on the device), picks the
 epoch with the best validation accuracy (the earliest on ties), and evaluates that epoch's weights on
 every evaluation set. On CUDA it uses autocast (bf16 where the GPU has it natively, else fp16 with a
@@ -62,9 +65,10 @@ class TrialResult:
 
 
 def trial_seed(base_seed: int, spec: TrialSpec) -> int:
-    """Seed of a trial: a stable hash of the base seed and the trial's settings (not Python's hash(),
-    which changes per process)."""
-    return zlib.crc32(f"{base_seed}:{spec.trial_id}".encode()) & 0x7FFFFFFF
+    """Seed of a trial: a stable hash (not Python's hash(), which changes per process) of the base seed,
+    the classifier, the fold and the repeat; deliberately NOT of the adjective or ratio (common random
+    numbers: the real-only baseline and every augmented trial of a cell start alike)."""
+    return zlib.crc32(f"{base_seed}:{spec.classifier}:f{spec.fold}:rep{spec.repeat}".encode()) & 0x7FFFFFFF
 
 
 def build_trial_model(spec: TrialSpec, num_classes: int, seed: int, pretrained: str = "none",

@@ -4,8 +4,20 @@ and a memorisation check (nearest real training image of each synthetic image).
 For each (fold or shared adapter, adjective) in the synthetic manifest, every generated image (the
 largest ratio's set; smaller ratios are its prefixes) is compared with the real training images of the
 same fold (fold k's training images are the train rows with fold != k; a shared adapter, fold -1, saw
-every train row), per class and over all classes ("all"). Outputs:
+every train row), per class and over all classes ("all"). Fair comparisons:
+  - equal N: per class, the larger side is subsampled (seeded by fid.seed, fold, adjective and class) to
+    the smaller side's count; "all" is the union of those, so both sides also share one class mix. Rows
+    hold n_real == n_synthetic (the N compared) and n_real_available / n_synthetic_available;
+  - one resize path: both sides are read at the generation resolution with one Pillow filter (the
+    synthetic images are already that size) before the extractor (which resizes to its own input);
+  - the images the classifiers see: grey or colour as classify.channels says;
+  - no per-class FID where N < the feature dimension (its covariance would be singular and the value
+    mostly the eps regulariser's): fid null, status "fid_not_computed: ..." saying so, KID still given;
+  - fid.dims, plus each of fid.extra_dims (the paper config adds 64, the magnitude the paper's FIDs
+    suggest), each row labelled with its dims.
+Outputs:
   summary/fid.parquet           fold, adjective, class_name, fid, kid, kid_std, dims, n_real, n_synthetic, status,
+                                n_real_available, n_synthetic_available,
                                 settings (what the numbers were made with: a rerun keeps only matching sets)
   summary/memorization.parquet  image_id, fold, adjective, class_name, nearest_real_id, nearest_real_class,
                                 distance, reference_distance, threshold_distance, flagged, dims
@@ -20,6 +32,8 @@ settings and image counts, are kept; each finished set is written at once.
 
 from __future__ import annotations
 
+import functools
+import zlib
 from typing import Callable, Sequence
 
 import numpy as np
@@ -41,9 +55,10 @@ from meddap.fid import (
 from meddap.layout import RunLayout, adapter_name
 from meddap.progress import Progress
 
-__all__ = ["run", "fid_for_sets", "FID_COLUMNS", "MEMORIZATION_COLUMNS"]
+__all__ = ["run", "fid_for_sets", "equal_n", "FID_COLUMNS", "MEMORIZATION_COLUMNS"]
 
-FID_COLUMNS = ["fold", "adjective", "class_name", "fid", "kid", "kid_std", "dims", "n_real", "n_synthetic", "status"]
+FID_COLUMNS = ["fold", "adjective", "class_name", "fid", "kid", "kid_std", "dims", "n_real", "n_synthetic", "status",
+               "n_real_available", "n_synthetic_available"]
 MEMORIZATION_COLUMNS = ["image_id", "fold", "adjective", "class_name", "nearest_real_id", "nearest_real_class",
                         "distance", "reference_distance", "threshold_distance", "flagged", "dims"]
 ALL_CLASSES = "all"
@@ -53,11 +68,11 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _reader(path: str, size: int) -> np.ndarray:
-    from meddap.data.decode import read_grey
+def _reader(path: str, size: int, channels: str = "grey") -> np.ndarray:
+    from meddap.data.decode import read_image
 
     # Synthetic images live under run_dir, which may be an object store.
-    return read_grey(storage.local_path(path), size)
+    return read_image(storage.local_path(path), size, channels)   # (S, S) or (S, S, 3) uint8
 
 
 class _FeatureCache:
@@ -80,21 +95,44 @@ class _FeatureCache:
         return np.stack([self._feats[p] for p in paths])        # (N, D)
 
 
-def _distances(real: np.ndarray, synth: np.ndarray, cfg_fid) -> dict:
-    """fid / kid / kid_std of two feature sets, or a status saying why not."""
+def _distances(real: np.ndarray, synth: np.ndarray, cfg_fid, fid_needs_n_dims: bool = False) -> dict:
+    """fid / kid / kid_std of two feature sets, or a status saying why not. With `fid_needs_n_dims`
+    (per-class rows) FID is left out when N < the feature dimension; KID stands."""
     n_real, n_synth = len(real), len(synth)
     if n_real < 2 or n_synth < 2:
         return {"fid": None, "kid": None, "kid_std": None,
                 "status": f"too_few_images: n_real={n_real}, n_synthetic={n_synth} (need >= 2 each)"}
     kid, kid_std = kernel_inception_distance(real, synth, cfg_fid.kid_subset_size, cfg_fid.kid_subsets,
                                              seed=cfg_fid.seed)
-    return {"fid": fid_from_features(real, synth, method=cfg_fid.method), "kid": kid,
-            "kid_std": None if np.isnan(kid_std) else kid_std, "status": "ok"}
+    out = {"kid": kid, "kid_std": None if np.isnan(kid_std) else kid_std}
+    dims = real.shape[1]
+    if fid_needs_n_dims and min(n_real, n_synth) < dims:
+        return {**out, "fid": None,
+                "status": f"fid_not_computed: N={min(n_real, n_synth)} < dims={dims} (the covariance is singular, "
+                          f"so FID would mostly measure the regulariser); KID given"}
+    return {**out, "fid": fid_from_features(real, synth, method=cfg_fid.method), "status": "ok"}
+
+
+def equal_n(real_df: pd.DataFrame, synth_df: pd.DataFrame, classes: Sequence[str], seed: int, fold: int,
+            adjective: str) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted row positions (real, synthetic) with, per class, min(n_real, n_synthetic) images on each side:
+    the larger side subsampled without replacement, seeded by (seed, fold, adjective, class)."""
+    keep_r, keep_s = [], []
+    for c, cls in enumerate(classes):
+        r = np.flatnonzero((real_df["class_name"] == cls).to_numpy())
+        s = np.flatnonzero((synth_df["class_name"] == cls).to_numpy())
+        n = min(len(r), len(s))
+        rng = np.random.default_rng([seed, fold + 1, zlib.crc32(adjective.encode()), c])
+        keep_r.append(np.sort(rng.choice(r, n, replace=False)) if len(r) > n else r)
+        keep_s.append(np.sort(rng.choice(s, n, replace=False)) if len(s) > n else s)
+    cat = lambda parts: np.sort(np.concatenate(parts)).astype(np.int64) if parts else np.zeros(0, np.int64)
+    return cat(keep_r), cat(keep_s)
 
 
 def fid_for_sets(real_paths: Sequence[str], synth_paths: Sequence[str], cfg_fid, device: str | None = None,
                  extractor: nn.Module | None = None, image_size: int = INCEPTION_INPUT_SIZE) -> dict:
-    """FID and KID between two lists of image files (the rank selection's call).
+    """FID and KID between two lists of image files (the rank selection's call); pass the generation
+    resolution as `image_size` so both sides take one resize path.
 
     Returns {fid, kid, kid_std, dims, n_real, n_synthetic, status}; fid/kid are None and status is
     "missing_weights: ..." when pytorch-fid's Inception weights are absent (and `extractor` is None).
@@ -126,27 +164,32 @@ def _read_input(path: str, what: str, stage: str) -> pd.DataFrame:
     return storage.read_parquet(path)
 
 
-def _group_rows(fold: int, adjective: str, real_df: pd.DataFrame, synth_df: pd.DataFrame, classes: list[str],
-                cfg_fid, cache: _FeatureCache | None, missing: MissingWeightsError | None,
-                progress: Progress | None) -> tuple[list[dict], pd.DataFrame]:
-    """fid.parquet rows (one per class and 'all') and memorisation rows of one synthetic set."""
+def _group_rows(fold: int, adjective: str, dims: int, real_df: pd.DataFrame, synth_df: pd.DataFrame,
+                classes: list[str], cfg_fid, cache: _FeatureCache | None, missing: MissingWeightsError | None,
+                progress: Progress | None, memorize: bool) -> tuple[list[dict], pd.DataFrame]:
+    """fid.parquet rows (one per class and 'all', equal N on both sides) and, with `memorize`, the
+    memorisation rows (every synthetic image against every real training image) of one synthetic set."""
     rows: list[dict] = []
     mem = pd.DataFrame(columns=MEMORIZATION_COLUMNS)
     real_feats = synth_feats = None
     if cache is not None:
         real_feats = cache.get(real_df["path"].tolist(), progress)      # (Nr, D)
         synth_feats = cache.get(synth_df["path"].tolist(), progress)    # (Ns, D)
+    keep_r, keep_s = equal_n(real_df, synth_df, classes, cfg_fid.seed, fold, adjective)
+    r_cls, s_cls = real_df["class_name"].to_numpy(), synth_df["class_name"].to_numpy()
     for cls in [*classes, ALL_CLASSES]:
-        r_mask = np.ones(len(real_df), bool) if cls == ALL_CLASSES else (real_df["class_name"] == cls).to_numpy()
-        s_mask = np.ones(len(synth_df), bool) if cls == ALL_CLASSES else (synth_df["class_name"] == cls).to_numpy()
-        row = {"fold": fold, "adjective": adjective, "class_name": cls, "dims": cfg_fid.dims,
-               "n_real": int(r_mask.sum()), "n_synthetic": int(s_mask.sum())}
+        r_sel = keep_r if cls == ALL_CLASSES else keep_r[r_cls[keep_r] == cls]
+        s_sel = keep_s if cls == ALL_CLASSES else keep_s[s_cls[keep_s] == cls]
+        row = {"fold": fold, "adjective": adjective, "class_name": cls, "dims": dims,
+               "n_real": len(r_sel), "n_synthetic": len(s_sel),
+               "n_real_available": len(r_cls) if cls == ALL_CLASSES else int((r_cls == cls).sum()),
+               "n_synthetic_available": len(s_cls) if cls == ALL_CLASSES else int((s_cls == cls).sum())}
         if missing is not None:
             row.update(fid=None, kid=None, kid_std=None, status=missing.status)
         else:
-            row.update(_distances(real_feats[r_mask], synth_feats[s_mask], cfg_fid))
+            row.update(_distances(real_feats[r_sel], synth_feats[s_sel], cfg_fid, fid_needs_n_dims=cls != ALL_CLASSES))
         rows.append(row)
-    if cache is not None and len(real_df) >= 2 and len(synth_df):
+    if memorize and cache is not None and len(real_df) >= 2 and len(synth_df):
         m = memorization(synth_feats, real_feats, cfg_fid.memorization_threshold)
         nearest = real_df.iloc[m["nearest"]]
         mem = pd.DataFrame({
@@ -155,38 +198,44 @@ def _group_rows(fold: int, adjective: str, real_df: pd.DataFrame, synth_df: pd.D
             "nearest_real_id": nearest["image_id"].astype(str).to_numpy(),
             "nearest_real_class": nearest["class_name"].to_numpy(),
             "distance": m["distance"], "reference_distance": m["reference"],
-            "threshold_distance": m["threshold_distance"], "flagged": m["flagged"], "dims": cfg_fid.dims,
+            "threshold_distance": m["threshold_distance"], "flagged": m["flagged"], "dims": dims,
         })
     return rows, mem
 
 
-def _settings(cfg_fid, image_size: int, extractor_name: str) -> str:
+def _settings(cfg_fid, image_size: int, extractor_name: str, dims: int | None = None, channels: str = "grey") -> str:
     """Everything that changes a row's numbers: a kept row must have been made with the same."""
-    return (f"{extractor_name};dims={cfg_fid.dims};size={image_size};method={cfg_fid.method};"
+    return (f"{extractor_name};dims={cfg_fid.dims if dims is None else dims};size={image_size};channels={channels};"
+            f"equal_n=stratified;method={cfg_fid.method};"
             f"kid={cfg_fid.kid_subset_size}x{cfg_fid.kid_subsets};seed={cfg_fid.seed};"
             f"memorization_threshold={cfg_fid.memorization_threshold}")
 
 
-def _finished_groups(lay: RunLayout, settings: str, current: dict) -> tuple[pd.DataFrame, pd.DataFrame, set]:
-    """Rows of earlier runs worth keeping: sets computed (not missing weights) with the same settings and
-    the same image counts as now (`current`: (fold, adjective) -> (n_real, n_synthetic))."""
+def _finished_groups(lay: RunLayout, settings: dict[int, str], current: dict,
+                     primary: int) -> tuple[pd.DataFrame, pd.DataFrame, set]:
+    """Rows of earlier runs worth keeping: sets computed (not missing weights) with the same settings (per
+    dims) and the same available image counts as now (`current`: (fold, adjective) -> (n_real, n_synthetic)).
+    Returns the rows, the memorisation rows of sets kept at the `primary` dims, and {(fold, adjective, dims)}."""
+    empty = pd.DataFrame(columns=FID_COLUMNS), pd.DataFrame(columns=MEMORIZATION_COLUMNS), set()
     if not storage.exists(lay.summary("fid")):
-        return pd.DataFrame(columns=FID_COLUMNS), pd.DataFrame(columns=MEMORIZATION_COLUMNS), set()
+        return empty
     old = storage.read_parquet(lay.summary("fid"))
     old_mem = (storage.read_parquet(lay.summary("memorization")) if storage.exists(lay.summary("memorization"))
                else pd.DataFrame(columns=MEMORIZATION_COLUMNS))
-    if "settings" not in old.columns:
-        return pd.DataFrame(columns=FID_COLUMNS), pd.DataFrame(columns=MEMORIZATION_COLUMNS), set()
+    if "settings" not in old.columns or "n_real_available" not in old.columns:
+        return empty
     done = set()
-    for (fold, adj), g in old.groupby(["fold", "adjective"]):
+    for (fold, adj, dims), g in old.groupby(["fold", "adjective", "dims"]):
         key = (int(fold), str(adj))
         overall = g[g["class_name"] == ALL_CLASSES]
-        if (key in current and len(overall) == 1 and (g["settings"] == settings).all()
+        if (key in current and int(dims) in settings and len(overall) == 1
+                and (g["settings"] == settings[int(dims)]).all()
                 and not g["status"].str.startswith("missing_weights").any()
-                and (int(overall["n_real"].iloc[0]), int(overall["n_synthetic"].iloc[0])) == current[key]):
-            done.add(key)
-    keep = old[[(int(f), str(a)) in done for f, a in zip(old["fold"], old["adjective"])]]
-    keep_mem = old_mem[[(int(f), str(a)) in done for f, a in zip(old_mem["fold"], old_mem["adjective"])]] \
+                and (int(overall["n_real_available"].iloc[0]),
+                     int(overall["n_synthetic_available"].iloc[0])) == current[key]):
+            done.add((*key, int(dims)))
+    keep = old[[(int(f), str(a), int(d)) in done for f, a, d in zip(old["fold"], old["adjective"], old["dims"])]]
+    keep_mem = old_mem[[(int(f), str(a), primary) in done for f, a in zip(old_mem["fold"], old_mem["adjective"])]] \
         if len(old_mem) else old_mem
     return keep, keep_mem, done
 
@@ -197,10 +246,11 @@ def _write(lay: RunLayout, rows: list[pd.DataFrame], mems: list[pd.DataFrame]) -
     mem = pd.concat([m for m in mems if len(m)], ignore_index=True) if any(len(m) for m in mems) \
         else pd.DataFrame(columns=MEMORIZATION_COLUMNS)
     fid = fid.astype({"fid": "float64", "kid": "float64", "kid_std": "float64", "fold": "int64", "dims": "int64",
-                      "n_real": "int64", "n_synthetic": "int64"})
+                      "n_real": "int64", "n_synthetic": "int64", "n_real_available": "int64",
+                      "n_synthetic_available": "int64"})
     mem = mem.astype({"distance": "float64", "reference_distance": "float64", "threshold_distance": "float64",
                       "flagged": "bool", "fold": "int64", "dims": "int64"})
-    storage.write_parquet(fid.sort_values(["fold", "adjective", "class_name"]).reset_index(drop=True),
+    storage.write_parquet(fid.sort_values(["fold", "adjective", "dims", "class_name"]).reset_index(drop=True),
                           lay.summary("fid"))
     storage.write_parquet(mem.reset_index(drop=True), lay.summary("memorization"))
 
@@ -228,9 +278,24 @@ def _run_on_worker(cfg_dict: dict) -> dict:
     return run(Config.from_dict(cfg_dict), _remote=False)
 
 
+def _extractors(cfg, extractor: nn.Module | None, device: str) -> dict[int, tuple]:
+    """dims -> (extractor or None, MissingWeightsError or None): fid.dims and fid.extra_dims from Inception,
+    or only fid.dims from an injected `extractor` (tests)."""
+    if extractor is not None:
+        return {cfg.fid.dims: (extractor, None)}
+    out = {}
+    for dims in [cfg.fid.dims, *cfg.fid.extra_dims]:
+        try:
+            out[dims] = (load_inception(dims, cfg.fid.weights, device), None)
+        except MissingWeightsError as e:
+            out[dims] = (None, e)
+    return out
+
+
 def run(cfg, *, extractor: nn.Module | None = None, image_size: int | None = None, _remote: bool | None = None) -> dict:
-    """Compute fid.parquet and memorization.parquet. `extractor`/`image_size` replace pytorch-fid's
-    Inception (tests use a small feature extractor); the stage itself always uses Inception.
+    """Compute fid.parquet and memorization.parquet. `extractor` replaces pytorch-fid's Inception (tests use
+    a small feature extractor; then only fid.dims is computed) and `image_size` the generation resolution
+    images are read at; the stage itself always uses Inception.
     `_remote` (None = decide) runs the stage in a Ray task with one GPU when this process has none."""
     if extractor is None and (_remote if _remote is not None else _gpu_elsewhere(cfg)):
         import ray
@@ -244,53 +309,56 @@ def run(cfg, *, extractor: nn.Module | None = None, image_size: int | None = Non
     synth = _read_input(lay.synthetic_manifest, "the synthetic manifest", "generate")
     synth = synth.assign(adjective=synth["adjective"].fillna("").astype(str))
     device = _device()
+    # One resize path: both sides read at the generation resolution with one filter (synthetic images are
+    # already that size); the extractor then resizes both alike to its own input.
+    image_size = image_size or cfg.generate_resolution
+    channels = cfg.classify.channels
+    primary = cfg.fid.dims
 
-    missing: MissingWeightsError | None = None
-    if extractor is None:
-        image_size = INCEPTION_INPUT_SIZE
-        try:
-            extractor = load_inception(cfg.fid.dims, cfg.fid.weights, device)
-        except MissingWeightsError as e:
-            missing = e
-            print(f"[fid] FID/KID cannot be computed: {e.reason}.\n[fid] Rows are written with fid/kid null and "
-                  f"status 'missing_weights'; the report says so. Rerun `python -m meddap fid` once the "
-                  f"weights are in place.", flush=True)
-    image_size = image_size or INCEPTION_INPUT_SIZE
-    cache = None if missing is not None else _FeatureCache(extractor, cfg.fid.batch_size, image_size, device)
+    extractors = _extractors(cfg, extractor, device)
+    missing = extractors[primary][1]
+    if missing is not None:
+        print(f"[fid] FID/KID cannot be computed: {missing.reason}.\n[fid] Rows are written with fid/kid null and "
+              f"status 'missing_weights'; the report says so. Rerun `python -m meddap fid` once the "
+              f"weights are in place.", flush=True)
+    reader = functools.partial(_reader, channels=channels)
+    caches = {d: (_FeatureCache(ex, cfg.fid.batch_size, image_size, device, reader) if ex is not None else None)
+              for d, (ex, _) in extractors.items()}
 
     groups = [(int(f), str(a)) for f, a in synth[["fold", "adjective"]].drop_duplicates().itertuples(index=False)]
     groups = sorted(groups)
     current = {(f, a): (len(_real_training(manifest, f)), int(((synth["fold"] == f) & (synth["adjective"] == a)).sum()))
                for f, a in groups}
-    settings = _settings(cfg.fid, image_size, type(extractor).__name__ if extractor is not None else "none")
-    kept, kept_mem, done = _finished_groups(lay, settings, current)
-    todo = [g for g in groups if g not in done]
+    settings = {d: _settings(cfg.fid, image_size, type(ex).__name__ if ex is not None else "none", d, channels)
+                for d, (ex, _) in extractors.items()}
+    kept, kept_mem, done = _finished_groups(lay, settings, current, primary)
+    todo = [(f, a, d) for f, a in groups for d in extractors if (f, a, d) not in done]
     if done:
-        print(f"[fid] {len(groups) - len(todo)} of {len(groups)} synthetic sets already done; computing {len(todo)}.")
-    n_images = 0
-    if cache is not None:
-        paths = set()
-        for fold, adj in todo:
+        print(f"[fid] {len(done)} of {len(groups) * len(extractors)} (synthetic set, dims) already done; "
+              f"computing {len(todo)}.")
+    paths: set = set()
+    for fold, adj, dims in todo:
+        if caches[dims] is not None:
             paths.update(_real_training(manifest, fold)["path"])
             paths.update(synth[(synth["fold"] == fold) & (synth["adjective"] == adj)]["path"])
-        n_images = len(paths)
-    progress = Progress(n_images, "fid features", "images") if n_images else None
+    n_passes = sum(c is not None for c in caches.values())
+    progress = Progress(len(paths) * n_passes, "fid features", "images") if paths else None
 
     rows, mems = [kept], [kept_mem]
-    for fold, adj in todo:
+    for fold, adj, dims in todo:
         real_df = _real_training(manifest, fold).reset_index(drop=True)
         synth_df = synth[(synth["fold"] == fold) & (synth["adjective"] == adj)].reset_index(drop=True)
-        group_rows, mem = _group_rows(fold, adj, real_df, synth_df, list(cfg.data.classes), cfg.fid, cache,
-                                      missing, progress)
-        rows.append(pd.DataFrame(group_rows, columns=FID_COLUMNS).assign(settings=settings))
+        group_rows, mem = _group_rows(fold, adj, dims, real_df, synth_df, list(cfg.data.classes), cfg.fid,
+                                      caches[dims], extractors[dims][1], progress, memorize=dims == primary)
+        rows.append(pd.DataFrame(group_rows, columns=FID_COLUMNS).assign(settings=settings[dims]))
         mems.append(mem)
         _write(lay, rows, mems)   # after every set, so a crash loses no finished set
         overall = group_rows[-1]
-        shown = (f"fid={overall['fid']:.3f} kid={overall['kid']:.4f}" if overall["fid"] is not None
-                 else "not computed: " + overall["status"].split(":")[0])
-        print(f"[fid] {adapter_name(fold)} adjective={adj or '(none)'}: {shown}", flush=True)
+        shown = (f"fid={overall['fid']:.3f} kid={overall['kid']:.4f} (N={overall['n_real']} each)"
+                 if overall["fid"] is not None else "not computed: " + overall["status"].split(":")[0])
+        print(f"[fid] {adapter_name(fold)} adjective={adj or '(none)'} dims={dims}: {shown}", flush=True)
     if not todo:
         _write(lay, rows, mems)
     n_flagged = int(sum(int(m["flagged"].sum()) for m in mems if len(m)))
-    return {"groups": len(groups), "computed": len(todo), "missing_weights": missing is not None,
+    return {"groups": len(groups), "computed": len({(f, a) for f, a, _ in todo}), "missing_weights": missing is not None,
             "flagged": n_flagged}

@@ -3,8 +3,12 @@
 Reads Dataset A (`data.*`) and optionally Dataset B (`data.external.*`), decodes every candidate
 image once into the canonical grey form (meddap.data.decode), audits duplicates and A/B overlap
 (meddap.data.audit), splits A into a held-out test split and K folds (meddap.data.splits) and writes
-  run_dir/data/manifest.parquet   one row per usable image (the contract every later stage reads)
-  run_dir/data/audit.parquet      skipped files and duplicate / overlap findings (AUDIT_COLUMNS)
+  run_dir/data/manifest.parquet   one row per usable image (the contract every later stage reads);
+                                  `a_overlap` is true on Dataset B rows that copy a Dataset A image
+                                  (matched by content, or in one B group with such a copy), else false
+  run_dir/data/audit.parquet      skipped files and duplicate / overlap findings (AUDIT_COLUMNS): every
+                                  A/B pair (kind ab_overlap) and every B image flagged through its group
+                                  (kind ab_overlap_group)
   run_dir/data/decode_cache.parquet  hashes and sizes per (path, size, mtime): a rerun decodes only
                                   new or changed files
 A rerun with the same inputs rewrites nothing (byte-identical outputs are left in place).
@@ -37,7 +41,7 @@ __all__ = ["run", "MANIFEST_COLUMNS", "decode_records"]
 
 # The contract (see docs/data.md): later stages rely on these; patient_id and phash are extras.
 MANIFEST_COLUMNS = ["image_id", "path", "dataset", "class_name", "label", "split", "fold", "group_id",
-                    "sha256", "width", "height", "patient_id", "phash"]
+                    "sha256", "width", "height", "patient_id", "phash", "a_overlap"]
 _CACHE_COLUMNS = ["path", "file_size", "mtime_ns", "sha256", "phash", "phash_mirror", "thumb", "width", "height",
                   "error"]
 _MAX_LISTED = 10       # skipped files / pairs printed in the summary (all of them are in audit.parquet)
@@ -276,19 +280,51 @@ def _audit_external(b: pd.DataFrame, a: pd.DataFrame, cfg, audit_rows: list[dict
     b["group_id"] = assign_groups(b, b_pairs, "B")
     b["label"] = [data.classes.index(c) for c in b["class_name"]]
     b["split"], b["fold"] = "external", -1
-    overlap = find_overlap(b, a, near, min_corr)
+    ext = data.external
+    overlap = find_overlap(b, a, near, min_corr, aligned_min_correlation=ext.match_min_correlation,
+                           max_angle=ext.match_max_angle)
     rows = _pair_rows("ab_overlap", "B", overlap, b, a, near, other_dataset="A")
     for row, p in zip(rows, overlap):
         ar = a.iloc[p.j]
         row["other_split"] = ar["split"]
-        row["reason"] += (f" (A image is in train, fold {int(ar['fold'])})" if ar["split"] == "train"
-                          else " (A image is in test)")
+        row["reason"] += _a_where(ar)
     audit_rows += rows
+    b["a_overlap"] = _overlap_with_groups(b, a, overlap, audit_rows)
     return overlap
+
+
+def _a_where(ar) -> str:
+    return f" (A image is in train, fold {int(ar['fold'])})" if ar["split"] == "train" else " (A image is in test)"
+
+
+def _overlap_with_groups(b: pd.DataFrame, a: pd.DataFrame, overlap: list[DuplicatePair],
+                         audit_rows: list[dict]) -> np.ndarray:
+    """(n_b,) bool: B rows that copy an A image, directly or through their B group (file-name stem or a
+    duplicate within B: `benign (36)-rotated2` is the same source image as a matched `benign (36)-sharpened`).
+    Each B row flagged only through its group gets an `ab_overlap_group` audit row naming the match."""
+    flag = np.zeros(len(b), bool)
+    via: dict[str, DuplicatePair] = {}
+    for p in overlap:
+        flag[p.i] = True
+        via.setdefault(b.iloc[p.i]["group_id"], p)
+    for i, gid in enumerate(b["group_id"]):
+        if flag[i] or gid not in via:
+            continue
+        flag[i] = True
+        p = via[gid]
+        sibling, ar = b.iloc[p.i], a.iloc[p.j]
+        audit_rows.append({"kind": "ab_overlap_group", "dataset": "B", "path": b.iloc[i]["path"],
+                           "other_path": ar["path"], "class_name": b.iloc[i]["class_name"],
+                           "other_class": ar["class_name"], "other_split": ar["split"],
+                           "reason": f"in B group {gid} with {sibling['path']}, which copies this A image"
+                                     + _a_where(ar)})
+    return flag
 
 
 def _manifest_frame(parts: list[pd.DataFrame]) -> pd.DataFrame:
     manifest = pd.concat(parts, ignore_index=True)
+    overlap = manifest["a_overlap"] if "a_overlap" in manifest else pd.Series(False, index=manifest.index)
+    manifest["a_overlap"] = overlap.fillna(False).astype(bool)  # Dataset A rows: always false
     manifest["image_id"] = manifest["dataset"] + "/" + manifest["rel_path"]
     manifest["phash"] = [f"{int(v):016x}" for v in manifest["phash"]]
     manifest["patient_id"] = pd.array([v if isinstance(v, str) else None for v in manifest["patient_id"]],
@@ -367,14 +403,23 @@ def _summary(cfg, listings, manifest: pd.DataFrame, audit: pd.DataFrame, a_pairs
         n_b = ov["path"].nunique()
         n_train = ov[ov["other_split"] == "train"]["path"].nunique()
         n_exact_ov = int(ov["reason"].str.startswith("identical").sum())
-        say(f"A/B overlap: {len(ov)} pair(s) ({n_exact_ov} exact, {len(ov) - n_exact_ov} near); "
+        n_aligned = int(ov["reason"].str.startswith("aligned").sum())
+        n_flagged = int(manifest["a_overlap"].sum())
+        say(f"A/B overlap: {len(ov)} pair(s) ({n_exact_ov} exact, {len(ov) - n_exact_ov - n_aligned} near, "
+            f"{n_aligned} rotated/mirrored/rescaled copies); "
             f"{n_b} of {int((manifest['dataset'] == 'B').sum())} B images match an A image, "
-            f"{n_train} match an A training image")
+            f"{n_train} match an A training image; {n_flagged} B images flagged a_overlap "
+            f"(with their B group mates)")
         for r in ov.head(5).itertuples():
-            print(f"  {r.path} ~ {r.other_path} (d={r.distance}, A {r.other_split})")
+            how = f"d={r.distance}" if pd.notna(r.distance) else r.reason.split("(")[-1].rstrip(")")
+            print(f"  {r.path} ~ {r.other_path} ({how}, A {r.other_split})")
+        if cfg.data.external.exclude_overlap and n_flagged:
+            say(f"data.external.exclude_overlap=true: the {n_flagged} flagged B images are left out of the "
+                f"external evaluation and Table 3 (the report also gives Table 3 on all B images)")
     say(f"manifest: {layout.manifest} ({len(manifest)} rows); audit: {layout.audit} ({len(audit)} findings)")
     return {
         "images": len(manifest), "counts": counts, "skipped": len(skipped),
         "exact_pairs_a": n_exact, "near_pairs_a": len(a_pairs) - n_exact, "groups_a": len(groups),
         "ab_overlap_pairs": int((audit["kind"] == "ab_overlap").sum()),
+        "b_overlap_images": int(manifest["a_overlap"].sum()),
     }

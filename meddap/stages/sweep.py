@@ -1,7 +1,9 @@
 """sweep stage: the classifier grid on Ray Tune.
 
 Grid: classify.models x generate.adjectives x generate.ratios x folds, plus one real-only baseline
-(adjective None, ratio 0) per classifier and fold: M x F x (A x R + 1) trials (paper: 3 x 5 x 31 = 465).
+(adjective None, ratio 0) per classifier and fold: M x F x (A x R + 1) trials (paper: 3 x 5 x 31 = 465),
+times classify.repeats (each repeat with new seeds; all trials of one classifier, fold and repeat start
+from the same weights and data-order seed: common random numbers).
 
 How it runs
 - The driver reads the manifests, checks that every needed (fold, adjective) has enough synthetic
@@ -49,7 +51,7 @@ __all__ = ["run", "build_grid", "grid_size", "check_classifiers", "TRIAL_COLUMNS
 
 TRIAL_COLUMNS = ["trial_id", "classifier", "adjective", "ratio", "fold", "eval_set", "accuracy", "sensitivity",
                  "specificity", "precision", "f1", "n_real", "n_synthetic", "best_epoch", "train_seconds",
-                 "images_per_second", "n_eval", "confusion", "seed", "epochs", "resumed_from_epoch"]
+                 "images_per_second", "n_eval", "confusion", "seed", "epochs", "resumed_from_epoch", "repeat"]
 _PARTS = ("trials", "predictions", "synthetic_eval")   # per-trial part files; "trials" is written last
 _STATE_FILE = "state.pt"
 _META_FILE = "meta.json"
@@ -67,18 +69,20 @@ def build_grid(cfg: Config):
     from meddap.classify.data import TrialSpec
 
     specs = []
-    for fold in range(cfg.data.folds):
-        for model in cfg.classify.models:
-            specs.append(TrialSpec(model, fold))
-            for adjective in cfg.generate.adjectives:
-                for ratio in cfg.generate.ratios:
-                    specs.append(TrialSpec(model, fold, adjective, float(ratio)))
+    for repeat in range(cfg.classify.repeats):
+        for fold in range(cfg.data.folds):
+            for model in cfg.classify.models:
+                specs.append(TrialSpec(model, fold, repeat=repeat))
+                for adjective in cfg.generate.adjectives:
+                    for ratio in cfg.generate.ratios:
+                        specs.append(TrialSpec(model, fold, adjective, float(ratio), repeat=repeat))
     return specs
 
 
 def grid_size(cfg: Config) -> int:
     c = cfg
-    return len(c.classify.models) * c.data.folds * (len(c.generate.adjectives) * len(c.generate.ratios) + 1)
+    return (len(c.classify.models) * c.data.folds * (len(c.generate.adjectives) * len(c.generate.ratios) + 1)
+            * c.classify.repeats)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,7 +109,7 @@ def _trial_rows(result) -> pd.DataFrame:
             "n_real": result.n_real, "n_synthetic": result.n_synthetic, "best_epoch": result.best_epoch,
             "train_seconds": float(result.train_seconds), "images_per_second": float(result.images_per_second),
             "n_eval": int(m["n"]), "confusion": json.dumps(m["confusion"]), "seed": result.seed,
-            "epochs": result.epochs, "resumed_from_epoch": result.resumed_from_epoch})
+            "epochs": result.epochs, "resumed_from_epoch": result.resumed_from_epoch, "repeat": int(spec.repeat)})
     return _typed(pd.DataFrame(rows, columns=TRIAL_COLUMNS))
 
 
@@ -124,9 +128,9 @@ def _write_trial_outputs(cfg: Config, result) -> None:
     storage.write_parquet(result.predictions, _part(lay, spec.trial_id, "predictions"))
     if spec.real_only:
         syn = pd.DataFrame([{"trial_id": spec.trial_id, "classifier": spec.classifier, "fold": spec.fold,
-                             "adjective": adjective, "accuracy": v["accuracy"], "n": v["n"]}
+                             "adjective": adjective, "accuracy": v["accuracy"], "n": v["n"], "repeat": spec.repeat}
                             for adjective, v in sorted(result.synthetic_eval.items())],
-                           columns=["trial_id", "classifier", "fold", "adjective", "accuracy", "n"])
+                           columns=["trial_id", "classifier", "fold", "adjective", "accuracy", "n", "repeat"])
         storage.write_parquet(syn, _part(lay, spec.trial_id, "synthetic_eval"))
     keep = cfg.classify.save_models
     if keep == "all" or (keep == "fold0" and spec.fold == 0):
@@ -396,9 +400,10 @@ def run(cfg: Config, *, _fail_after_epoch: Optional[dict] = None) -> dict:
         summaries.add(tid)
     summaries.write()  # a sweep killed between a trial's parts and the merge loses nothing
     todo = [s for s in specs if s.trial_id not in done]
+    repeats = f" x {cfg.classify.repeats} repeats" if cfg.classify.repeats > 1 else ""
     _log(f"grid {total} trials ({len(cfg.classify.models)} classifiers x {len(cfg.generate.adjectives)} adjectives "
-         f"x {len(cfg.generate.ratios)} ratios x {cfg.data.folds} folds + baselines); {len(done)} already done, "
-         f"{len(todo)} to run")
+         f"x {len(cfg.generate.ratios)} ratios x {cfg.data.folds} folds + baselines{repeats}); {len(done)} already "
+         f"done, {len(todo)} to run")
     if not todo:
         return {"total": total, "done": len(done), "ran": 0, "failed": 0}
 
@@ -411,8 +416,14 @@ def run(cfg: Config, *, _fail_after_epoch: Optional[dict] = None) -> dict:
     # Real-only trials also score every adjective's synthetic set of their fold (Figure 1a): decode
     # the pools of every fold with pending work.
     images = load_sweep_images(manifest, synthetic, [s for s in specs if s.fold in todo_folds],
-                               cfg.data.classes, cfg.classify_image_size)
-    _log(f"decoded images: {images.nbytes() / 2**20:.1f} MiB as uint8, shared through Ray's object store")
+                               cfg.data.classes, cfg.classify_image_size, channels=cfg.classify.channels,
+                               exclude_overlap=cfg.data.external.exclude_overlap)
+    n_excluded = int((images.real_rows["eval_set"] == "external_overlap").sum())
+    if n_excluded:
+        _log(f"{n_excluded} Dataset B images copy a Dataset A image (manifest a_overlap): scored apart as "
+             f"'external_overlap', left out of 'external' (data.external.exclude_overlap=true)")
+    _log(f"decoded images ({cfg.classify.channels}): {images.nbytes() / 2**20:.1f} MiB as uint8, shared through "
+         f"Ray's object store")
 
     import ray
     from ray import tune

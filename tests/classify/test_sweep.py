@@ -33,6 +33,22 @@ def test_demo_grid_matches_its_config():
         len(c.generate.adjectives) * len(c.generate.ratios) + 1)
 
 
+def test_repeats_multiply_the_grid_with_new_ids_and_seeds():
+    from meddap.classify.trial import trial_seed
+
+    one, two = load_config("paper"), load_config("paper", ["classify.repeats=2"])
+    specs = sweep.build_grid(two)
+    assert len(specs) == sweep.grid_size(two) == 2 * 465 and len({s.trial_id for s in specs}) == 930
+    first = [s.trial_id for s in specs if s.repeat == 0]
+    assert first == [s.trial_id for s in sweep.build_grid(one)]      # repeat 0 keeps its ids
+    assert "resnet34__dark__r2__f4__rep1" in {s.trial_id for s in specs}
+    seeds = {(s.classifier, s.fold, s.repeat): set() for s in specs}
+    for s in specs:
+        seeds[(s.classifier, s.fold, s.repeat)].add(trial_seed(two.classify.seed, s))
+    assert all(len(v) == 1 for v in seeds.values())                  # one seed per (classifier, fold, repeat)
+    assert len({next(iter(v)) for v in seeds.values()}) == len(seeds)   # and a new one for each
+
+
 def test_unknown_classifier_fails_before_work(tmp_path):
     cfg = load_config("demo", tiny_overrides(str(tmp_path / "run"), **{"classify.models": "[resnet34, densenet12]"}))
     with pytest.raises(MeddapError) as e:
@@ -70,7 +86,7 @@ def test_missing_imagenet_weights_fail_before_ray(tmp_path):
 def test_tune_sweep_interrupted_then_resumed(tmp_path, ray_session):
     torch.set_num_threads(1)
     run = write_tiny_run(tmp_path, train_per_class=6, test_per_class=2, external_per_class=2,
-                         adjectives=("dark",), size=36)
+                         adjectives=("dark",), size=36, overlap_external=1)
     cfg = load_config("demo", tiny_overrides(run["run_dir"], **{"generate.adjectives": "[dark]",
                                                                 "generate.ratios": "[1.0]"}))
     lay = RunLayout(cfg.run_dir)
@@ -90,8 +106,12 @@ def test_tune_sweep_interrupted_then_resumed(tmp_path, ray_session):
     out = sweep.run(cfg)
     assert out == {"total": 4, "done": 4, "ran": 1, "failed": 0}
     trials = storage.read_parquet(lay.summary("trials"))
-    assert len(trials) == 4 * 3 and not trials.duplicated(["trial_id", "eval_set"]).any()
-    assert set(trials.eval_set) == {"val", "test", "external"}
+    assert len(trials) == 4 * 4 and not trials.duplicated(["trial_id", "eval_set"]).any()
+    # Dataset B copies of A images (a_overlap) are scored apart, out of "external" (exclude_overlap)
+    assert set(trials.eval_set) == {"val", "test", "external", "external_overlap"}
+    assert (trials.loc[trials.eval_set == "external", "n_eval"] == 2).all()
+    assert (trials.loc[trials.eval_set == "external_overlap", "n_eval"] == 2).all()
+    assert (trials["repeat"] == 0).all() and trials.groupby("fold")["seed"].nunique().eq(1).all()  # CRN
     assert list(trials.columns[:16]) == sweep.TRIAL_COLUMNS[:16]
     assert trials.set_index(["trial_id", "eval_set"]).loc[victim, "resumed_from_epoch"].eq(1).all()
     pd.testing.assert_frame_equal(trials[trials.trial_id != victim].reset_index(drop=True),

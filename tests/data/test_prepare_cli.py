@@ -154,7 +154,11 @@ def test_paper_prepare_on_busi_and_kaggle_layouts(nasty, tmp_path, capsys):
     assert ("benign (90)-sharpened.png", "benign (4).png", True) in pairs
     assert any(p[0] == "malignant (91)-rotated2.jpg" and p[1] == "malignant (3).png" for p in pairs)
     assert len(ov) == 2 and set(ov["other_split"]) <= {"train", "test"}
-    assert "A/B overlap: 2 pair(s) (1 exact, 1 near)" in out and "2 of 11 B images match an A image" in out
+    assert "A/B overlap: 2 pair(s) (1 exact, 1 near, 0 rotated/mirrored/rescaled copies)" in out
+    assert "2 of 11 B images match an A image" in out
+    flagged = m[m["a_overlap"]]["path"].map(lambda p: Path(p).name)
+    assert set(flagged) == {"benign (90)-sharpened.png", "malignant (91)-rotated2.jpg"}   # alone in their B groups
+    assert not m.loc[m["dataset"] == "A", "a_overlap"].any()
     # B's group key strips the augmentation chain
     assert "B:benign/benign (1)" in set(m["group_id"])
 
