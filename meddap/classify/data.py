@@ -21,14 +21,18 @@ import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 
 from meddap.errors import MeddapError
 from meddap.progress import Progress
+
+# torch is imported where tensors are made: `python -m meddap status` reads trial ids from here
+# without paying torch's import (seconds).
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "TrialSpec",
@@ -137,14 +141,14 @@ def _decode_any(decode: Callable, path: str, size: int) -> np.ndarray:
 
 
 def decode_images(paths: Sequence[str], size: int, decode: Optional[Callable] = None, what: str = "decode",
-                  workers: Optional[int] = None) -> np.ndarray:
+                  workers: Optional[int] = None, progress: Optional[Progress] = None) -> np.ndarray:
     """(N, 1, size, size) uint8 from image files (local paths or object-store URIs), decoded in a
-    thread pool (Pillow releases the GIL)."""
+    thread pool (Pillow releases the GIL). `progress`: a caller's Progress spanning several calls."""
     decode = decode or _default_decoder()
     out = np.empty((len(paths), 1, size, size), dtype=np.uint8)
     if not len(paths):
         return out
-    progress = Progress(len(paths), what, "images", every_s=5.0)
+    progress = progress or Progress(len(paths), what, "images", every_s=5.0)
 
     def one(i: int) -> None:
         grey = _decode_any(decode, paths[i], size)  # (S, S) uint8; ImageDecodeError names the file
@@ -251,8 +255,12 @@ def load_sweep_images(manifest: pd.DataFrame, synthetic: Optional[pd.DataFrame],
     real_rows["row"] = np.arange(len(real_rows))
     from meddap.data.decode import ImageDecodeError
 
+    # One progress line for every image the sweep decodes (real and each synthetic set).
+    n_images = len(real_rows) + sum(len(r) for r in needed.values())
+    progress = Progress(n_images, "sweep: decode", "images", every_s=5.0,
+                        note=f"{n_images * image_size ** 2 / 2 ** 20:.1f} MiB as uint8, for Ray's object store")
     try:
-        real_images = decode_images(real_rows["path"].tolist(), image_size, decode, "decode real")
+        real_images = decode_images(real_rows["path"].tolist(), image_size, decode, progress=progress)
     except ImageDecodeError as e:
         raise MeddapError(f"{e}. It is listed in the data manifest: put it back, or rerun `python -m meddap prepare` "
                           f"(same config and run_dir; `run --force prepare` in the pipeline) to make a manifest "
@@ -263,8 +271,7 @@ def load_sweep_images(manifest: pd.DataFrame, synthetic: Optional[pd.DataFrame],
         rows["row"] = np.arange(len(rows))
         syn_rows[key] = rows
         try:
-            syn_images[key] = decode_images(rows["path"].tolist(), image_size, decode,
-                                            f"decode synthetic fold {key[0]} {key[1]!r}")
+            syn_images[key] = decode_images(rows["path"].tolist(), image_size, decode, progress=progress)
         except ImageDecodeError as e:
             raise MeddapError(f"{e}. It is listed in the synthetic manifest: rerun `python -m meddap generate` "
                               f"(same config and run_dir), which regenerates missing or unreadable images, then "
@@ -273,11 +280,15 @@ def load_sweep_images(manifest: pd.DataFrame, synthetic: Optional[pd.DataFrame],
 
 
 def _take(images: object, rows: Sequence[int], get: Callable) -> torch.Tensor:
+    import torch
+
     arr = get(images) if not isinstance(images, np.ndarray) else images
     return torch.from_numpy(np.ascontiguousarray(arr[np.asarray(rows, dtype=np.int64)]))  # copy: writable
 
 
 def _eval_set(name: str, rows: pd.DataFrame, images: object, get: Callable) -> EvalSet:
+    import torch
+
     return EvalSet(name, _take(images, rows["row"], get), torch.tensor(rows["label"].to_numpy(), dtype=torch.int64),
                    rows["image_id"].astype(str).tolist())
 
@@ -293,6 +304,8 @@ def _pool_key(data: SweepImages, fold: int, adjective: str) -> tuple[int, str]:
 def trial_tensors(data: SweepImages, spec: TrialSpec, get: Callable = lambda x: x) -> TrialTensors:
     """The trial's training set, its validation/test/external sets and (real-only trials) the
     synthetic sets of its fold for every adjective, as uint8 tensors."""
+    import torch
+
     rows = data.real_rows
     real = rows[(rows["split"] == "train") & (rows["fold"] != spec.fold)]
     val = rows[(rows["split"] == "train") & (rows["fold"] == spec.fold)]
@@ -333,6 +346,8 @@ def model_input(batch: torch.Tensor, *, flip: bool = False, generator: Optional[
                 channels_last: bool = False) -> torch.Tensor:
     """(B, 1, S, S) uint8 -> (B, 3, S, S) float32 ImageNet-normalised, with a random horizontal flip
     per image when `flip` (drawn from `generator`, on the batch's device)."""
+    import torch
+
     x = batch.float().div_(255.0)                                           # (B, 1, S, S) in [0, 1]
     if flip:
         coin = torch.rand(x.shape[0], device=x.device, generator=generator) < 0.5  # (B,)

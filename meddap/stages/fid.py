@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from meddap import storage
+from meddap import logs, storage
 from meddap.errors import MeddapError
 from meddap.fid import (
     INCEPTION_INPUT_SIZE,
@@ -236,7 +236,7 @@ def run(cfg, *, extractor: nn.Module | None = None, image_size: int | None = Non
         import ray
 
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-        print(f"[fid] computing in a Ray task with {gpus} GPU(s) (this process has no CUDA).", flush=True)
+        logs.say(f"[fid] computing in a Ray task with {gpus} GPU(s) (this process has no CUDA).")
         task = ray.remote(num_gpus=gpus, num_cpus=1, max_retries=1)(_run_on_worker)
         return ray.get(task.remote(cfg.to_dict()))
     lay = RunLayout(cfg.run_dir)
@@ -252,9 +252,9 @@ def run(cfg, *, extractor: nn.Module | None = None, image_size: int | None = Non
             extractor = load_inception(cfg.fid.dims, cfg.fid.weights, device)
         except MissingWeightsError as e:
             missing = e
-            print(f"[fid] FID/KID cannot be computed: {e.reason}.\n[fid] Rows are written with fid/kid null and "
-                  f"status 'missing_weights'; the report says so. Rerun `python -m meddap fid` once the "
-                  f"weights are in place.", flush=True)
+            logs.say(f"[fid] FID/KID cannot be computed: {e.reason}.\n[fid] Rows are written with fid/kid null "
+                     f"and status 'missing_weights'; the report says so. Rerun `python -m meddap fid` once the "
+                     f"weights are in place.")
     image_size = image_size or INCEPTION_INPUT_SIZE
     cache = None if missing is not None else _FeatureCache(extractor, cfg.fid.batch_size, image_size, device)
 
@@ -266,7 +266,7 @@ def run(cfg, *, extractor: nn.Module | None = None, image_size: int | None = Non
     kept, kept_mem, done = _finished_groups(lay, settings, current)
     todo = [g for g in groups if g not in done]
     if done:
-        print(f"[fid] {len(groups) - len(todo)} of {len(groups)} synthetic sets already done; computing {len(todo)}.")
+        logs.say(f"[fid] {len(groups) - len(todo)} of {len(groups)} synthetic sets already done; computing {len(todo)}.")
     n_images = 0
     if cache is not None:
         paths = set()
@@ -286,9 +286,10 @@ def run(cfg, *, extractor: nn.Module | None = None, image_size: int | None = Non
         mems.append(mem)
         _write(lay, rows, mems)   # after every set, so a crash loses no finished set
         overall = group_rows[-1]
-        shown = (f"fid={overall['fid']:.3f} kid={overall['kid']:.4f}" if overall["fid"] is not None
-                 else "not computed: " + overall["status"].split(":")[0])
-        print(f"[fid] {adapter_name(fold)} adjective={adj or '(none)'}: {shown}", flush=True)
+        if missing is None:  # with missing weights every set says the same: one line after the loop
+            shown = (f"fid={overall['fid']:.3f} kid={overall['kid']:.4f}" if overall["fid"] is not None
+                     else "not computed: " + overall["status"].split(":")[0])
+            logs.say(f"[fid] {adapter_name(fold)} adjective={adj or '(none)'}: {shown}")
     if not todo:
         _write(lay, rows, mems)
     n_flagged = int(sum(int(m["flagged"].sum()) for m in mems if len(m)))
