@@ -141,8 +141,10 @@ class _Console:
                     self.out.write(text + "\n")
                     self.out.flush()
                     seen[0], seen[1] = now, quarter
+                    self._copy(text)
             if final:
-                self._copy(text)
+                if self.tty:
+                    self._copy(text)  # the line left on the terminal
                 self._seen.pop(key, None)
 
     def worker_line(self, line: str) -> None:
@@ -227,6 +229,12 @@ def attach_ray() -> None:
         filter_autoscaler_events = list
 
     def handle(data: dict) -> None:
+        try:
+            _file_and_show(data)
+        except Exception:  # runs on Ray's log thread: an error here would stop every later line
+            pass
+
+    def _file_and_show(data: dict) -> None:
         who = data.get("actor_name") or data.get("task_name") or ""
         prefix = f"({who + ' ' if who else ''}pid={data.get('pid')}, ip={data.get('ip')}) "
         lines = data.get("lines", [])

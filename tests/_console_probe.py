@@ -3,9 +3,10 @@
     python tests/_console_probe.py RUN_DIR [--verbose] [--light] [--fail]
 
 It makes the chatter the issue lists: a worker's plain print (Ray prefixes it `(pid=...)`), Tune's
-experiment table and its `Checkpoint successfully created` line, Ray Data's progress logging and
-Ray's own start-up lines; and meddap's lines from the driver, a worker and a Progress loop.
---light: only the worker's print and meddap's lines (no Ray Data, no Tune).
+experiment table (printed by the driver) and its `Checkpoint successfully created` line (a worker's
+logger), and Ray's own start-up lines (the driver's loggers, as Ray Data's progress logging); and
+meddap's lines from the driver, a worker and a Progress loop.
+--light: only the worker's print and meddap's lines (no Tune).
 --fail: at the end, a task raises ValueError("boom in a worker").
 """
 
@@ -47,7 +48,6 @@ def main() -> None:
 
         ray.get(work.remote())
         if "--light" not in sys.argv:
-            ray.data.range(8).map_batches(lambda b: b).take_all()
             tune.Tuner(_trainable, run_config=tune.RunConfig(
                 name="probe", storage_path=os.path.abspath(os.path.join(run_dir, "ray")), verbose=0)).fit()
         loop = Progress(3, "probe loop", "steps", every_s=0.0)
