@@ -12,6 +12,7 @@ import os
 import sys
 import time
 
+from meddap import logs
 from meddap.config import ConfigError, load_config, shipped_configs
 from meddap.errors import MeddapError
 
@@ -64,7 +65,13 @@ def _parser() -> argparse.ArgumentParser:
         if name in ("run", "demo"):
             sp.add_argument("--force", action="append", default=[], metavar="STAGE",
                             help="redo STAGE and every stage after it that depends on it (repeatable)")
+        _verbose_flag(sp)
         sp.add_argument("overrides", nargs="*", metavar="key=value")
+    st = sub.add_parser("status", help="how far a run has got: each stage done, running, stale or missing; "
+                                       "adapters, images and trials done; the report (read-only)",
+                        description="Read-only: safe from another shell while a run is going.")
+    st.add_argument("--config", default="demo", help="shipped config name or YAML path (default: demo)")
+    st.add_argument("overrides", nargs="*", metavar="key=value")
     ph = sub.add_parser("phantom", help="write the breast-ultrasound phantom dataset in the BUSI layout")
     ph.add_argument("out_dir")
     ph.add_argument("--per-class", type=int, default=60)
@@ -81,25 +88,41 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _verbose_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help=f"show Ray's own messages on the console too (same as {logs.ENV}=debug); by default "
+                        "they go to files under <run_dir>/logs/")
+
+
 def user_error_exit(label: str, e: BaseException) -> int:
     """Exit status for an exception that reached a command's top level, printing one line for the
     errors a user can fix (config, inputs, unusable paths) and for Ctrl-C; anything else re-raises.
     Shared by the CLI and the `ray job submit` entry points in jobs/."""
     if isinstance(e, (ConfigError, MeddapError)):
-        print(f"{label}: error: {e}", file=sys.stderr, flush=True)
+        logs.error(f"{label}: error: {e}")
+        _point_at_logs(label)
         return 2
     if isinstance(e, OSError) and not os.environ.get("MEDDAP_TRACEBACK"):
         # A path the user gave that cannot be used (run_dir under a file, no permission, disk full, ...):
         # one line, not a stack trace. MEDDAP_TRACEBACK=1 shows the trace when it is a bug after all.
-        print(f"{label}: error: {type(e).__name__}: {e}. Check the paths in the config and on the "
-              f"command line (run_dir, data.root, ...): they must exist where they are read, be folders where "
-              f"folders are expected, and be writable where outputs go (MEDDAP_TRACEBACK=1 shows the stack trace).",
-              file=sys.stderr, flush=True)
+        logs.error(f"{label}: error: {type(e).__name__}: {e}. Check the paths in the config and on the "
+                   f"command line (run_dir, data.root, ...): they must exist where they are read, be folders where "
+                   f"folders are expected, and be writable where outputs go (MEDDAP_TRACEBACK=1 shows the stack "
+                   f"trace).")
         return 2
     if isinstance(e, KeyboardInterrupt):
-        print(f"{label}: interrupted; finished work is kept, rerun to resume.", file=sys.stderr, flush=True)
+        logs.error(f"{label}: interrupted; finished work is kept, rerun to resume.")
+        _point_at_logs(label)
         return 130
+    _point_at_logs(label)
     raise e
+
+
+def _point_at_logs(label: str) -> None:
+    """After an error in a quiet command that ran Ray: where Ray's own account of it is."""
+    where = logs.ray_log_dir()
+    if where:
+        logs.error(f"{label}: Ray's own messages (worker output, tracebacks) are in {where}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,7 +138,14 @@ def main(argv: list[str] | None = None) -> int:
                           seed=args.seed)
             return 0
         if args.command == "config":
-            print(load_config(args.config, args.overrides).to_yaml(), end="")
+            cfg = load_config(args.config, args.overrides)
+            sys.stdout.write(cfg.to_yaml(header=True))
+            return 0
+        if args.command == "status":
+            cfg = load_config(args.config, args.overrides)
+            from meddap.status import show_status
+
+            show_status(cfg)
             return 0
         if args.command == "bench":
             overrides, rest = _split_overrides(args.rest)
@@ -128,11 +158,14 @@ def main(argv: list[str] | None = None) -> int:
         config = "demo" if args.command == "demo" else args.config
         cfg = load_config(config, args.overrides)
         fn = _load(STAGES[args.command][0])
-        if args.command in ("run", "demo"):
-            fn(cfg, force=args.force)
-        else:
-            fn(cfg)
-        print(f"[meddap] {args.command} finished in {time.perf_counter() - t0:.1f}s; outputs under {cfg.run_dir}")
+        with logs.console(cfg.run_dir, args.command, verbose=args.verbose):
+            if args.command in ("run", "demo"):
+                fn(cfg, force=args.force)
+            else:
+                fn(cfg)
+            where = logs.ray_log_dir()
+            logs.say(f"[meddap] {args.command} finished in {time.perf_counter() - t0:.1f}s; outputs under "
+                     f"{cfg.run_dir}" + (f"; Ray's own messages: {where}" if where else ""))
         return 0
     except BaseException as e:  # noqa: BLE001 - user-facing errors become one line; bugs re-raise
         return user_error_exit(f"meddap {args.command}", e)

@@ -423,8 +423,17 @@ class Config:
     def from_dict(cls, d: dict, *, source: str = "<dict>") -> "Config":
         return _build(cls, d, "", source).validate()
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+    def to_yaml(self, header: bool = False) -> str:
+        """The settings as YAML, without `name`: a saved config is named after its file when loaded
+        (`config --config demo > mine.yaml`, then `--config mine.yaml`, calls itself 'mine')."""
+        d = self.to_dict()
+        d.pop("name", None)
+        body = yaml.safe_dump(d, sort_keys=False)
+        if not header:
+            return body
+        return (f"# meddap config: the effective settings of '{self.name}' (python -m meddap config).\n"
+                f"# Saved to a file and loaded with --config FILE, it is named after the file; add a line\n"
+                f"# `name: ...` to name it otherwise.\n" + body)
 
     @property
     def classify_image_size(self) -> int:
@@ -543,8 +552,12 @@ def _resolve(name_or_path: str) -> Path:
     p = Path(name_or_path).expanduser()
     if p.is_file():
         return p
+    import difflib
+
+    close = difflib.get_close_matches(name_or_path, list(shipped), n=1, cutoff=0.6)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
     raise ConfigError(f"config '{name_or_path}' is neither a shipped config ({', '.join(shipped)}) "
-                      f"nor an existing YAML file.")
+                      f"nor an existing YAML file.{hint}")
 
 
 def _parse_override(text: str) -> tuple[str, Any]:

@@ -23,7 +23,6 @@ lands on a CPU silently.
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -55,7 +54,9 @@ class GpuOutlook:
 
 def warn(msg: str) -> None:
     """A warning a user must not miss: on stderr, on its own lines, whatever the log level."""
-    print(f"\n[meddap] WARNING: {msg}\n", file=sys.stderr, flush=True)
+    from meddap import logs
+
+    logs.error(f"\n[meddap] WARNING: {msg}\n")
 
 
 def _gcs_max_gpus() -> Optional[float]:

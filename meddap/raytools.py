@@ -23,6 +23,11 @@ def ensure_ray(cfg=None) -> None:
     else:
         num_cpus = cfg.ray.num_cpus if cfg is not None else None
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    # Worker lines must reach the driver (log_to_driver=True): the quiet console files them and shows
+    # meddap's own (meddap.logs); this swaps Ray's printer for that filter when a quiet command runs.
+    from meddap import logs
+
+    logs.attach_ray()
 
 
 def cluster_resources() -> dict:

@@ -393,3 +393,40 @@ def test_report_states_selection_tests_warning_and_crn(tmp_path, trials):
     assert "n used = 8 images; 2 Dataset B images that copy a Dataset A image" in md
     assert "### Table 3 on all of Dataset B (copies of Dataset A images included)" in md and "n = 10 images" in md
     assert (storage.read_parquet(lay.summary("table3_full")).n_used == 10).all()
+
+# The first screen: question, answer per classifier with its interval, what it means
+# ---------------------------------------------------------------------------------------------
+def test_report_opens_with_the_answer_before_the_tables(report_run):
+    cfg, _ = report_run
+    lay = RunLayout(cfg.run_dir)
+    md = storage.read_text(lay.path("report.md"))
+    head = md[:md.index("## Table 1")]
+    assert head.index("## Summary") < head.index("**Question.**") < head.index("**Answer**")
+    t2 = storage.read_parquet(lay.summary("table2"))
+    for r in t2.to_dict("records"):  # each classifier, with Table 2's own difference and t-interval
+        line = next(ln for ln in head.splitlines() if ln.startswith(f"- **{r['classifier']}**, test set"))
+        assert f"{100 * r['mean_difference']:+.1f} pp [95 % CI {100 * r['ci_low']:+.1f}, " \
+               f"{100 * r['ci_high']:+.1f}]" in line
+    assert "- **squeezenet1_1**, external set" in head
+    assert "t-interval over folds" in head and "not clinical performance" in head
+    assert "phantom images" in head  # the demo config: the numbers say nothing about the method
+    html = storage.read_text(lay.path("report.html"))
+    assert html.index("<h2>Summary</h2>") < html.index("<h2>Table 1")
+
+
+def test_answer_uses_the_paired_bootstrap_when_the_tables_have_it(trials):
+    from meddap.answer import answer
+
+    t2 = table2(trials)
+    plain = answer(t2, None, n_folds=3, n_settings=4)
+    assert all("t-interval" not in a for a in plain.answers) and "t-interval over folds" in plain.meaning[0]
+    boot = t2.assign(boot_ci_low=0.01, boot_ci_high=0.04, boot_p=0.02, p_holm=0.04, n_settings_compared=4)
+    out = answer(boot, None, n_folds=3)
+    assert all("[95 % CI +1.0, +4.0], Holm-adjusted p = 0.04; higher with synthetic images." in a for a in out.answers)
+    assert "paired bootstrap, Holm-adjusted p" in out.meaning[0] and "among 4 settings" in out.meaning[1]
+    assert "p-values are Holm-adjusted" in out.meaning[1]
+    below = t2.assign(boot_ci_low=-0.05, boot_ci_high=-0.01, boot_p=float("nan"))
+    assert all(a.endswith("lower with synthetic images.") for a in answer(below, None, n_folds=3).answers)
+    none = t2.assign(ci_low=float("nan"), ci_high=float("nan"))   # one fold: no interval, no verdict
+    assert all("cannot tell" in a for a in answer(none, None, n_folds=1).answers)
+    assert [c.split(":")[0] for c in out.console] == list(t2["classifier"])

@@ -34,13 +34,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import numpy as np
-import torch
 
 from meddap.errors import MeddapError
 from meddap.progress import Progress
 
-if TYPE_CHECKING:  # pandas is imported where frames are made: `bench gpu` runs the batch transform without it
+# torch and pandas are imported where tensors and frames are made: `python -m meddap status` reads
+# trial ids from here without torch's import (seconds), `bench gpu` runs the batch transform without pandas.
+if TYPE_CHECKING:
     import pandas as pd
+    import torch
 
 __all__ = [
     "TrialSpec",
@@ -154,15 +156,16 @@ def _decode_any(decode: Callable, path: str, size: int) -> np.ndarray:
 
 
 def decode_images(paths: Sequence[str], size: int, decode: Optional[Callable] = None, what: str = "decode",
-                  workers: Optional[int] = None, channels: int = 1) -> np.ndarray:
+                  workers: Optional[int] = None, channels: int = 1,
+                  progress: Optional[Progress] = None) -> np.ndarray:
     """(N, channels, size, size) uint8 from image files (local paths or object-store URIs), decoded in a
     thread pool (Pillow releases the GIL). With channels 3 the decoder returns (S, S, 3) arrays (a grey
-    (S, S) one is replicated)."""
+    (S, S) one is replicated). `progress`: a caller's Progress spanning several calls."""
     decode = decode or _default_decoder(channels)
     out = np.empty((len(paths), channels, size, size), dtype=np.uint8)
     if not len(paths):
         return out
-    progress = Progress(len(paths), what, "images", every_s=5.0)
+    progress = progress or Progress(len(paths), what, "images", every_s=5.0)
 
     def one(i: int) -> None:
         img = _decode_any(decode, paths[i], size)  # (S, S) or (S, S, 3) uint8; ImageDecodeError names the file
@@ -295,9 +298,13 @@ def load_sweep_images(manifest: pd.DataFrame, synthetic: Optional[pd.DataFrame],
     real_rows["eval_set"] = _eval_set_of(real_rows, exclude_overlap)
     from meddap.data.decode import ImageDecodeError
 
+    # One progress line for every image the sweep decodes (real and each synthetic set).
+    n_images = len(real_rows) + sum(len(r) for r in needed.values())
+    progress = Progress(n_images, "sweep: decode", "images", every_s=5.0,
+                        note=f"{n_images * image_size ** 2 / 2 ** 20:.1f} MiB as uint8, for Ray's object store")
     try:
-        real_images = decode_images(real_rows["path"].tolist(), image_size, decode, "decode real",
-                                    channels=n_channels)
+        real_images = decode_images(real_rows["path"].tolist(), image_size, decode, channels=n_channels,
+                                    progress=progress)
         if n_channels == 3 and _grey_content(real_images):
             real_images = np.ascontiguousarray(real_images[:, :1])  # replicated to 3 on the device
     except ImageDecodeError as e:
@@ -310,8 +317,8 @@ def load_sweep_images(manifest: pd.DataFrame, synthetic: Optional[pd.DataFrame],
         rows["row"] = np.arange(len(rows))
         syn_rows[key] = rows
         try:
-            syn_images[key] = decode_images(rows["path"].tolist(), image_size, decode,
-                                            f"decode synthetic fold {key[0]} {key[1]!r}", channels=n_channels)
+            syn_images[key] = decode_images(rows["path"].tolist(), image_size, decode, channels=n_channels,
+                                            progress=progress)
         except ImageDecodeError as e:
             raise MeddapError(f"{e}. It is listed in the synthetic manifest: rerun `python -m meddap generate` "
                               f"(same config and run_dir), which regenerates missing or unreadable images, then "
@@ -320,6 +327,8 @@ def load_sweep_images(manifest: pd.DataFrame, synthetic: Optional[pd.DataFrame],
 
 
 def _take(images: object, rows: Sequence[int], get: Callable) -> torch.Tensor:
+    import torch
+
     arr = get(images) if not isinstance(images, np.ndarray) else images
     return torch.from_numpy(np.ascontiguousarray(arr[np.asarray(rows, dtype=np.int64)]))  # copy: writable
 
@@ -331,6 +340,8 @@ def _same_channels(parts: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def _eval_set(name: str, rows: pd.DataFrame, images: object, get: Callable) -> EvalSet:
+    import torch
+
     return EvalSet(name, _take(images, rows["row"], get), torch.tensor(rows["label"].to_numpy(), dtype=torch.int64),
                    rows["image_id"].astype(str).tolist())
 
@@ -347,6 +358,7 @@ def trial_tensors(data: SweepImages, spec: TrialSpec, get: Callable = lambda x: 
     """The trial's training set, its validation/test/external sets and (real-only trials) the
     synthetic sets of its fold for every adjective, as uint8 tensors."""
     import pandas as pd
+    import torch
 
     rows = data.real_rows
     real = rows[(rows["split"] == "train") & (rows["fold"] != spec.fold)]
@@ -388,6 +400,8 @@ def trial_tensors(data: SweepImages, spec: TrialSpec, get: Callable = lambda x: 
 # ---------------------------------------------------------------------------------------------
 def imagenet_stats(device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
     """ImageNet mean and std as (1, 3, 1, 1) tensors on `device`: build once, pass to `model_input`."""
+    import torch
+
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
     return mean, std
@@ -400,6 +414,8 @@ def model_input(batch: torch.Tensor, *, flip: bool = False, generator: Optional[
     random horizontal flip per image when `flip` (drawn from `generator`, on the batch's device). `stats`:
     `imagenet_stats` on the batch's device, built once by a caller that runs many batches (else built here)."""
     x = batch.float().div_(255.0)                                           # (B, C, S, S) in [0, 1]
+    import torch
+
     if flip:
         coin = torch.rand(x.shape[0], device=x.device, generator=generator) < 0.5  # (B,)
         x = torch.where(coin[:, None, None, None], x.flip(-1), x)

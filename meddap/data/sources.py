@@ -145,7 +145,7 @@ def _read_class_folders(listing: SourceListing, class_root: Path, classes: list[
             if not is_mask(p) and not _is_system_file(p):
                 listing.findings.append(Finding(
                     "unknown_class", str(p.absolute()), dataset,
-                    f"class folder '{d.name}' is not in data.classes {classes}"))
+                    f"class folder '{d.name}' is not in data.classes {classes}", class_name=d.name))
     for cls in classes:
         if cls not in found:
             continue
@@ -284,7 +284,8 @@ def list_manifest(path: str, classes: list[str], split: str | None = None, datas
         cls = by_lower.get((cls_raw or "").lower())
         if cls is None:
             listing.findings.append(Finding("unknown_class", str(p), dataset,
-                                            f"class_name {cls_raw!r} is not in data.classes {classes}"))
+                                            f"class_name {cls_raw!r} is not in data.classes {classes}",
+                                            class_name=cls_raw or ""))
             continue
         if is_mask(p):
             listing.masks += 1
@@ -326,7 +327,7 @@ def write_phantom_dataset(run_dir: str, dataset: str, phantom_cfg, classes: list
 
     out = _phantom_dir(run_dir, dataset)
     write_phantom(str(out), per_class=phantom_cfg.per_class, variant=phantom_cfg.variant, size=phantom_cfg.size,
-                  seed=phantom_cfg.seed, classes=tuple(classes))
+                  seed=phantom_cfg.seed, classes=tuple(classes), say=False)  # prepare's summary reports the images
     return out
 
 

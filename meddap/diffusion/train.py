@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from meddap import logs
 from meddap.config import ConfigError
 from meddap.device import native_bf16
 from meddap.diffusion.lora import add_uslora, count_trainable, load_lora_state, lora_parameters, lora_state
@@ -147,7 +148,7 @@ def resolve_precision(mixed_precision: str, device: torch.device) -> tuple[torch
         raise ConfigError(f"config key 'diffusion.train.mixed_precision' = {mixed_precision!r}: expected auto, no, fp16 or bf16.")
     if device.type != "cuda":
         if mixed_precision in ("fp16", "bf16"):
-            print(f"[finetune] mixed_precision={mixed_precision} applies on CUDA only; training in fp32 on {device}.")
+            logs.say(f"[finetune] mixed_precision={mixed_precision} applies on CUDA only; training in fp32 on {device}.")
         return torch.float32, None, False
     if mixed_precision == "no":
         return torch.float32, None, False

@@ -41,7 +41,7 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from meddap import storage
+from meddap import logs, storage
 from meddap.errors import MeddapError
 from meddap.fid import (
     INCEPTION_INPUT_SIZE,
@@ -301,7 +301,7 @@ def run(cfg, *, extractor: nn.Module | None = None, image_size: int | None = Non
         import ray
 
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-        print(f"[fid] computing in a Ray task with {gpus} GPU(s) (this process has no CUDA).", flush=True)
+        logs.say(f"[fid] computing in a Ray task with {gpus} GPU(s) (this process has no CUDA).")
         task = ray.remote(num_gpus=gpus, num_cpus=1, max_retries=1)(_run_on_worker)
         return ray.get(task.remote(cfg.to_dict()))
     lay = RunLayout(cfg.run_dir)
@@ -318,9 +318,9 @@ def run(cfg, *, extractor: nn.Module | None = None, image_size: int | None = Non
     extractors = _extractors(cfg, extractor, device)
     missing = extractors[primary][1]
     if missing is not None:
-        print(f"[fid] FID/KID cannot be computed: {missing.reason}.\n[fid] Rows are written with fid/kid null and "
-              f"status 'missing_weights'; the report says so. Rerun `python -m meddap fid` once the "
-              f"weights are in place.", flush=True)
+        logs.say(f"[fid] FID/KID cannot be computed: {missing.reason}.\n[fid] Rows are written with fid/kid null "
+                 f"and status 'missing_weights'; the report says so. Rerun `python -m meddap fid` once the "
+                 f"weights are in place.")
     reader = functools.partial(_reader, channels=channels)
     caches = {d: (_FeatureCache(ex, cfg.fid.batch_size, image_size, device, reader) if ex is not None else None)
               for d, (ex, _) in extractors.items()}
@@ -334,8 +334,8 @@ def run(cfg, *, extractor: nn.Module | None = None, image_size: int | None = Non
     kept, kept_mem, done = _finished_groups(lay, settings, current, primary)
     todo = [(f, a, d) for f, a in groups for d in extractors if (f, a, d) not in done]
     if done:
-        print(f"[fid] {len(done)} of {len(groups) * len(extractors)} (synthetic set, dims) already done; "
-              f"computing {len(todo)}.")
+        logs.say(f"[fid] {len(done)} of {len(groups) * len(extractors)} (synthetic set, dims) already done; "
+                 f"computing {len(todo)}.")
     paths: set = set()
     for fold, adj, dims in todo:
         if caches[dims] is not None:
@@ -354,9 +354,10 @@ def run(cfg, *, extractor: nn.Module | None = None, image_size: int | None = Non
         mems.append(mem)
         _write(lay, rows, mems)   # after every set, so a crash loses no finished set
         overall = group_rows[-1]
-        shown = (f"fid={overall['fid']:.3f} kid={overall['kid']:.4f} (N={overall['n_real']} each)"
-                 if overall["fid"] is not None else "not computed: " + overall["status"].split(":")[0])
-        print(f"[fid] {adapter_name(fold)} adjective={adj or '(none)'} dims={dims}: {shown}", flush=True)
+        if extractors[dims][1] is None:  # with missing weights every set says the same: one line after the loop
+            shown = (f"fid={overall['fid']:.3f} kid={overall['kid']:.4f} (N={overall['n_real']} each)"
+                     if overall["fid"] is not None else "not computed: " + overall["status"].split(":")[0])
+            logs.say(f"[fid] {adapter_name(fold)} adjective={adj or '(none)'} dims={dims}: {shown}")
     if not todo:
         _write(lay, rows, mems)
     n_flagged = int(sum(int(m["flagged"].sum()) for m in mems if len(m)))

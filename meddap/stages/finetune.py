@@ -26,12 +26,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import tempfile
 import time
 from typing import Any
 
-from meddap import storage
+from meddap import logs, storage
 from meddap.config import Config
 from meddap.diffusion.base import TINY_MODEL
 from meddap.errors import MeddapError
@@ -45,9 +44,7 @@ STATE_FILE = "state.pt"
 
 
 def _log(msg: str) -> None:
-    # sys.stdout, not print: Ray Train patches print in workers and would show each line twice.
-    sys.stdout.write(f"[finetune] {msg}\n")
-    sys.stdout.flush()
+    logs.say(f"[finetune] {msg}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,12 +133,6 @@ def _train_loop(config: dict) -> None:
         if rank == 0:
             _log(f"{config['name']}: resumed from checkpoint at epoch {ft.epoch}, step {ft.step}")
         resumed_from = ft.step
-    elif rank == 0:
-        _log(f"{config['name']}: LoRA rank {settings.rank} on {settings.targets}: {ft.trainable:,} trainable of "
-             f"{ft.total:,} UNet parameters ({100 * ft.share:.4f} %); {len(examples)} images, "
-             f"{ft.steps_per_epoch} steps/epoch x {settings.epochs} epochs on {world} worker(s), "
-             f"{describe(device)}, weights {str(ft.weight_dtype).replace('torch.', '')}"
-             f"{', fp16 loss scaling' if ft.scaler is not None else ''}")
 
     remaining = ft.total_steps - ft.step
     progress = Progress(max(remaining, 1), f"finetune {config['name']}", unit="steps",
@@ -226,6 +217,25 @@ def _write_outputs(ft, config: dict, resumed_from: int = 0) -> None:
 # ---------------------------------------------------------------------------------------------
 # The driver side
 # ---------------------------------------------------------------------------------------------
+def _failure_callbacks(adapter: str, max_failures: int) -> list:
+    """A Ray Train callback that prints a worker's failure (one meddap line, with its cause) from the
+    controller: with the quiet console, Ray's own report of it goes to the log files only."""
+    try:
+        from ray.train import UserCallback
+    except ImportError:  # Ray Train V1: no controller callbacks; its errors reach the driver as before
+        return []
+
+    class _SayFailures(UserCallback):
+        def after_exception(self, run_context, worker_exceptions):
+            for rank, exc in sorted(worker_exceptions.items()):
+                lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+                cause = lines[-1] if lines else type(exc).__name__
+                _log(f"{adapter}: worker {rank} failed: {cause} (Ray Train restarts it from the last epoch "
+                     f"checkpoint until diffusion.train.max_failures={max_failures} restarts are used up)")
+
+    return [_SayFailures()]
+
+
 def finetune_adapter(cfg: Config, entry: dict, model: str, fail_after_epoch: int | None = None,
                      use_gpu: bool | None = None) -> dict | None:
     """Train one adapter with a TorchTrainer unless its adapter.json exists; returns adapter.json's content.
@@ -290,10 +300,11 @@ def finetune_adapter(cfg: Config, entry: dict, model: str, fail_after_epoch: int
                                      resources_per_worker={"CPU": cpus, **({"GPU": 1} if use_gpu else {})}),
         run_config=RunConfig(storage_path=fs_path, storage_filesystem=fs, name=name,
                              failure_config=FailureConfig(max_failures=t.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             callbacks=_failure_callbacks(adapter_name(fold), t.max_failures)),
     )
-    _log(f"{adapter_name(fold)}: training on {len(rows)} images, {t.num_workers} worker(s) with "
-         f"{'one GPU' if use_gpu else 'CPUs'} each (Ray run {name} in {storage_path})")
+    _log(f"{adapter_name(fold)}: training on {len(rows)} images, {t.epochs} epochs on {t.num_workers} worker(s)"
+         f"{' with a GPU each' if use_gpu else ''} (Ray run {name} in {storage_path})")
     t0 = time.perf_counter()
     try:
         with keep_sigint_handler():

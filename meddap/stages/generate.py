@@ -33,7 +33,7 @@ import time
 import numpy as np
 import pandas as pd
 
-from meddap import storage
+from meddap import logs, storage
 from meddap.diffusion.generate import PNG_META_KEY, check_scheduler_name
 from meddap.diffusion.plan import GenerationPlan, build_plan
 from meddap.errors import MeddapError
@@ -256,7 +256,7 @@ def _generate_on_ray(cfg, plan: GenerationPlan, todo: pd.DataFrame, model: str |
     blocks = []
     for _, group in todo[cols].groupby("adapter_name", sort=False):
         blocks += [group.iloc[i:i + bs] for i in range(0, len(group), bs)]
-    print(f"[generate] {len(todo)} images in {len(blocks)} batches of <= {bs} on {pool['note']}", flush=True)
+    logs.say(f"[generate] {len(todo)} images in {len(blocks)} batches of <= {bs} on {pool['note']}")
     ds = ray.data.from_pandas(blocks).map_batches(
         _GenerateActor,
         batch_size=bs,
@@ -287,8 +287,9 @@ def resolve_gpu(cfg):
     params = count_unet_parameters(resolve_base_model(cfg), cfg.diffusion.single_file_config)
     use = resolve_use_gpu(cfg.generate.use_gpu, "generate.use_gpu", outlook, what="generation",
                           unet_parameters=params)
-    print(f"[generate] generate.use_gpu={cfg.generate.use_gpu}: actors {'ask for GPUs' if use else 'use CPUs'} "
-          f"({outlook})", flush=True)
+    if use or outlook.most > 0:  # on a CPU-only cluster there is nothing to say
+        logs.say(f"[generate] generate.use_gpu={cfg.generate.use_gpu}: actors {'ask for GPUs' if use else 'use CPUs'} "
+                 f"({outlook})")
     return use, outlook
 
 
@@ -372,14 +373,14 @@ def run(cfg, *, in_process: bool = False) -> dict:
     if cfg.generate.scheduler:
         check_scheduler_name(cfg.generate.scheduler)
     kept, todo, counts = reconcile(plan, cfg.run_dir)
-    print(f"[generate] plan: {counts['planned']} images "
+    logs.say(f"[generate] plan: {counts['planned']} images "
           f"({len(plan.adapters)} adapter(s) x {len(cfg.generate.adjectives)} adjective(s) x "
-          f"{len(cfg.data.classes)} classes, largest ratio {max(cfg.generate.ratios):g}); "
-          f"on disk: {counts['kept']} listed + {counts['relisted']} re-listed from PNG provenance; "
-          f"to generate: {counts['to_generate']}", flush=True)
+             f"{len(cfg.data.classes)} classes, largest ratio {max(cfg.generate.ratios):g}); "
+             f"on disk: {counts['kept']} listed + {counts['relisted']} re-listed from PNG provenance; "
+             f"to generate: {counts['to_generate']}")
     if counts["dropped_rows"]:
-        print(f"[generate] {counts['dropped_rows']} manifest row(s) dropped: file missing, other settings, "
-              "or not in this plan (regenerated if planned)", flush=True)
+        logs.say(f"[generate] {counts['dropped_rows']} manifest row(s) dropped: file missing, other settings, "
+                 "or not in this plan (regenerated if planned)")
 
     done = [kept]
     _write_manifest(plan, kept, layout.synthetic_manifest)
@@ -421,7 +422,7 @@ def run(cfg, *, in_process: bool = False) -> dict:
     result = {**counts, "generated": n_new, "seconds": round(time.perf_counter() - t0, 2),
               "images_per_second": round(n_new / gen_seconds, 3) if gen_seconds > 0 else None,
               "workers_used": len(workers), "contact_sheets": sheets}
-    print(f"[generate] {len(manifest)} images listed in {layout.synthetic_manifest}; generated {n_new}"
-          + (f" at {n_new / gen_seconds:.2f} images/s" if gen_seconds > 0 else "")
-          + f"; contact sheets: {', '.join(sheets)}", flush=True)
+    logs.say(f"[generate] {len(manifest)} images listed in {layout.synthetic_manifest}; generated {n_new}"
+             + (f" at {n_new / gen_seconds:.2f} images/s" if gen_seconds > 0 else "")
+             + f"; contact sheets: {', '.join(sheets)}")
     return result

@@ -21,7 +21,7 @@ import math
 import time
 from typing import Callable, Iterable
 
-from meddap import storage
+from meddap import logs, storage
 from meddap.config import Config
 from meddap.errors import MeddapError
 from meddap.layout import RunLayout
@@ -32,7 +32,7 @@ __all__ = ["run", "run_stages", "select_rank", "choose_rank", "stage_function"]
 
 
 def _log(msg: str) -> None:
-    print(f"[pipeline] {msg}", flush=True)
+    logs.say(f"[pipeline] {msg}")
 
 
 def stage_function(stage: str) -> Callable:
@@ -214,6 +214,11 @@ def select_rank(cfg: Config, force: Iterable[str] = (), timings: dict | None = N
 # ---------------------------------------------------------------------------------------------
 # The study.
 # ---------------------------------------------------------------------------------------------
+def _timing(t: dict, total: float) -> str:
+    share = f" ({100 * t['seconds'] / total:.0f} %)" if total > 0 and t["seconds"] >= 0.05 * total else ""
+    return f"{t['stage']} {t['seconds']:.1f}s{share}"
+
+
 def _preflight(cfg: Config, force: list[str]) -> None:
     """Settings only a late stage uses, checked before any work: the sweep's classifier names and
     ImageNet weights would otherwise fail only after fine-tuning and generation (hours on the paper)."""
@@ -233,7 +238,9 @@ def run(cfg: Config, force: Iterable[str] = ()) -> dict:
     _preflight(cfg, force)
     t_all = time.perf_counter()
     timings: dict[str, dict] = {}
-    _log(f"run_dir {cfg.run_dir} (config '{cfg.name}')" + (f"; forced: {', '.join(force)}" if force else ""))
+    log_dir = logs.active_log_dir()
+    _log(f"run_dir {cfg.run_dir} (config '{cfg.name}')" + (f"; forced: {', '.join(force)}" if force else "")
+         + (f"; Ray's own messages go to {log_dir}" if log_dir else ""))
 
     import ray
 
@@ -254,11 +261,9 @@ def run(cfg: Config, force: Iterable[str] = ()) -> dict:
     run_stages(cfg, STAGES[1:], force, timings=timings)
 
     total = time.perf_counter() - t_all
-    _log("timings:")
-    for t in timings.values():
-        share = 100 * t["seconds"] / total if total > 0 else 0.0
-        _log(f"  {t['stage']:<28} {t['seconds']:8.1f}s {share:5.1f}%  {t['action']}")
-    _log(f"  {'total':<28} {total:8.1f}s")
+    ran = [t for t in timings.values() if t["action"] == "ran"]
+    skipped = [t["stage"] for t in timings.values() if t["action"] == "skipped"]
     report = RunLayout(cfg.run_dir).path("report.md")
-    _log(f"report: {report}")
+    _log(f"report: {report} | timings: {', '.join(_timing(t, total) for t in ran) or 'nothing ran'}; "
+         f"total {total:.1f}s" + (f" (skipped: {', '.join(skipped)})" if skipped else ""))
     return {"timings": list(timings.values()), "total_seconds": total, "report": report, "rank": rank}

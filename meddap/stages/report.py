@@ -27,8 +27,9 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from meddap import storage
+from meddap import logs, storage
 from meddap.errors import MeddapError
+from meddap.answer import answer
 from meddap.layout import RunLayout, adjective_slug
 from meddap.report import best_settings, crn_violations, fig1a, load_trials, table1, table2, table3
 
@@ -487,6 +488,21 @@ def _selection_and_tests(t2: pd.DataFrame, cfg, n_test: int) -> tuple[str, list[
 # ---------------------------------------------------------------------------------------------
 # The stage
 # ---------------------------------------------------------------------------------------------
+def _stand_in_note(cfg) -> Optional[str]:
+    """A sentence for runs whose images or model stand in for the real ones (the demo)."""
+    from meddap.diffusion.base import TINY_MODEL
+
+    parts = []
+    if cfg.data.source == "phantom":
+        parts.append("phantom images instead of ultrasound scans")
+    if cfg.diffusion.base_model == TINY_MODEL:
+        parts.append("a tiny Stable Diffusion with random weights (diffusion.base_model=builtin:tiny) instead of SD-1.4")
+    if not parts:
+        return None
+    return (f"This run uses {' and '.join(parts)}: its numbers show that the pipeline works end to end; they say "
+            f"nothing about whether the method helps on real images.")
+
+
 def _optional(path: str) -> Optional[pd.DataFrame]:
     return storage.read_parquet(path) if storage.exists(path) else None
 
@@ -577,6 +593,17 @@ def run(cfg) -> dict:
     # -- the document ----------------------------------------------------------------------------
     n_folds = trials["fold"].nunique()
     rep.h(1, f"meddap report: {cfg.name}")
+    summary = answer(t2, None if t3.empty else t3, n_folds=n_folds,
+                     n_settings=len(cfg.generate.adjectives) * len(cfg.generate.ratios),
+                     synthetic_data_note=_stand_in_note(cfg))
+    rep.h(2, "Summary")
+    rep.p(f"**Question.** {summary.question}")
+    rep.p("**Answer**, per classifier: accuracy trained on real images only -> on real plus its best synthetic "
+          "setting (chosen on validation accuracy), and the difference:")
+    rep.items(summary.answers)
+    rep.p("**What the numbers mean, and what they do not.**")
+    rep.items(summary.meaning)
+    rep.h(2, "Details")
     rep.p(f"Run directory `{run_dir}`; classes {', '.join(cfg.data.classes)}; {n_folds} fold(s); "
           f"classifiers {', '.join(sorted(trials['classifier'].unique()))}; written "
           f"{_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}. Accuracies and other metrics are "
@@ -700,10 +727,12 @@ def run(cfg) -> dict:
     storage.write_text(lay.path("report.md"), rep.markdown())
     storage.write_text(lay.path("report.html"), rep.html())
     figures = [b[1] for b in rep.blocks if b[0] == "img"]
-    print(f"[report] {lay.path('report.md')} and report.html: {len(figures)} figures, {len(rep.notes)} notes, "
-          f"{len(skipped)} skipped items.")
+    logs.say(f"[report] {lay.path('report.md')} and report.html: {len(figures)} figures, {len(rep.notes)} notes, "
+             f"{len(skipped)} skipped items.")
+    for line in summary.console:
+        logs.say(f"[report] {line}")
     for n in rep.notes:
-        print(f"[report] note: {n}")
+        logs.say(f"[report] note: {n}")
     for s in skipped:
-        print(f"[report] skipped: {s}")
+        logs.say(f"[report] skipped: {s}")
     return {"figures": figures, "notes": list(rep.notes), "skipped": skipped}

@@ -278,9 +278,15 @@ def refuse_if_invalidated(cfg, statuses: Iterable[StageStatus], forced: Iterable
     redo = downstream(first.stage)
     lines = "\n".join(f"  - {c}" for c in first.changed[:20])
     more = f"\n  ... and {len(first.changed) - 20} more" if len(first.changed) > 20 else ""
+    from meddap.status import half_finished_note
+
+    half = half_finished_note(cfg, first)  # "" unless it was interrupted while running
     raise MeddapError(
         f"run_dir {cfg.run_dir} holds outputs of stage '{first.stage}' made with other settings or "
         f"inputs:\n{lines}{more}\n"
-        f"Mixing them with this run's would be wrong. Either redo it and the stages after it "
-        f"({', '.join(redo)}) with `--force {first.stage}` (their outputs are deleted first), or use a "
-        f"new run_dir (run_dir=...).")
+        + (f"{half}\nTo use the new settings instead, redo it and the stages after it ({', '.join(redo)}) with "
+           f"`--force {first.stage}` (their outputs are deleted first), or use a new run_dir (run_dir=...): "
+           f"mixing outputs of both settings would be wrong." if half else
+           f"Mixing them with this run's would be wrong. Either redo it and the stages after it "
+           f"({', '.join(redo)}) with `--force {first.stage}` (their outputs are deleted first), or use a "
+           f"new run_dir (run_dir=...)."))

@@ -42,7 +42,7 @@ from typing import Optional
 
 import pandas as pd
 
-from meddap import storage
+from meddap import logs, storage
 from meddap.config import Config
 from meddap.errors import MeddapError
 from meddap.layout import RunLayout
@@ -58,7 +58,7 @@ _META_FILE = "meta.json"
 
 
 def _log(msg: str) -> None:
-    print(f"[sweep] {msg}", flush=True)
+    logs.say(f"[sweep] {msg}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,12 +287,24 @@ def _trainable(config: dict, shared: dict) -> None:
                  "test_accuracy": result.metrics["test"]["accuracy"] if "test" in result.metrics else float("nan")})
 
 
-def _progress_callback(summaries: _Summaries, total: int, already: int, root: str):
+def _error_line(trial) -> str:
+    """The last line of a failed trial's error (its cause), or where Tune filed it."""
+    try:
+        err = trial.get_pickled_error() or trial.get_error()
+    except Exception:  # an unreadable error file must not stop the sweep's bookkeeping
+        err = None
+    lines = [ln for ln in str(err or "").strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else f"see {trial.error_file or trial.path}"
+
+
+def _progress_callback(summaries: _Summaries, total: int, already: int, root: str, max_failures: int):
     from ray.tune import Callback
+
+    from meddap.progress import Progress
 
     class _SweepProgress(Callback):
         def __init__(self):
-            self.t0 = time.perf_counter()
+            self.progress = Progress(total, "sweep", "trials", initial=already)
             self.failed: list[str] = []
             self.running: set[str] = set()
             self.interrupted = False
@@ -312,11 +324,6 @@ def _progress_callback(summaries: _Summaries, total: int, already: int, root: st
 
             signal.signal(signal.SIGINT, _interrupt)
 
-        def _line(self, what: str) -> None:
-            done = len(summaries.frames["trials"])
-            _log(f"{what} | trials {done}/{total} done ({done - already} this run), {len(self.running)} running, "
-                 f"{len(self.failed)} failed, {time.perf_counter() - self.t0:.0f}s | {summaries.best_line()}")
-
         def on_trial_start(self, iteration, trials, trial, **info):
             self.running.add(trial.config["trial"]["trial_id"])
 
@@ -326,13 +333,18 @@ def _progress_callback(summaries: _Summaries, total: int, already: int, root: st
             if summaries.add(tid):
                 summaries.write()
                 _drop_checkpoints(root, tid)
-                self._line(f"finished {tid}")
+                self.progress.update(1, f"{len(self.running)} running, {len(self.failed)} failed | "
+                                        f"{summaries.best_line()}")
+
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            _log(f"trial {trial.config['trial']['trial_id']} failed and is retried from its last checkpoint "
+                 f"(classify.max_failures={max_failures}): {_error_line(trial)}")
 
         def on_trial_error(self, iteration, trials, trial, **info):
             tid = trial.config["trial"]["trial_id"]
             self.running.discard(tid)
             self.failed.append(tid)
-            self._line(f"FAILED {tid}")
+            _log(f"FAILED {tid}: {_error_line(trial)}")
 
     return _SweepProgress()
 
@@ -422,8 +434,6 @@ def run(cfg: Config, *, _fail_after_epoch: Optional[dict] = None) -> dict:
     if n_excluded:
         _log(f"{n_excluded} Dataset B images copy a Dataset A image (manifest a_overlap): scored apart as "
              f"'external_overlap', left out of 'external' (data.external.exclude_overlap=true)")
-    _log(f"decoded images ({cfg.classify.channels}): {images.nbytes() / 2**20:.1f} MiB as uint8, shared through "
-         f"Ray's object store")
 
     import ray
     from ray import tune
@@ -448,7 +458,7 @@ def run(cfg: Config, *, _fail_after_epoch: Optional[dict] = None) -> dict:
     trainable = tune.with_resources(tune.with_parameters(_trainable, shared=shared),
                                     {"cpu": c.cpus_per_trial, "gpu": gpus})
     name = time.strftime("run-%Y%m%d-%H%M%S", time.gmtime()) + f"-{os.getpid()}"
-    progress = _progress_callback(summaries, total, len(done), root)
+    progress = _progress_callback(summaries, total, len(done), root, c.max_failures)
     # Checkpoints every few epochs force experiment snapshots; Tune's warning about that is noise here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     fs, fs_path = storage.filesystem(root)  # the same filesystem (and S3 endpoint) as meddap.storage

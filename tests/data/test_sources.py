@@ -154,7 +154,7 @@ def test_list_source_phantom_uses_write_phantom_and_reads_as_busi(tmp_path, monk
     calls = []
 
     def fake_write_phantom(out_dir, per_class=60, variant="standard", size=128, seed=0,
-                           classes=("benign", "malignant", "normal")):
+                           classes=("benign", "malignant", "normal"), say=True):
         calls.append((out_dir, per_class, variant, size, seed, tuple(classes)))
         builders.busi_tree(Path(out_dir), {c: per_class for c in classes}, size=size, seed0=seed * 1000)
         return {}
