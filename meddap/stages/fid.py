@@ -37,6 +37,7 @@ from meddap.fid import (
     kernel_inception_distance,
     load_inception,
     memorization,
+    source_distance,
 )
 from meddap.layout import RunLayout, adapter_name
 from meddap.progress import Progress
@@ -45,7 +46,9 @@ __all__ = ["run", "fid_for_sets", "FID_COLUMNS", "MEMORIZATION_COLUMNS"]
 
 FID_COLUMNS = ["fold", "adjective", "class_name", "fid", "kid", "kid_std", "dims", "n_real", "n_synthetic", "status"]
 MEMORIZATION_COLUMNS = ["image_id", "fold", "adjective", "class_name", "nearest_real_id", "nearest_real_class",
-                        "distance", "reference_distance", "threshold_distance", "flagged", "dims"]
+                        "distance", "reference_distance", "threshold_distance", "flagged", "dims",
+                        # img2img: the image's own source (null / NaN / NA for txt2img images)
+                        "source_image_id", "source_distance", "source_flagged"]
 ALL_CLASSES = "all"
 
 
@@ -149,6 +152,7 @@ def _group_rows(fold: int, adjective: str, real_df: pd.DataFrame, synth_df: pd.D
     if cache is not None and len(real_df) >= 2 and len(synth_df):
         m = memorization(synth_feats, real_feats, cfg_fid.memorization_threshold)
         nearest = real_df.iloc[m["nearest"]]
+        src_ids, src_dist, src_flag = _source_check(synth_df, cache, progress, m["threshold_distance"])
         mem = pd.DataFrame({
             "image_id": synth_df["image_id"].astype(str).to_numpy(), "fold": fold, "adjective": adjective,
             "class_name": synth_df["class_name"].to_numpy(),
@@ -156,8 +160,44 @@ def _group_rows(fold: int, adjective: str, real_df: pd.DataFrame, synth_df: pd.D
             "nearest_real_class": nearest["class_name"].to_numpy(),
             "distance": m["distance"], "reference_distance": m["reference"],
             "threshold_distance": m["threshold_distance"], "flagged": m["flagged"], "dims": cfg_fid.dims,
+            "source_image_id": src_ids, "source_distance": src_dist, "source_flagged": src_flag,
         })
     return rows, mem
+
+
+def _source_check(synth_df: pd.DataFrame, cache: _FeatureCache, progress: Progress | None,
+                  threshold_distance: float) -> tuple[pd.Series, np.ndarray, pd.Series]:
+    """(source_image_id, source_distance, source_flagged) per synthetic row: img2img images against the
+    real image each started from (`source_path`, joined from the data manifest by `_with_sources`),
+    flagged with the nearest-real check's own threshold; null for txt2img rows."""
+    n = len(synth_df)
+    ids = (synth_df["source_image_id"] if "source_image_id" in synth_df else pd.Series([None] * n)).astype("string")
+    dist = np.full(n, np.nan)
+    flag = pd.Series([pd.NA] * n, dtype="boolean")
+    paths = synth_df["source_path"] if "source_path" in synth_df else pd.Series([None] * n)
+    has = paths.notna().to_numpy()
+    if has.any():
+        own = cache.get(synth_df.loc[has, "path"].tolist(), progress)            # (n_src, D)
+        src = cache.get(paths[has].astype(str).tolist(), progress)               # (n_src, D)
+        dist[has] = source_distance(own, src)
+        flag[has] = dist[has] < threshold_distance
+    return ids.reset_index(drop=True), dist, flag
+
+
+def _with_sources(synth: pd.DataFrame, manifest: pd.DataFrame) -> pd.DataFrame:
+    """`source_path` per synthetic row from the data manifest (null for txt2img rows); a source id the
+    manifest no longer lists (prepare was rerun) is reported and left unchecked."""
+    if "source_image_id" not in synth.columns or synth["source_image_id"].isna().all():
+        return synth.assign(source_path=None)
+    where = dict(zip(manifest["image_id"].astype(str), manifest["path"].astype(str)))
+    ids = synth["source_image_id"]
+    paths = ids.map(lambda i: where.get(str(i)) if pd.notna(i) else None)
+    lost = int((ids.notna() & paths.isna()).sum())
+    if lost:
+        print(f"[fid] {lost} img2img image(s) name a source the data manifest no longer lists; their source check "
+              f"is left empty. Rerun `python -m meddap generate` (same config) to remake them from today's manifest.",
+              flush=True)
+    return synth.assign(source_path=paths)
 
 
 def _settings(cfg_fid, image_size: int, extractor_name: str) -> str:
@@ -198,8 +238,10 @@ def _write(lay: RunLayout, rows: list[pd.DataFrame], mems: list[pd.DataFrame]) -
         else pd.DataFrame(columns=MEMORIZATION_COLUMNS)
     fid = fid.astype({"fid": "float64", "kid": "float64", "kid_std": "float64", "fold": "int64", "dims": "int64",
                       "n_real": "int64", "n_synthetic": "int64"})
+    mem = mem.reindex(columns=MEMORIZATION_COLUMNS)  # rows kept from a run before the source columns: nulls
     mem = mem.astype({"distance": "float64", "reference_distance": "float64", "threshold_distance": "float64",
-                      "flagged": "bool", "fold": "int64", "dims": "int64"})
+                      "flagged": "bool", "fold": "int64", "dims": "int64", "source_image_id": "string",
+                      "source_distance": "float64", "source_flagged": "boolean"})
     storage.write_parquet(fid.sort_values(["fold", "adjective", "class_name"]).reset_index(drop=True),
                           lay.summary("fid"))
     storage.write_parquet(mem.reset_index(drop=True), lay.summary("memorization"))
@@ -242,7 +284,7 @@ def run(cfg, *, extractor: nn.Module | None = None, image_size: int | None = Non
     lay = RunLayout(cfg.run_dir)
     manifest = _read_input(lay.manifest, "the manifest", "prepare")
     synth = _read_input(lay.synthetic_manifest, "the synthetic manifest", "generate")
-    synth = synth.assign(adjective=synth["adjective"].fillna("").astype(str))
+    synth = _with_sources(synth.assign(adjective=synth["adjective"].fillna("").astype(str)), manifest)
     device = _device()
 
     missing: MissingWeightsError | None = None
