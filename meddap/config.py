@@ -251,6 +251,14 @@ class GenerateConfig:
     cpus_per_worker: float = _f(1.0, "CPUs per actor on a CPU-only cluster (also its torch threads, at least 1); "
                                      "the pool always leaves >= 1 CPU free for Ray Data's own tasks.")
     seed: int = _f(0, "Run seed from which each image's seed is derived.")
+    mode: Literal["txt2img", "img2img"] = _f(
+        "txt2img", "txt2img: from noise (the paper). img2img: each image starts from one real training image of its "
+                   "fold (never validation or test), chosen by a seeded balanced draw; docs/controls.md.")
+    strength: float = _f(0.75, "img2img only: how much of the source is replaced by noise (0 keeps it, 1 ignores it); "
+                               "int(steps x strength) denoising steps run.")
+    filter_overgenerate: float = _f(
+        0.0, "Extra images per (fold, adjective, class) beyond the largest ratio's count, as a share of it (rounded "
+             "up): spares a label-fidelity filter tops counts up from; unfiltered trials never use them.")
 
     def validate(self, prefix: str) -> None:
         _check("{class_phrase}" in self.prompt_template, f"{prefix}.prompt_template", self.prompt_template,
@@ -283,6 +291,14 @@ class GenerateConfig:
                "a number in (0, 8]")
         _check(0 < self.cpus_per_worker <= 256, f"{prefix}.cpus_per_worker", self.cpus_per_worker,
                "a number in (0, 256]")
+        _check(0 < self.strength <= 1, f"{prefix}.strength", self.strength, "a number in (0, 1]")
+        if self.mode == "img2img":
+            # diffusers runs int(steps * strength) steps; 0 steps would return the source's noised latents.
+            _check(int(self.steps * self.strength) >= 1, f"{prefix}.strength", self.strength,
+                   f"a value with int(generate.steps x strength) >= 1 (generate.steps = {self.steps}); raise "
+                   "one of them")
+        _check(0 <= self.filter_overgenerate <= 10, f"{prefix}.filter_overgenerate", self.filter_overgenerate,
+               "a share in [0, 10] (0.25 = a quarter more images)")
 
 
 @dataclass

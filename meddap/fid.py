@@ -7,6 +7,7 @@ Everything here is plain numpy / PyTorch and knows nothing of Ray or the run dir
     cubic polynomial kernel, averaged over random subsets (better behaved than FID on a few hundred images);
   - `memorization(synth, real, threshold)`: each synthetic image's nearest real image, flagged as a near
     copy when closer than `threshold` x the median real-real nearest-neighbour distance;
+  - `source_distance(synth, sources)`: each img2img image's distance to its own source image (row by row);
   - `load_inception(dims, weights, device)`: pytorch-fid's InceptionV3 as a (B, 3, H, W) -> (B, dims)
     extractor, from `fid.weights` or torch hub's cache, never downloaded behind the user's back when
     absent: `MissingWeightsError` says what is missing and where to put it;
@@ -37,6 +38,7 @@ __all__ = [
     "fid_from_features",
     "kernel_inception_distance",
     "memorization",
+    "source_distance",
     "InceptionFeatures",
     "inception_weights_path",
     "load_inception",
@@ -177,6 +179,17 @@ def memorization(synth: np.ndarray, real: np.ndarray, threshold: float) -> dict[
     limit = threshold * reference
     return {"nearest": nearest, "distance": distance, "reference": reference,
             "threshold_distance": limit, "flagged": distance < limit}
+
+
+def source_distance(synth: np.ndarray, sources: np.ndarray) -> np.ndarray:
+    """(N,) Euclidean distance between row i of `synth` and row i of `sources`: an img2img image and the
+    real image it started from. Compared with `memorization`'s threshold_distance, it says whether an
+    image is a near copy of its own source, which the nearest-real check alone can miss when another
+    real image happens to be closer."""
+    s, r = np.asarray(synth, np.float64), np.asarray(sources, np.float64)
+    if s.shape != r.shape:
+        raise ValueError(f"source_distance needs one source per synthetic image: shapes {s.shape} vs {r.shape}")
+    return np.sqrt(((s - r) ** 2).sum(axis=1)) if s.size else np.zeros(s.shape[0])
 
 
 # ---------------------------------------------------------------------------------------------

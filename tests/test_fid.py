@@ -372,6 +372,37 @@ def test_fid_per_class_not_computed_below_dims_and_one_resize_path(fid_run, monk
     assert (overall["status"] == "ok").all() and overall["fid"].notna().all()
 
 
+def test_memorisation_compares_img2img_images_with_their_own_source(fid_run):
+    """img2img rows get source_image_id / source_distance / source_flagged beside the nearest-real check;
+    txt2img rows leave them null."""
+    from meddap.fid import source_distance
+    from meddap.stages import fid as stage
+
+    cfg, manifest, synth = fid_run
+    # s-0-none-benign-0 is a pixel copy of r-benign-1-2; name it as its own source, and a different
+    # fold-1 training image as the source of s-0-none-benign-1. The rest stay txt2img (no source).
+    sources = {"s-0-none-benign-0": "r-benign-1-2", "s-0-none-benign-1": "r-benign-1-0"}
+    synth = synth.assign(source_image_id=synth["image_id"].map(sources))
+    lay = RunLayout(cfg.run_dir)
+    storage.write_parquet(synth, lay.synthetic_manifest)
+    stage.run(cfg, extractor=_PoolFeatures(), image_size=16)
+    mem = storage.read_parquet(lay.summary("memorization")).set_index("image_id")
+    assert list(mem.reset_index().columns) == stage.MEMORIZATION_COLUMNS
+    copy, other = mem.loc["s-0-none-benign-0"], mem.loc["s-0-none-benign-1"]
+    assert copy.source_image_id == "r-benign-1-2" and copy.source_flagged
+    assert copy.source_distance == pytest.approx(0, abs=1e-9) and copy.flagged    # the nearest-real check stays
+    paths = manifest.set_index("image_id")["path"]
+    own = extract_features([synth.set_index("image_id").loc["s-0-none-benign-1", "path"]], _PoolFeatures(), 8, 16)
+    src = extract_features([paths["r-benign-1-0"]], _PoolFeatures(), 8, 16)
+    assert other.source_distance == pytest.approx(source_distance(own, src)[0], rel=1e-9)
+    assert other.source_distance > other.threshold_distance and not other.source_flagged
+    rest = mem.drop(index=list(sources))
+    assert rest["source_image_id"].isna().all() and rest["source_distance"].isna().all()
+    assert rest["source_flagged"].isna().all()
+    with pytest.raises(ValueError, match="one source per synthetic image"):
+        source_distance(np.zeros((2, 3)), np.zeros((1, 3)))
+
+
 def test_fid_stage_missing_inputs_say_which_stage(tmp_path):
     from meddap.errors import MeddapError
     from meddap.stages import fid as stage

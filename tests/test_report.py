@@ -210,10 +210,15 @@ def report_run(tmp_path_factory, trials):
                                              dims=2048, n_real=20, n_synthetic=9, status=status)
                                         for f in FOLDS for a in ("", "dark") for c in [*CLASSES, "all"]])
                           .astype({"fid": float, "kid": float, "kid_std": float}), lay.summary("fid"))
+    # s000 is an img2img image, a near copy of its own source; s001 a txt2img image (no source)
     storage.write_parquet(pd.DataFrame([dict(image_id=sid, fold=0, adjective="", class_name="benign",
                                              nearest_real_id=rid, nearest_real_class="benign", distance=d,
-                                             reference_distance=1.0, threshold_distance=0.1, flagged=d < 0.1, dims=64)
-                                        for sid, rid, d in (("s000", "t00", 0.05), ("s001", "t01", 0.5))]),
+                                             reference_distance=1.0, threshold_distance=0.1, flagged=d < 0.1, dims=64,
+                                             source_image_id=src, source_distance=sd,
+                                             source_flagged=None if sd is None else sd < 0.1)
+                                        for sid, rid, d, src, sd in (("s000", "t00", 0.05, "t00", 0.05),
+                                                                     ("s001", "t01", 0.5, None, None))])
+                          .astype({"source_image_id": "string", "source_distance": float, "source_flagged": "boolean"}),
                           lay.summary("memorization"))
     storage.write_parquet(pd.DataFrame([dict(rank=r, fold=-1, fid=None, kid=k, dims=2048, status=st, chosen=r == 4)
                                         for r, k, st in ((2, 0.031, "kid only"), (4, 0.012, "kid only"),
@@ -252,6 +257,12 @@ def test_report_files_and_links(report_run):
     assert "figures/fid.png" not in md                     # no FID figure without FID values
     t2 = storage.read_parquet(lay.summary("table2"))
     assert set(t2.selected_by) == {"val_accuracy"}
+
+
+def test_report_counts_img2img_near_copies_of_their_own_source(report_run):
+    cfg, _ = report_run
+    md = storage.read_text(RunLayout(cfg.run_dir).path("report.md"))
+    assert "near copies of own source / img2img images" in md and "| 1 / 1 |" in md
 
 
 def test_report_notes_missing_parts(report_run):

@@ -51,6 +51,7 @@ from meddap.fid import (
     kernel_inception_distance,
     load_inception,
     memorization,
+    source_distance,
 )
 from meddap.layout import RunLayout, adapter_name
 from meddap.progress import Progress
@@ -60,7 +61,9 @@ __all__ = ["run", "fid_for_sets", "equal_n", "FID_COLUMNS", "MEMORIZATION_COLUMN
 FID_COLUMNS = ["fold", "adjective", "class_name", "fid", "kid", "kid_std", "dims", "n_real", "n_synthetic", "status",
                "n_real_available", "n_synthetic_available"]
 MEMORIZATION_COLUMNS = ["image_id", "fold", "adjective", "class_name", "nearest_real_id", "nearest_real_class",
-                        "distance", "reference_distance", "threshold_distance", "flagged", "dims"]
+                        "distance", "reference_distance", "threshold_distance", "flagged", "dims",
+                        # img2img: the image's own source (null / NaN / NA for txt2img images)
+                        "source_image_id", "source_distance", "source_flagged"]
 ALL_CLASSES = "all"
 
 
@@ -192,6 +195,7 @@ def _group_rows(fold: int, adjective: str, dims: int, real_df: pd.DataFrame, syn
     if memorize and cache is not None and len(real_df) >= 2 and len(synth_df):
         m = memorization(synth_feats, real_feats, cfg_fid.memorization_threshold)
         nearest = real_df.iloc[m["nearest"]]
+        src_ids, src_dist, src_flag = _source_check(synth_df, cache, progress, m["threshold_distance"])
         mem = pd.DataFrame({
             "image_id": synth_df["image_id"].astype(str).to_numpy(), "fold": fold, "adjective": adjective,
             "class_name": synth_df["class_name"].to_numpy(),
@@ -199,8 +203,44 @@ def _group_rows(fold: int, adjective: str, dims: int, real_df: pd.DataFrame, syn
             "nearest_real_class": nearest["class_name"].to_numpy(),
             "distance": m["distance"], "reference_distance": m["reference"],
             "threshold_distance": m["threshold_distance"], "flagged": m["flagged"], "dims": dims,
+            "source_image_id": src_ids, "source_distance": src_dist, "source_flagged": src_flag,
         })
     return rows, mem
+
+
+def _source_check(synth_df: pd.DataFrame, cache: _FeatureCache, progress: Progress | None,
+                  threshold_distance: float) -> tuple[pd.Series, np.ndarray, pd.Series]:
+    """(source_image_id, source_distance, source_flagged) per synthetic row: img2img images against the
+    real image each started from (`source_path`, joined from the data manifest by `_with_sources`),
+    flagged with the nearest-real check's own threshold; null for txt2img rows."""
+    n = len(synth_df)
+    ids = (synth_df["source_image_id"] if "source_image_id" in synth_df else pd.Series([None] * n)).astype("string")
+    dist = np.full(n, np.nan)
+    flag = pd.Series([pd.NA] * n, dtype="boolean")
+    paths = synth_df["source_path"] if "source_path" in synth_df else pd.Series([None] * n)
+    has = paths.notna().to_numpy()
+    if has.any():
+        own = cache.get(synth_df.loc[has, "path"].tolist(), progress)            # (n_src, D)
+        src = cache.get(paths[has].astype(str).tolist(), progress)               # (n_src, D)
+        dist[has] = source_distance(own, src)
+        flag[has] = dist[has] < threshold_distance
+    return ids.reset_index(drop=True), dist, flag
+
+
+def _with_sources(synth: pd.DataFrame, manifest: pd.DataFrame) -> pd.DataFrame:
+    """`source_path` per synthetic row from the data manifest (null for txt2img rows); a source id the
+    manifest no longer lists (prepare was rerun) is reported and left unchecked."""
+    if "source_image_id" not in synth.columns or synth["source_image_id"].isna().all():
+        return synth.assign(source_path=None)
+    where = dict(zip(manifest["image_id"].astype(str), manifest["path"].astype(str)))
+    ids = synth["source_image_id"]
+    paths = ids.map(lambda i: where.get(str(i)) if pd.notna(i) else None)
+    lost = int((ids.notna() & paths.isna()).sum())
+    if lost:
+        logs.say(f"[fid] {lost} img2img image(s) name a source the data manifest no longer lists; their source "
+                 f"check is left empty. Rerun `python -m meddap generate` (same config) to remake them from today's "
+                 f"manifest.")
+    return synth.assign(source_path=paths)
 
 
 def _settings(cfg_fid, image_size: int, extractor_name: str, dims: int | None = None, channels: str = "grey") -> str:
@@ -248,8 +288,10 @@ def _write(lay: RunLayout, rows: list[pd.DataFrame], mems: list[pd.DataFrame]) -
     fid = fid.astype({"fid": "float64", "kid": "float64", "kid_std": "float64", "fold": "int64", "dims": "int64",
                       "n_real": "int64", "n_synthetic": "int64", "n_real_available": "int64",
                       "n_synthetic_available": "int64"})
+    mem = mem.reindex(columns=MEMORIZATION_COLUMNS)  # rows kept from a run before the source columns: nulls
     mem = mem.astype({"distance": "float64", "reference_distance": "float64", "threshold_distance": "float64",
-                      "flagged": "bool", "fold": "int64", "dims": "int64"})
+                      "flagged": "bool", "fold": "int64", "dims": "int64", "source_image_id": "string",
+                      "source_distance": "float64", "source_flagged": "boolean"})
     storage.write_parquet(fid.sort_values(["fold", "adjective", "dims", "class_name"]).reset_index(drop=True),
                           lay.summary("fid"))
     storage.write_parquet(mem.reset_index(drop=True), lay.summary("memorization"))
@@ -307,7 +349,7 @@ def run(cfg, *, extractor: nn.Module | None = None, image_size: int | None = Non
     lay = RunLayout(cfg.run_dir)
     manifest = _read_input(lay.manifest, "the manifest", "prepare")
     synth = _read_input(lay.synthetic_manifest, "the synthetic manifest", "generate")
-    synth = synth.assign(adjective=synth["adjective"].fillna("").astype(str))
+    synth = _with_sources(synth.assign(adjective=synth["adjective"].fillna("").astype(str)), manifest)
     device = _device()
     # One resize path: both sides read at the generation resolution with one filter (synthetic images are
     # already that size); the extractor then resizes both alike to its own input.

@@ -20,6 +20,11 @@
    `synthetic/manifest.parquet` atomically every few seconds, so a kill loses at most the batches
    in flight.
 4. A contact sheet per adapter: `synthetic/contact-<adapter>.png`, adjective rows x class columns.
+
+img2img (`generate.mode: img2img`): the plan names each image's source (a training image of its fold,
+`meddap.diffusion.plan.source_sequence`); the actor reads it with `read_grey` at the generation
+resolution (the grey form every consumer sees) and passes it with the request. The manifest records
+`source_image_id` (null for txt2img); mode, strength and the source are part of each image's spec.
 """
 
 from __future__ import annotations
@@ -45,7 +50,8 @@ __all__ = ["run", "reconcile", "pool_size", "manifest_rows", "contact_sheet", "M
 # The contract's columns first, then provenance extras.
 MANIFEST_COLUMNS = ["image_id", "path", "fold", "adjective", "class_name", "label", "index", "seed", "prompt",
                     "adapter", "steps", "guidance", "width", "height",
-                    "file", "adapter_name", "adapter_sha256", "scheduler", "base_model", "spec"]
+                    "file", "adapter_name", "adapter_sha256", "scheduler", "base_model", "spec",
+                    "mode", "strength", "source_image_id"]
 _INT_COLUMNS = ["fold", "label", "index", "seed", "steps", "width", "height"]
 _FLUSH_EVERY_S = 5.0  # manifest rewrite period: bounds what a kill can lose to the batches in flight
 
@@ -57,7 +63,8 @@ def manifest_rows(plan: GenerationPlan, images: pd.DataFrame) -> pd.DataFrame:
     """Manifest rows (MANIFEST_COLUMNS) for plan rows `images`."""
     s = plan.settings
     out = images[["image_id", "path", "fold", "adjective", "class_name", "label", "index", "seed", "prompt",
-                  "file", "adapter_name", "spec"]].copy()
+                  "file", "adapter_name", "spec", "source_image_id"]].copy()
+    out["mode"], out["strength"] = s.get("mode", "txt2img"), s.get("strength")
     out["adapter"] = out["adapter_name"].map(plan.adapters)
     out["adapter_sha256"] = out["adapter_name"].map(plan.adapter_sha256)
     out["steps"], out["guidance"] = s["steps"], float(s["guidance"])
@@ -69,9 +76,11 @@ def manifest_rows(plan: GenerationPlan, images: pd.DataFrame) -> pd.DataFrame:
 def _typed(df: pd.DataFrame) -> pd.DataFrame:
     df = df[MANIFEST_COLUMNS].astype({c: "int64" for c in _INT_COLUMNS})
     df["guidance"] = df["guidance"].astype("float64")
+    df["strength"] = pd.to_numeric(df["strength"], errors="coerce").astype("float64")   # NaN for txt2img
     for c in ("image_id", "path", "adjective", "class_name", "prompt", "adapter", "file", "adapter_name",
-              "adapter_sha256", "scheduler", "base_model", "spec"):
+              "adapter_sha256", "scheduler", "base_model", "spec", "mode"):
         df[c] = df[c].astype(str)
+    df["source_image_id"] = df["source_image_id"].astype("string")                        # null for txt2img
     return df.reset_index(drop=True)
 
 
@@ -167,6 +176,17 @@ def pool_size(cfg, resources: dict, use_gpu: bool | None = None, most_gpus: floa
             "note": f"{n} actor(s) x {per:g} CPU{note}"}
 
 
+# Columns of a request block; the source columns are "" for txt2img.
+_REQUEST_COLUMNS = ["image_id", "path", "adapter_name", "prompt", "seed", "spec", "source_image_id", "source_path"]
+
+
+def _requests(todo: pd.DataFrame) -> pd.DataFrame:
+    out = todo.reindex(columns=_REQUEST_COLUMNS)
+    for c in ("source_image_id", "source_path"):
+        out[c] = out[c].fillna("").astype(str)
+    return out
+
+
 class _GenerateActor:
     """Ray Data callable class: loads the model and adapters once, then makes batches of images."""
 
@@ -191,12 +211,25 @@ class _GenerateActor:
         self.gen = SyntheticGenerator.from_config(self.cfg, model, adapters, device=str(device))
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
+    def _source(self, path: str) -> np.ndarray | None:
+        """img2img's source as (S, S) grey uint8 at the generation resolution; None for txt2img ("")."""
+        if not path:
+            return None
+        from meddap.data.decode import ImageDecodeError, read_grey
+
+        try:
+            return read_grey(storage.local_path(path), self.settings["height"])
+        except ImageDecodeError as e:
+            raise MeddapError(f"img2img source {e}. It is listed in the data manifest: put it back, or rerun "
+                              "`python -m meddap prepare` (same config and run_dir), then generate.") from None
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from meddap.diffusion.generate import ImageRequest, png_bytes, png_metadata
 
         t0 = time.perf_counter()
-        requests = [ImageRequest(str(p), int(s), str(a))
-                    for p, s, a in zip(batch["prompt"], batch["seed"], batch["adapter_name"])]
+        sources = [self._source(str(p)) for p in batch["source_path"]]
+        requests = [ImageRequest(str(p), int(s), str(a), src)
+                    for p, s, a, src in zip(batch["prompt"], batch["seed"], batch["adapter_name"], sources)]
         images = self.gen.generate_batch(requests)  # (H, W, 3) uint8 each
         widths, heights = [], []
         for i, im in enumerate(images):
@@ -206,7 +239,8 @@ class _GenerateActor:
                                   "must be a multiple of the VAE scale factor times the UNet's downsampling).")
             meta = png_metadata(spec=str(batch["spec"][i]), image_id=str(batch["image_id"][i]),
                                 seed=int(batch["seed"][i]), prompt=str(batch["prompt"][i]),
-                                adapter=str(batch["adapter_name"][i]), **self.settings)
+                                adapter=str(batch["adapter_name"][i]), **self.settings,
+                                source_image_id=str(batch["source_image_id"][i]) if sources[i] is not None else None)
             with storage.open_output(str(batch["path"][i])) as f:  # atomic: no half-written PNG
                 f.write(png_bytes(im, meta))
             heights.append(im.shape[0])
@@ -252,9 +286,8 @@ def _generate_on_ray(cfg, plan: GenerationPlan, todo: pd.DataFrame, model: str |
     bs = cfg.generate.batch_size
     # One block per batch, each within one adapter: the plan is ordered by adapter, so an actor
     # switches adapters only where one adapter's images end.
-    cols = ["image_id", "path", "adapter_name", "prompt", "seed", "spec"]
     blocks = []
-    for _, group in todo[cols].groupby("adapter_name", sort=False):
+    for _, group in _requests(todo).groupby("adapter_name", sort=False):
         blocks += [group.iloc[i:i + bs] for i in range(0, len(group), bs)]
     logs.say(f"[generate] {len(todo)} images in {len(blocks)} batches of <= {bs} on {pool['note']}")
     ds = ray.data.from_pandas(blocks).map_batches(
@@ -300,10 +333,9 @@ def _generate_in_process(cfg, plan: GenerationPlan, todo: pd.DataFrame, model: s
 
     actor = _GenerateActor(cfg.to_dict(), model, plan.adapters, plan.settings, threads=torch.get_num_threads())
     bs = cfg.generate.batch_size
-    cols = ["image_id", "path", "adapter_name", "prompt", "seed", "spec"]
-    for _, group in todo[cols].groupby("adapter_name", sort=False):
+    for _, group in _requests(todo).groupby("adapter_name", sort=False):
         for i in range(0, len(group), bs):
-            batch = {c: group[c].to_numpy()[i:i + bs] for c in cols}
+            batch = {c: group[c].to_numpy()[i:i + bs] for c in _REQUEST_COLUMNS}
             on_done(pd.DataFrame(actor(batch)))
 
 
@@ -378,6 +410,12 @@ def run(cfg, *, in_process: bool = False) -> dict:
              f"{len(cfg.data.classes)} classes, largest ratio {max(cfg.generate.ratios):g}); "
              f"on disk: {counts['kept']} listed + {counts['relisted']} re-listed from PNG provenance; "
              f"to generate: {counts['to_generate']}")
+    if cfg.generate.mode == "img2img":
+        logs.say(f"[generate] img2img, strength {cfg.generate.strength:g}: each image starts from a training image of "
+                 "its fold (balanced, seeded; never a validation or test image)" if cfg.diffusion.lora.per_fold else
+                 f"[generate] img2img, strength {cfg.generate.strength:g}, shared adapter: images start from any "
+                 "training image, so fold k's images may come from fold k's validation images (never from test "
+                 "images); diffusion.lora.per_fold: true keeps validation clean")
     if counts["dropped_rows"]:
         logs.say(f"[generate] {counts['dropped_rows']} manifest row(s) dropped: file missing, other settings, "
                  "or not in this plan (regenerated if planned)")

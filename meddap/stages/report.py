@@ -678,10 +678,20 @@ def run(cfg) -> dict:
         rep.p(f"Memorisation: synthetic images closer to a real training image (same feature space) than "
               f"{cfg.fid.memorization_threshold} x the median real-real nearest-neighbour distance are flagged "
               f"as near copies ({int(mem['flagged'].sum())} of {len(mem)}).")
-        rep.table(pd.DataFrame({"fold": m["fold"], "adjective": [_adj_label(a) for a in m["adjective"]],
-                                "flagged / images": [f"{int(f)} / {int(n)}" for f, n in zip(m["flagged"], m["n"])],
-                                "median NN distance": [_num(v) for v in m["median_distance"]],
-                                "threshold": [_num(v) for v in m["threshold"]]}))
+        table = pd.DataFrame({"fold": m["fold"], "adjective": [_adj_label(a) for a in m["adjective"]],
+                              "flagged / images": [f"{int(f)} / {int(n)}" for f, n in zip(m["flagged"], m["n"])],
+                              "median NN distance": [_num(v) for v in m["median_distance"]],
+                              "threshold": [_num(v) for v in m["threshold"]]})
+        if "source_distance" in mem.columns and mem["source_distance"].notna().any():
+            # img2img: each image against the real image it started from (docs/controls.md)
+            src = (mem.assign(_s=mem["source_flagged"].fillna(False).astype(bool),
+                              _n=mem["source_distance"].notna())
+                   .groupby(["fold", "adjective"])[["_s", "_n"]].sum().reset_index())
+            table["near copies of own source / img2img images"] = [
+                f"{int(a)} / {int(b)}" for a, b in zip(src["_s"], src["_n"])]
+            rep.p("img2img images are also compared with their own source image, by the same threshold: many "
+                  "near copies mean generate.strength is too low for the images to differ from the real ones.")
+        rep.table(table)
         if synth is not None and manifest is not None:
             rel = _memorization_figure(mem, synth, manifest, cfg.report.contact_sheet_per_cell, run_dir, skipped)
             rep.img(rel, "The synthetic images closest to a real training image, beside it")
