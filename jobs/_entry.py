@@ -28,6 +28,9 @@ __all__ = ["main"]
 def main(stage: str, argv: list[str] | None = None) -> int:
     from meddap.cli import user_error_exit
     from meddap.config import load_config
+    from meddap.raytools import interrupt_on_sigterm
+
+    interrupt_on_sigterm()  # `ray job stop` and preemption send SIGTERM: stop as Ctrl-C does
 
     p = argparse.ArgumentParser(prog=f"jobs/{stage}.py",
                                 description=f"meddap {stage} as a Ray job (ray job submit --working-dir . -- "

@@ -107,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         _parser().print_help()
         return 2
     t0 = time.perf_counter()
+    from meddap.raytools import interrupt_on_sigterm
+
+    interrupt_on_sigterm()  # timeout, Slurm, Kubernetes and spot preemption send SIGTERM: stop as Ctrl-C does
     try:
         if args.command == "phantom":
             from meddap.data.phantom import write_phantom

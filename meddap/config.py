@@ -325,9 +325,22 @@ class ReportConfig:
 
 @dataclass
 class RayConfig:
-    address: Optional[str] = _f(None, "null: join the cluster if one runs (RAY_ADDRESS), else start a local Ray.")
+    address: Optional[str] = _f(
+        None, "null: start a fresh local Ray, unless RAY_ADDRESS is set (as `ray job submit` sets it), then join "
+              "that; auto: join the Ray cluster running on this machine (the one `ray start --head` started last); "
+              "host:port or ray://host:port: join that cluster.")
     num_cpus: Optional[int] = _f(None, "CPUs of a locally started Ray; null = all.")
     storage_path: Optional[str] = _f(None, "Ray Train/Tune storage; null = <run_dir>/ray.")
+    connect_timeout_s: float = _f(
+        30.0, "Seconds to wait for the cluster named by ray.address (or RAY_ADDRESS) to answer before giving up "
+              "with an error, instead of Ray's endless retries.")
+
+    def validate(self, prefix: str) -> None:
+        _check(self.connect_timeout_s > 0, f"{prefix}.connect_timeout_s", self.connect_timeout_s, "a number > 0")
+        _check(self.num_cpus is None or self.num_cpus >= 1, f"{prefix}.num_cpus", self.num_cpus,
+               "null or an integer >= 1")
+        _check(self.address is None or bool(self.address.strip()), f"{prefix}.address", self.address,
+               "null, 'auto', 'local', host:port or ray://host:port")
 
 
 @dataclass
@@ -350,6 +363,7 @@ class Config:
         self.classify.validate("classify")
         self.fid.validate("fid")
         self.report.validate("report")
+        self.ray.validate("ray")
         missing = [c for c in self.data.classes if c not in self.diffusion.class_phrases]
         _check(not missing, "diffusion.class_phrases", self.diffusion.class_phrases,
                f"a phrase for every class in data.classes (missing: {missing})")

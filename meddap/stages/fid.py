@@ -209,15 +209,13 @@ def _gpu_elsewhere(cfg) -> bool:
     """True when this process has no CUDA but the Ray cluster it runs in (or is told of) has a GPU."""
     if torch.cuda.is_available():
         return False
-    import os
-
     import ray
 
-    if not ray.is_initialized():
-        if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
-            return False   # no cluster to use: starting a local Ray would not add a GPU
-        from meddap.raytools import ensure_ray
+    from meddap.raytools import ensure_ray, ray_address
 
+    if not ray.is_initialized():
+        if ray_address(cfg)[0] == "local":
+            return False   # no cluster to use: starting a local Ray would not add a GPU
         ensure_ray(cfg)
     return ray.cluster_resources().get("GPU", 0) >= 1
 
