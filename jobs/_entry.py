@@ -60,6 +60,8 @@ def main(stage: str, argv: list[str] | None = None) -> int:
 
             run_stages(cfg, (stage,), force=[args.force] if args.force else ())
     except BaseException as e:  # noqa: BLE001 - one line for user errors and Ctrl-C; bugs re-raise
-        return user_error_exit(f"jobs/{stage}.py", e)
+        from meddap.cli import resume_args
+
+        return user_error_exit(f"jobs/{stage}.py", e, resume=f"python jobs/{stage}.py {resume_args(argv if argv is not None else sys.argv[1:])}".strip())
     print(f"[job] {stage} finished in {time.perf_counter() - t0:.1f}s; outputs under {cfg.run_dir}", flush=True)
     return 0

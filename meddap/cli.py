@@ -15,7 +15,7 @@ import time
 from meddap.config import ConfigError, load_config, shipped_configs
 from meddap.errors import MeddapError
 
-__all__ = ["main", "STAGES", "user_error_exit"]
+__all__ = ["main", "STAGES", "user_error_exit", "resume_args"]
 
 # command -> (module:function, one-line help)
 STAGES: dict[str, tuple[str, str]] = {
@@ -28,6 +28,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "run": ("meddap.stages.pipeline:run", "the whole study: prepare -> finetune -> generate -> fid -> sweep -> report"),
     "demo": ("meddap.stages.pipeline:run", "`run` with the demo config (phantom data, tiny SD, minutes on a CPU)"),
 }
+STAGES_NAMES = ("prepare", "finetune", "generate", "fid", "sweep", "report")
 BENCHES = {
     "finetune": "meddap.bench.finetune:main",
     "generate": "meddap.bench.generate:main",
@@ -63,6 +64,10 @@ def _parser() -> argparse.ArgumentParser:
         if name in ("run", "demo"):
             sp.add_argument("--force", action="append", default=[], metavar="STAGE",
                             help="redo STAGE and every stage after it that depends on it (repeatable)")
+        else:
+            sp.add_argument("--force", action="store_true",
+                            help=f"redo {name} even if its record says done or its settings/inputs changed "
+                                 f"(its earlier outputs are deleted first)")
         sp.add_argument("overrides", nargs="*", metavar="key=value")
     ph = sub.add_parser("phantom", help="write the breast-ultrasound phantom dataset in the BUSI layout")
     ph.add_argument("out_dir")
@@ -80,9 +85,10 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def user_error_exit(label: str, e: BaseException) -> int:
+def user_error_exit(label: str, e: BaseException, resume: str | None = None) -> int:
     """Exit status for an exception that reached a command's top level, printing one line for the
-    errors a user can fix (config, inputs, unusable paths) and for Ctrl-C; anything else re-raises.
+    errors a user can fix (config, inputs, unusable paths) and for Ctrl-C or SIGTERM (with `resume`,
+    the command that resumes); anything else re-raises.
     Shared by the CLI and the `ray job submit` entry points in jobs/."""
     if isinstance(e, (ConfigError, MeddapError)):
         print(f"{label}: error: {e}", file=sys.stderr, flush=True)
@@ -96,9 +102,37 @@ def user_error_exit(label: str, e: BaseException) -> int:
               file=sys.stderr, flush=True)
         return 2
     if isinstance(e, KeyboardInterrupt):
-        print(f"{label}: interrupted; finished work is kept, rerun to resume.", file=sys.stderr, flush=True)
+        how = f": `{resume}`" if resume else " (the same command)"
+        print(f"{label}: interrupted; finished work is kept, rerun to resume{how}", file=sys.stderr, flush=True)
         return 130
     raise e
+
+
+def _command_line(argv: list[str] | None) -> str:
+    """The command as typed, for the resume hint (--force dropped: a resume must not redo work)."""
+    return "python -m meddap " + resume_args(sys.argv[1:] if argv is None else argv)
+
+
+def resume_args(argv: list[str]) -> str:
+    """`argv` without --force (and run's stage after it), shell-quoted."""
+    import shlex
+
+    args = list(argv)
+    keep = []
+    skip_next = False
+    for i, a in enumerate(args):
+        if skip_next:
+            skip_next = False
+            continue
+        if a == "--force":
+            # run's (and a job's) --force takes a stage name; a one-stage command's is a bare flag
+            skip_next = i + 1 < len(args) and not args[i + 1].startswith("-") and "=" not in args[i + 1] \
+                and (args[0] in ("run", "demo") or args[i + 1] in STAGES_NAMES)
+            continue
+        if a.startswith("--force="):
+            continue
+        keep.append(a)
+    return " ".join(shlex.quote(a) for a in keep)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,15 +163,18 @@ def main(argv: list[str] | None = None) -> int:
                               f"`python -m meddap run --config {args.config} ...`.")
         config = "demo" if args.command == "demo" else args.config
         cfg = load_config(config, args.overrides)
-        fn = _load(STAGES[args.command][0])
         if args.command in ("run", "demo"):
-            fn(cfg, force=args.force)
+            _load(STAGES[args.command][0])(cfg, force=args.force)
         else:
-            fn(cfg)
+            # One stage with the pipeline's bookkeeping: skipped when its record says done, refused when
+            # its settings or inputs changed since (unless --force), recorded when it finishes.
+            from meddap.stages.pipeline import run_stages
+
+            run_stages(cfg, (args.command,), force=[args.command] if args.force else ())
         print(f"[meddap] {args.command} finished in {time.perf_counter() - t0:.1f}s; outputs under {cfg.run_dir}")
         return 0
     except BaseException as e:  # noqa: BLE001 - user-facing errors become one line; bugs re-raise
-        return user_error_exit(f"meddap {args.command}", e)
+        return user_error_exit(f"meddap {args.command}", e, resume=_command_line(argv))
 
 
 if __name__ == "__main__":

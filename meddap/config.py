@@ -87,6 +87,7 @@ class ExternalDataConfig:
         None, "Source of the unseen test set (Dataset B); null = none.")
     root: Optional[str] = _f(None, "Folder or manifest file of Dataset B (not needed for 'phantom').")
     split: Optional[str] = _f("val", "For 'imagefolder' with root/<split>/<class>/: which split to read (Kaggle: val).")
+    images_root: Optional[str] = _f(None, "For 'manifest': the folder every listed image must lie in. Relative paths are read from it, absolute paths and paths with .. that leave it are refused. null = the manifest file's folder for relative paths (which must not leave it with ..); absolute paths are then taken as they are.")
     phantom: PhantomConfig = field(
         default_factory=lambda: PhantomConfig(per_class=40, variant="shifted", seed=1),
         metadata={"help": "Phantom settings when external.source is 'phantom'."})
@@ -104,6 +105,7 @@ class DataConfig:
         "phantom", "Where Dataset A comes from: busi | imagefolder | manifest | phantom.")
     root: Optional[str] = _f(None, "Folder (busi, imagefolder) or CSV/Parquet file (manifest) of Dataset A.")
     split: Optional[str] = _f(None, "For 'imagefolder' with root/<split>/<class>/: which split to read.")
+    images_root: Optional[str] = _f(None, "For 'manifest': the folder every listed image must lie in. Relative paths are read from it, absolute paths and paths with .. that leave it are refused. null = the manifest file's folder for relative paths (which must not leave it with ..); absolute paths are then taken as they are.")
     classes: list[str] = _f(["benign", "malignant", "normal"],
                             "Class names in label order: label id = position here, never folder order.")
     folds: int = _f(5, "K of the K-fold cross-validation on the non-test images.")

@@ -6,7 +6,8 @@ largest ratio's set; smaller ratios are its prefixes) is compared with the real 
 same fold (fold k's training images are the train rows with fold != k; a shared adapter, fold -1, saw
 every train row), per class and over all classes ("all"). Outputs:
   summary/fid.parquet           fold, adjective, class_name, fid, kid, kid_std, dims, n_real, n_synthetic, status,
-                                settings (what the numbers were made with: a rerun keeps only matching sets)
+                                settings and made_from (what the numbers were made with and from: sha256 of
+                                the compared images; a rerun keeps only sets whose both match)
   summary/memorization.parquet  image_id, fold, adjective, class_name, nearest_real_id, nearest_real_class,
                                 distance, reference_distance, threshold_distance, flagged, dims
 When pytorch-fid's Inception weights are absent, rows carry fid/kid null and status
@@ -167,15 +168,30 @@ def _settings(cfg_fid, image_size: int, extractor_name: str) -> str:
             f"memorization_threshold={cfg_fid.memorization_threshold}")
 
 
+def _made_from(real_df: pd.DataFrame, synth_df: pd.DataFrame) -> str:
+    """sha256 of the images a set's rows compare: real (image_id, pixel sha256) and synthetic (image_id,
+    generation spec, which hashes the adapter's weights). Rows made from other images are never kept."""
+    import hashlib
+
+    h = hashlib.sha256()
+    pixels = real_df["sha256"] if "sha256" in real_df else real_df["path"]
+    for i, d in sorted(zip(real_df["image_id"].astype(str), pixels.astype(str))):
+        h.update(f"r {i} {d}\n".encode())
+    spec = synth_df["spec"].astype(str) if "spec" in synth_df else synth_df["path"].astype(str)
+    for i, d in sorted(zip(synth_df["image_id"].astype(str), spec)):
+        h.update(f"s {i} {d}\n".encode())
+    return h.hexdigest()
+
+
 def _finished_groups(lay: RunLayout, settings: str, current: dict) -> tuple[pd.DataFrame, pd.DataFrame, set]:
     """Rows of earlier runs worth keeping: sets computed (not missing weights) with the same settings and
-    the same image counts as now (`current`: (fold, adjective) -> (n_real, n_synthetic))."""
+    made from the same images as now (`current`: (fold, adjective) -> made_from)."""
     if not storage.exists(lay.summary("fid")):
         return pd.DataFrame(columns=FID_COLUMNS), pd.DataFrame(columns=MEMORIZATION_COLUMNS), set()
     old = storage.read_parquet(lay.summary("fid"))
     old_mem = (storage.read_parquet(lay.summary("memorization")) if storage.exists(lay.summary("memorization"))
                else pd.DataFrame(columns=MEMORIZATION_COLUMNS))
-    if "settings" not in old.columns:
+    if "settings" not in old.columns or "made_from" not in old.columns:
         return pd.DataFrame(columns=FID_COLUMNS), pd.DataFrame(columns=MEMORIZATION_COLUMNS), set()
     done = set()
     for (fold, adj), g in old.groupby(["fold", "adjective"]):
@@ -183,7 +199,7 @@ def _finished_groups(lay: RunLayout, settings: str, current: dict) -> tuple[pd.D
         overall = g[g["class_name"] == ALL_CLASSES]
         if (key in current and len(overall) == 1 and (g["settings"] == settings).all()
                 and not g["status"].str.startswith("missing_weights").any()
-                and (int(overall["n_real"].iloc[0]), int(overall["n_synthetic"].iloc[0])) == current[key]):
+                and (g["made_from"] == current[key]).all()):
             done.add(key)
     keep = old[[(int(f), str(a)) in done for f, a in zip(old["fold"], old["adjective"])]]
     keep_mem = old_mem[[(int(f), str(a)) in done for f, a in zip(old_mem["fold"], old_mem["adjective"])]] \
@@ -258,7 +274,7 @@ def run(cfg, *, extractor: nn.Module | None = None, image_size: int | None = Non
 
     groups = [(int(f), str(a)) for f, a in synth[["fold", "adjective"]].drop_duplicates().itertuples(index=False)]
     groups = sorted(groups)
-    current = {(f, a): (len(_real_training(manifest, f)), int(((synth["fold"] == f) & (synth["adjective"] == a)).sum()))
+    current = {(f, a): _made_from(_real_training(manifest, f), synth[(synth["fold"] == f) & (synth["adjective"] == a)])
                for f, a in groups}
     settings = _settings(cfg.fid, image_size, type(extractor).__name__ if extractor is not None else "none")
     kept, kept_mem, done = _finished_groups(lay, settings, current)
@@ -280,7 +296,8 @@ def run(cfg, *, extractor: nn.Module | None = None, image_size: int | None = Non
         synth_df = synth[(synth["fold"] == fold) & (synth["adjective"] == adj)].reset_index(drop=True)
         group_rows, mem = _group_rows(fold, adj, real_df, synth_df, list(cfg.data.classes), cfg.fid, cache,
                                       missing, progress)
-        rows.append(pd.DataFrame(group_rows, columns=FID_COLUMNS).assign(settings=settings))
+        rows.append(pd.DataFrame(group_rows, columns=FID_COLUMNS).assign(settings=settings,
+                                                                         made_from=current[(fold, adj)]))
         mems.append(mem)
         _write(lay, rows, mems)   # after every set, so a crash loses no finished set
         overall = group_rows[-1]

@@ -35,7 +35,8 @@ from meddap.diffusion.base import TINY_MODEL
 from meddap.errors import MeddapError
 from meddap.layout import RunLayout, adapter_name
 
-__all__ = ["run", "adapter_plan", "finetune_adapter", "ADAPTER_JSON", "LOSS_PARQUET", "STATE_FILE"]
+__all__ = ["run", "adapter_plan", "finetune_adapter", "complete_adapter", "made_from", "ADAPTER_JSON", "LOSS_PARQUET",
+           "STATE_FILE"]
 
 ADAPTER_JSON = "adapter.json"
 LOSS_PARQUET = "loss.parquet"
@@ -86,15 +87,53 @@ def adapter_plan(cfg: Config, manifest=None) -> list[dict[str, Any]]:
     return plan
 
 
-def _run_name(cfg: Config, entry: dict, model: str) -> str:
-    """Ray run name: changes whenever anything that shapes the adapter changes, so a rerun with the
-    same settings resumes its own checkpoints and never someone else's."""
+# FinetuneSettings fields that say how a device runs the same computation (state._EXECUTION_ONLY):
+# an adapter made with other values of these is still this adapter.
+_HOW_NOT_WHAT = ("mixed_precision", "gradient_checkpointing")
+
+
+def made_from(cfg: Config, entry: dict) -> str:
+    """sha256 of what an adapter is made from: its training images (ids and pixel hashes), prompts,
+    base model and training settings. Recorded in adapter.json; an adapter whose record differs was
+    made from other inputs and is never reused."""
     from meddap.diffusion.train import FinetuneSettings, class_prompts
 
-    key = json.dumps({"settings": FinetuneSettings.from_config(cfg).to_dict(), "base_model": cfg.diffusion.base_model,
-                      "prompts": class_prompts(cfg), "images": entry["images_sha256"],
+    settings = {k: v for k, v in FinetuneSettings.from_config(cfg).to_dict().items() if k not in _HOW_NOT_WHAT}
+    key = json.dumps({"settings": settings, "base_model": cfg.diffusion.base_model,
+                      "prompts": class_prompts(cfg), "images": entry["images_sha256"]}, sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _run_name(cfg: Config, entry: dict, model: str) -> str:
+    """Ray run name: changes whenever anything that shapes the adapter or its training steps changes
+    (the worker count sets the effective batch), so a rerun with the same settings resumes its own
+    checkpoints and never someone else's."""
+    from meddap.diffusion.train import FinetuneSettings
+
+    key = json.dumps({"made_from": made_from(cfg, entry), "settings": FinetuneSettings.from_config(cfg).to_dict(),
                       "num_workers": cfg.diffusion.train.num_workers}, sort_keys=True)
     return f"{adapter_name(entry['fold'])}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def complete_adapter(cfg: Config, entry: dict) -> dict | None:
+    """adapter.json's content when the adapter is finished AND made from this entry's inputs, else None.
+    A finished adapter made from other inputs (prepare reran with another seed or data, the adapter
+    folder was copied from another run) is removed, with a note, so it is trained again."""
+    out = RunLayout(cfg.run_dir).adapter_dir(entry["fold"])
+    done = storage.join(out, ADAPTER_JSON)
+    if not storage.exists(done):
+        return None
+    try:
+        meta = json.loads(storage.read_text(done))
+    except (ValueError, UnicodeDecodeError):
+        meta = {}
+    want = made_from(cfg, entry)
+    if meta.get("made_from") == want:
+        return meta
+    _log(f"{adapter_name(entry['fold'])}: {done} was made from other images or settings (made_from "
+         f"{str(meta.get('made_from'))[:12]} != {want[:12]}); removing it and training this adapter again")
+    storage.remove(out)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,11 +167,20 @@ def _train_loop(config: dict) -> None:
     ckpt = ray.train.get_checkpoint()
     resumed_from = 0
     if ckpt is not None:
-        with ckpt.as_directory() as d:
-            ft.load_state_dict(torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False))
-        if rank == 0:
-            _log(f"{config['name']}: resumed from checkpoint at epoch {ft.epoch}, step {ft.step}")
-        resumed_from = ft.step
+        try:
+            with ckpt.as_directory() as d:  # tensors and plain data only: no pickled code is run
+                state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - cut short by a crash or a full disk: start over
+            if rank == 0:
+                _log(f"{config['name']}: checkpoint {ckpt.path} is unreadable ({type(e).__name__}: {e}); "
+                     f"training from the first epoch")
+            state = None
+        if state is not None:
+            ft.load_state_dict(state)
+            if rank == 0:
+                _log(f"{config['name']}: resumed from checkpoint at epoch {ft.epoch}, step {ft.step}")
+            resumed_from = ft.step
+        ckpt = ckpt if state is not None else None
     elif rank == 0:
         _log(f"{config['name']}: LoRA rank {settings.rank} on {settings.targets}: {ft.trainable:,} trainable of "
              f"{ft.total:,} UNet parameters ({100 * ft.share:.4f} %); {len(examples)} images, "
@@ -225,9 +273,10 @@ def finetune_adapter(cfg: Config, entry: dict, model: str, fail_after_epoch: int
     fold = entry["fold"]
     out = lay.adapter_dir(fold)
     done = storage.join(out, ADAPTER_JSON)
-    if storage.exists(done):
+    finished = complete_adapter(cfg, entry)
+    if finished is not None:
         _log(f"{adapter_name(fold)}: complete already ({done}); not retrained")
-        return json.loads(storage.read_text(done))
+        return finished
 
     rows = entry["rows"]
     prompts = class_prompts(cfg)
@@ -247,6 +296,7 @@ def finetune_adapter(cfg: Config, entry: dict, model: str, fail_after_epoch: int
         "class_phrases": dict(cfg.diffusion.class_phrases),
         "prompts": prompts,
         "ray_run": name,
+        "made_from": made_from(cfg, entry),
     }
     cpus = 1.0
     # A CPU worker claims one CPU and uses one torch thread: on a shared box more threads than claimed
@@ -306,8 +356,7 @@ def run(cfg: Config) -> dict:
     FinetuneSettings.from_config(cfg)  # one rank, valid settings: refused before any work
     class_prompts(cfg)
     plan = adapter_plan(cfg)
-    lay = RunLayout(cfg.run_dir)
-    todo = [e for e in plan if not storage.exists(storage.join(lay.adapter_dir(e["fold"]), ADAPTER_JSON))]
+    todo = [e for e in plan if complete_adapter(cfg, e) is None]
     results: dict[str, dict] = {}
     if todo:
         model = resolve_base_model(cfg)

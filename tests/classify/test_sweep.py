@@ -122,7 +122,7 @@ def test_tune_sweep_interrupted_then_resumed(tmp_path, ray_session):
     # Best-epoch weights of fold 0 only (classify.save_models=fold0), loadable as the contract says.
     saved = {s.trial_id for s in specs if os.path.exists(lay.path("trials", s.trial_id, "model.pt"))}
     assert saved == {s.trial_id for s in specs if s.fold == 0}
-    blob = torch.load(lay.path("trials", "squeezenet1_1__real__r0__f0", "model.pt"), weights_only=False)
+    blob = torch.load(lay.path("trials", "squeezenet1_1__real__r0__f0", "model.pt"), weights_only=True)
     assert blob["classifier"] == "squeezenet1_1" and blob["classes"] == CLASSES and blob["image_size"] == 32
     from meddap.classify.models import build_classifier
     build_classifier("squeezenet1_1", 3).load_state_dict(blob["state_dict"])
