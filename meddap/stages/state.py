@@ -304,16 +304,20 @@ def _diff(old: dict, new: dict, what: str) -> list[str]:
 def check_stage(cfg, stage: str) -> StageStatus:
     """done / missing / invalidated for `stage` under `cfg` (see the module docstring).
 
-    A record with status "running" is a stage that started and did not finish: with the same
-    settings it is `missing` (the stage resumes from its partial outputs); with other settings it is
-    `invalidated`, because those partial outputs (checkpoints, images) belong to the old settings.
+    A record with status "running" (killed), "interrupted" or "failed" is a stage that started and did
+    not finish: with the same settings it is `missing` (the stage resumes from its partial outputs);
+    with other settings it is `invalidated` when it left outputs, because those partial outputs
+    (checkpoints, images) belong to the old settings, and `missing` when it left none.
     """
     record = read_record(cfg, stage)
     if record is None:
         return StageStatus(stage, "missing")
     changed = _diff(record.get("config", {}), stage_settings(cfg, stage), "")
     if record.get("status") != "done":
-        return StageStatus(stage, "invalidated" if changed else "missing", changed, record)
+        # Partial outputs of other settings must not be resumed; a stage that stopped before writing
+        # anything (refused at the door: a wrong path, a missing file) left nothing to mix.
+        left = bool(changed) and any(storage.file_sizes(p) for p in stage_outputs(cfg, stage))
+        return StageStatus(stage, "invalidated" if left else "missing", changed if left else [], record)
     changed += _diff(record.get("inputs", {}), stage_inputs(cfg, stage), "input ")
     if changed:
         return StageStatus(stage, "invalidated", changed, record)
