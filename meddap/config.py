@@ -348,6 +348,10 @@ class RayConfig:
 @dataclass
 class Config:
     run_dir: str = _f("runs/default", "Where everything the run writes goes: a local path or s3:// / gs:// URI.")
+    lock_stale_s: float = _f(
+        600.0, "One process writes a run_dir at a time (lock file run_dir/meddap.lock, refreshed every quarter of "
+               "this). A lock whose owner runs on another host and has not refreshed it for this many seconds is "
+               "taken over; a dead owner on this host is detected at once.")
     data: DataConfig = _f(DataConfig(), "Datasets, splits and the leakage audit.")
     diffusion: DiffusionConfig = _f(DiffusionConfig(), "Base model and USLoRA fine-tuning.")
     generate: GenerateConfig = _f(GenerateConfig(), "Synthetic image generation.")
@@ -359,6 +363,7 @@ class Config:
 
     def validate(self) -> "Config":
         _check(bool(self.run_dir), "run_dir", self.run_dir, "a path or URI")
+        _check(self.lock_stale_s >= 10, "lock_stale_s", self.lock_stale_s, "a number of seconds >= 10")
         self.data.validate("data")
         self.diffusion.validate("diffusion")
         self.generate.validate("generate")

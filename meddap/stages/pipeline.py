@@ -78,14 +78,30 @@ def _mark_stopped(cfg: Config, stage: str, status: str, error: str | None = None
         pass
 
 
+def _command() -> str:
+    import sys
+
+    return " ".join(["python", *sys.argv]) if sys.argv and sys.argv[0] else "python (interactive)"
+
+
 def run_stages(cfg: Config, stages: Iterable[str], force: Iterable[str] = (), *,
                timings: dict | None = None, label: str = "") -> dict[str, dict]:
     """Run `stages` (in pipeline order) under `cfg`, skipping done ones; returns per-stage timings.
 
     Every forced stage and every stage downstream of it has its outputs deleted first, then runs.
     A stage invalidated by changed settings is refused (MeddapError) unless forced. A stage whose
-    inputs changed because an upstream stage ran again in this call is redone (outputs deleted).
+    inputs changed because an upstream stage ran again in this call is redone (outputs deleted). A
+    done stage whose outputs were damaged since has those files removed and is resumed to remake them.
+    The run_dir's lock (meddap.runlock) is held throughout: another process writing it is refused.
     """
+    from meddap.runlock import run_lock
+
+    with run_lock(cfg, _command()):
+        return _run_stages(cfg, stages, force, timings=timings, label=label)
+
+
+def _run_stages(cfg: Config, stages: Iterable[str], force: Iterable[str] = (), *,
+                timings: dict | None = None, label: str = "") -> dict[str, dict]:
     stages = [s for s in STAGES if s in set(stages)]
     redo: set[str] = set()
     for f in _check_force(force):
@@ -249,10 +265,17 @@ def _preflight(cfg: Config, force: list[str]) -> None:
 
 def run(cfg: Config, force: Iterable[str] = ()) -> dict:
     """Run every stage that is not done; returns {"timings": [...], "report": path, "rank": int}."""
-    from meddap.raytools import ensure_ray
+    from meddap.runlock import run_lock
 
     force = _check_force(force)
     _preflight(cfg, force)
+    with run_lock(cfg, _command()):
+        return _run(cfg, force)
+
+
+def _run(cfg: Config, force: list[str]) -> dict:
+    from meddap.raytools import ensure_ray
+
     t_all = time.perf_counter()
     timings: dict[str, dict] = {}
     _log(f"run_dir {cfg.run_dir} (config '{cfg.name}')" + (f"; forced: {', '.join(force)}" if force else ""))
