@@ -338,6 +338,32 @@ def _trainable(config: dict, shared: dict) -> None:
                  "test_accuracy": result.metrics["test"]["accuracy"] if "test" in result.metrics else float("nan")})
 
 
+class _TuneInterruptNoise:
+    """Drops Ray Tune's log lines about an interrupt: its `Tuner.restore(...)` advice is wrong for a
+    meddap user (rerunning the command resumes; trials are parts, not a Tune experiment), and its
+    "Could not fetch metrics" lines for trials that never started buried the resume line (~33 lines)."""
+
+    _NOISE = ("Tuner.restore(", "fetch metrics", "Stop signal received", "Wrote the latest version of all result")
+    _LOGGERS = ("ray.tune.tune", "ray.tune.analysis.experiment_analysis")
+
+    def filter(self, record) -> bool:
+        msg = record.getMessage()
+        return not any(n in msg for n in self._NOISE)
+
+    def __enter__(self):
+        import logging
+
+        for name in self._LOGGERS:
+            logging.getLogger(name).addFilter(self)
+        return self
+
+    def __exit__(self, *exc):
+        import logging
+
+        for name in self._LOGGERS:
+            logging.getLogger(name).removeFilter(self)
+
+
 def _progress_callback(summaries: _Summaries, total: int, already: int, root: str):
     from ray.tune import Callback
 
@@ -508,7 +534,7 @@ def run(cfg: Config, *, _fail_after_epoch: Optional[dict] = None) -> dict:
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         ),
     )
-    with keep_sigint_handler():  # Tune leaves its handler installed after fit()
+    with keep_sigint_handler(), _TuneInterruptNoise():  # Tune leaves its handler installed after fit()
         grid = tuner.fit()
     errors = {}
     for r in grid:
