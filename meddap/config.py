@@ -164,6 +164,10 @@ class DiffusionTrainConfig:
     lr: float = _f(1e-4, "AdamW learning rate, constant schedule.")
     batch_size: int = _f(1, "Images per optimizer step per worker (paper: 1).")
     num_workers: int = _f(1, "Ray Train workers (DDP over the LoRA parameters).")
+    min_workers: Optional[int] = _f(
+        None, "Elastic fine-tuning: a number below num_workers lets Ray Train start or continue with as few as this "
+              "many workers when the cluster has fewer (a node lost); each step then averages over the workers in "
+              "use, so the effective batch is batch_size x workers (docs/faults.md). null = exactly num_workers.")
     use_gpu: bool = _f(False, "Give each Ray Train worker one GPU.")
     max_failures: int = _f(1, "Times Ray Train restarts a failed worker group from the last checkpoint.")
     random_flip: bool = _f(True, "Random horizontal flip of training images.")
@@ -178,6 +182,8 @@ class DiffusionTrainConfig:
         _check(self.lr > 0, f"{prefix}.lr", self.lr, "a positive number")
         _check(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, "an integer >= 1")
         _check(self.num_workers >= 1, f"{prefix}.num_workers", self.num_workers, "an integer >= 1")
+        _check(self.min_workers is None or 1 <= self.min_workers <= self.num_workers, f"{prefix}.min_workers",
+               self.min_workers, f"null or an integer in [1, num_workers={self.num_workers}]")
         _check(self.max_failures >= -1, f"{prefix}.max_failures", self.max_failures, "an integer >= -1 (-1: forever)")
 
 

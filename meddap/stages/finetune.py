@@ -110,8 +110,10 @@ def _run_name(cfg: Config, entry: dict, model: str) -> str:
     checkpoints and never someone else's."""
     from meddap.diffusion.train import FinetuneSettings
 
+    t = cfg.diffusion.train
     key = json.dumps({"made_from": made_from(cfg, entry), "settings": FinetuneSettings.from_config(cfg).to_dict(),
-                      "num_workers": cfg.diffusion.train.num_workers}, sort_keys=True)
+                      "num_workers": t.num_workers, **({"min_workers": t.min_workers} if t.min_workers else {})},
+                     sort_keys=True)
     return f"{adapter_name(entry['fold'])}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
@@ -166,6 +168,7 @@ def _train_loop(config: dict) -> None:
                        rank=rank, world_size=world)
     ckpt = ray.train.get_checkpoint()
     resumed_from = 0
+    world_sizes: list[int] = []  # workers in use in each finished epoch (elastic runs change it)
     if ckpt is not None:
         try:
             with ckpt.as_directory() as d:  # tensors and plain data only: no pickled code is run
@@ -177,8 +180,11 @@ def _train_loop(config: dict) -> None:
             state = None
         if state is not None:
             ft.load_state_dict(state)
+            world_sizes = list(state.get("world_sizes", []))
             if rank == 0:
-                _log(f"{config['name']}: resumed from checkpoint at epoch {ft.epoch}, step {ft.step}")
+                _log(f"{config['name']}: resumed from checkpoint at epoch {ft.epoch}, step {ft.step}"
+                     + (f", now on {world} worker(s) (was {state.get('world_size')})"
+                        if state.get("world_size") != world else ""))
             resumed_from = ft.step
         ckpt = ckpt if state is not None else None
     elif rank == 0:
@@ -195,12 +201,13 @@ def _train_loop(config: dict) -> None:
         rows = ft.train_epoch(epoch, on_step=(lambda s, l: progress.update(
             1, f"epoch {epoch + 1}/{settings.epochs} step {s}/{ft.total_steps} loss {l:.4f}")) if progress else None)
         mean_loss = sum(r[2] for r in rows) / len(rows)
+        world_sizes.append(world)
         metrics = {"epoch": epoch + 1, "step": ft.step, "loss": mean_loss,
                    "steps_per_s": len(rows) / max(time.perf_counter() - t0, 1e-9)}
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if rank == 0:
-                torch.save(ft.state_dict(), os.path.join(d, STATE_FILE))
+                torch.save({**ft.state_dict(), "world_sizes": world_sizes}, os.path.join(d, STATE_FILE))
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=checkpoint)
         if rank == 0:
@@ -211,10 +218,10 @@ def _train_loop(config: dict) -> None:
             raise RuntimeError(f"injected failure after epoch {fail_at}")
 
     if rank == 0:
-        _write_outputs(ft, config, resumed_from)
+        _write_outputs(ft, config, resumed_from, world_sizes)
 
 
-def _write_outputs(ft, config: dict, resumed_from: int = 0) -> None:
+def _write_outputs(ft, config: dict, resumed_from: int = 0, world_sizes: list[int] | None = None) -> None:
     """Adapter weights and loss table first, adapter.json last (its presence marks completion)."""
     import pandas as pd
 
@@ -245,6 +252,7 @@ def _write_outputs(ft, config: dict, resumed_from: int = 0) -> None:
         "lr": s.lr,
         "batch_size": s.batch_size,
         "num_workers": ft.world_size,
+        "workers_per_epoch": list(world_sizes or []),  # elastic runs: the effective batch of each epoch
         "random_flip": s.random_flip,
         "mixed_precision": s.mixed_precision,
         "gradient_checkpointing": s.gradient_checkpointing,
@@ -315,7 +323,9 @@ def finetune_adapter(cfg: Config, entry: dict, model: str, fail_after_epoch: int
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+        # Elastic when min_workers is set: Train V2 (re)starts the group with what the cluster holds.
+        scaling_config=ScalingConfig(num_workers=(t.min_workers, t.num_workers) if t.min_workers else t.num_workers,
+                                     use_gpu=t.use_gpu,
                                      resources_per_worker={"CPU": cpus, **({"GPU": 1} if t.use_gpu else {})}),
         run_config=RunConfig(storage_path=fs_path, storage_filesystem=fs, name=name,
                              failure_config=FailureConfig(max_failures=t.max_failures),

@@ -81,7 +81,8 @@ _SECTIONS: dict[str, tuple[str, ...]] = {
 # Keys that say how to run, not what to compute: changing them never invalidates finished work
 # (so a run started on a cluster can be finished on one GPU with local-2080ti's packing).
 _EXECUTION_ONLY = {
-    "diffusion.train.num_workers", "diffusion.train.use_gpu", "diffusion.train.max_failures",
+    "diffusion.train.num_workers", "diffusion.train.min_workers", "diffusion.train.use_gpu",
+    "diffusion.train.max_failures",
     "diffusion.train.gradient_checkpointing",
     # Precision is how the same computation runs on a device ("auto" already means fp16 on CUDA and
     # fp32 on CPU), so a run may continue on another machine with another precision setting.

@@ -37,6 +37,7 @@ import signal
 import tempfile
 import threading
 import time
+import uuid
 from typing import Optional
 
 import pandas as pd
@@ -448,6 +449,65 @@ def check_classifiers(cfg: Config, weights: bool = True) -> None:
             build_classifier(model, len(cfg.data.classes), "imagenet", cfg.classify.weights_dir)
 
 
+_LOST = ("ActorDiedError", "NodeDiedError", "ActorUnavailableError", "node has died", "node was terminated",
+         "WorkerCrashedError", "OwnerDiedError")
+
+
+def _lost_with_its_node(error: Optional[str]) -> bool:
+    """True for a trial that failed because its worker process or node went away (or with no error
+    recorded, as Tune leaves a trial that died while being placed), not because its code raised."""
+    return not error or any(k in error for k in _LOST)
+
+
+def _tune_round(cfg: Config, specs: list, keys: dict, images, summaries: "_Summaries", total: int, already: int,
+                root: str, fail_after_epoch: Optional[dict]):
+    """One Tune experiment over `specs`; returns (progress callback, experiment name, {trial_id: error})."""
+    from ray import tune
+
+    from meddap.raytools import keep_sigint_handler
+
+    earlier = _earlier_checkpoints(root, {s.trial_id: keys[s.trial_id] for s in specs})
+    resumed = [s.trial_id for s in specs if s.trial_id in earlier]
+    if resumed:
+        _log(f"{len(resumed)} unfinished trials resume from their checkpoints: {', '.join(resumed[:5])}"
+             f"{' ...' if len(resumed) > 5 else ''}")
+    param_space = {"trial": tune.grid_search([{**s.to_dict(), "resume_from": earlier.get(s.trial_id),
+                                               "made_from": keys[s.trial_id]} for s in specs])}
+    shared = {"cfg": cfg.to_dict(), "images": images, "fail_after_epoch": dict(fail_after_epoch or {})}
+    c = cfg.classify
+    trainable = tune.with_resources(tune.with_parameters(_trainable, shared=shared),
+                                    {"cpu": c.cpus_per_trial, "gpu": c.gpus_per_trial})
+    name = time.strftime("run-%Y%m%d-%H%M%S", time.gmtime()) + f"-{os.getpid()}-{uuid.uuid4().hex[:4]}"
+    progress = _progress_callback(summaries, total, already, root)
+    # Checkpoints every few epochs force experiment snapshots; Tune's warning about that is noise here.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    fs, fs_path = storage.filesystem(root)  # the same filesystem (and S3 endpoint) as meddap.storage
+    storage.makedirs(root)
+    tuner = tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=c.max_concurrent_trials,
+            reuse_actors=True,  # a new trial skips the worker start and torch import (seconds per trial)
+            trial_name_creator=lambda t: t.config["trial"]["trial_id"],
+            trial_dirname_creator=lambda t: t.config["trial"]["trial_id"],
+        ),
+        run_config=tune.RunConfig(
+            name=name, storage_path=fs_path, storage_filesystem=fs, verbose=0, callbacks=[progress],
+            failure_config=tune.FailureConfig(max_failures=c.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        ),
+    )
+    with keep_sigint_handler(), _TuneInterruptNoise():  # Tune leaves its handler installed after fit()
+        grid = tuner.fit()
+    errors = {}
+    for r in grid:
+        if r.error is not None:
+            lines = [ln for ln in str(r.error).strip().splitlines() if ln.strip()]
+            errors[r.config["trial"]["trial_id"]] = lines[-1] if lines else type(r.error).__name__
+    return progress, name, errors
+
+
 def run(cfg: Config, *, _fail_after_epoch: Optional[dict] = None) -> dict:
     """Run every grid trial not finished yet; returns counts. `_fail_after_epoch` ({trial_id: epoch})
     is a test hook that makes those trials fail right after that epoch's checkpoint."""
@@ -493,69 +553,45 @@ def run(cfg: Config, *, _fail_after_epoch: Optional[dict] = None) -> dict:
     _log(f"decoded images: {images.nbytes() / 2**20:.1f} MiB as uint8, shared through Ray's object store")
 
     import ray
-    from ray import tune
 
-    from meddap.raytools import ensure_ray, keep_sigint_handler
+    from meddap.raytools import ensure_ray
 
     ensure_ray(cfg)
     images.real_images = ray.put(images.real_images)
     images.synthetic_images = {k: ray.put(v) for k, v in images.synthetic_images.items()}
 
     root = _tune_root(cfg)
-    earlier = _earlier_checkpoints(root, {s.trial_id: keys[s.trial_id] for s in todo})
-    resumed = [s.trial_id for s in todo if s.trial_id in earlier]
-    if resumed:
-        _log(f"{len(resumed)} unfinished trials resume from their checkpoints: {', '.join(resumed[:5])}"
-             f"{' ...' if len(resumed) > 5 else ''}")
-    param_space = {"trial": tune.grid_search([{**s.to_dict(), "resume_from": earlier.get(s.trial_id),
-                                               "made_from": keys[s.trial_id]} for s in todo])}
-    shared = {"cfg": cfg.to_dict(), "images": images, "fail_after_epoch": dict(_fail_after_epoch or {})}
     c = cfg.classify
-    trainable = tune.with_resources(tune.with_parameters(_trainable, shared=shared),
-                                    {"cpu": c.cpus_per_trial, "gpu": c.gpus_per_trial})
-    name = time.strftime("run-%Y%m%d-%H%M%S", time.gmtime()) + f"-{os.getpid()}"
-    progress = _progress_callback(summaries, total, len(done), root)
-    # Checkpoints every few epochs force experiment snapshots; Tune's warning about that is noise here.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    fs, fs_path = storage.filesystem(root)  # the same filesystem (and S3 endpoint) as meddap.storage
-    storage.makedirs(root)
-    tuner = tune.Tuner(
-        trainable,
-        param_space=param_space,
-        tune_config=tune.TuneConfig(
-            max_concurrent_trials=c.max_concurrent_trials,
-            reuse_actors=True,  # a new trial skips the worker start and torch import (seconds per trial)
-            trial_name_creator=lambda t: t.config["trial"]["trial_id"],
-            trial_dirname_creator=lambda t: t.config["trial"]["trial_id"],
-        ),
-        run_config=tune.RunConfig(
-            name=name, storage_path=fs_path, storage_filesystem=fs, verbose=0, callbacks=[progress],
-            failure_config=tune.FailureConfig(max_failures=c.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-        ),
-    )
-    with keep_sigint_handler(), _TuneInterruptNoise():  # Tune leaves its handler installed after fit()
-        grid = tuner.fit()
-    errors = {}
-    for r in grid:
-        if r.error is not None:
-            lines = [ln for ln in str(r.error).strip().splitlines() if ln.strip()]
-            errors[r.config["trial"]["trial_id"]] = lines[-1] if lines else type(r.error).__name__
-
-    # Trials that finished in a worker whose completion the driver missed are still picked up here.
-    for s in todo:
-        if summaries.add(s.trial_id, keys[s.trial_id]):
-            _drop_checkpoints(root, s.trial_id)
-    summaries.write()
-    finished = set(summaries.frames["trials"])
-    failed = [s.trial_id for s in todo if s.trial_id not in finished]
+    pending, errors, rounds = list(todo), {}, 1 + c.max_failures
+    for round_no in range(1, rounds + 1):
+        progress, name, round_errors = _tune_round(cfg, pending, keys, images, summaries, total, len(done), root,
+                                                   _fail_after_epoch)
+        errors.update(round_errors)
+        # Trials that finished in a worker whose completion the driver missed are still picked up here.
+        for s in pending:
+            if summaries.add(s.trial_id, keys[s.trial_id]):
+                _drop_checkpoints(root, s.trial_id)
+        summaries.write()
+        finished = set(summaries.frames["trials"])
+        pending = [s for s in pending if s.trial_id not in finished]
+        if not pending or progress.interrupted or round_no == rounds:
+            break
+        lost = [s.trial_id for s in pending if _lost_with_its_node(errors.get(s.trial_id))]
+        if len(lost) < len(pending):
+            break  # a trial failed on its own (its code raised): another round would fail the same way
+        # Tune retries a failed RUNNING trial itself, but not one whose worker or node was lost while it
+        # was being placed (PENDING); a lost node must not fail the sweep while the cluster has others.
+        _log(f"{len(lost)} trial(s) lost their worker or node ({', '.join(lost[:5])}{' ...' if len(lost) > 5 else ''}); "
+             f"running them again from their checkpoints (round {round_no + 1} of at most {rounds}, "
+             f"classify.max_failures={c.max_failures})")
+    failed = [s.trial_id for s in pending]
     _log(f"{len(finished)}/{total} trials done; {summaries.best_line()}; summaries in {lay.summary('trials')}")
     if failed and progress.interrupted:
         raise KeyboardInterrupt  # Ctrl-C: the CLI says so (exit 130); the unfinished trials did not fail
     if failed:
         raise MeddapError(
             f"{len(failed)} of {total} trials did not finish ({', '.join(failed[:5])}{' ...' if len(failed) > 5 else ''}); "
-            f"first error: {next((errors[t] for t in failed if t in errors), 'unknown')}; full errors in "
+            f"first error: {next((errors[t] for t in failed if errors.get(t)), 'unknown')}; full errors in "
             f"{storage.join(root, name)}. Finished trials are kept: rerun `python -m meddap sweep` "
             f"to run the missing ones (each resumes from its last checkpoint).")
     return {"total": total, "done": len(finished), "ran": len(todo), "failed": 0}
