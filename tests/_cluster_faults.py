@@ -112,6 +112,9 @@ def main(out_dir: str) -> None:
 
     out = Path(out_dir)
     events: list = []
+    # Every Ray process of the cluster inherits this: after a node loss, elastic Train may first try the
+    # old group size on a stale view of the cluster; that attempt gives up after this (default 60 s).
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "15")
     # A lost node is declared dead after ~3 s of missed health checks (Ray's default waits longer).
     head = {"num_cpus": 0, "object_store_memory": 80 * 2**20, "include_dashboard": False,
             "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}}
