@@ -22,6 +22,7 @@ asks again.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import json
 import os
 import socket
@@ -126,6 +127,8 @@ def _describe(owner: dict) -> str:
 def _create_local(path: str, me: dict) -> bool:
     """Atomically create the lock with its content; False when it exists."""
     folder = os.path.dirname(path)
+    if os.path.exists(folder) and not os.path.isdir(folder):  # run_dir names a file: say so plainly
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), folder)
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".tmp-{me['token']}-{LOCK_FILE}")
     with open(tmp, "w") as f:
