@@ -8,8 +8,9 @@ local Ray lives in the test process):
 `ray.cluster_utils.Cluster` starts a head with no CPUs (it holds the driver and Ray's own actors)
 and worker nodes of 1 CPU each, every one a separate raylet with its own processes. Each stage
 runs through meddap's code; a watcher thread removes the worker node that runs the stage's work
-as soon as the stage has made progress worth keeping (a checkpoint, some images, a finished trial),
-then adds a fresh node, as a spot fleet replaces a preempted instance. What happened is written to
+as soon as the stage has made progress worth keeping (a registered checkpoint, some images, a trial
+checkpoint), and the stage must finish on the node left. A fresh node is added before the next
+stage, as a spot fleet replaces a preempted instance. What happened is written to
 OUT_DIR/events.json; the test compares the outputs with undisturbed runs of the same code.
 """
 

@@ -84,8 +84,8 @@ for name, write in [
         else:
             write(os.path.join(out, name))
         print(name, "WRITTEN")
-    except OSError as e:
-        print(name, "FAILED", e.errno)
+    except (OSError, RuntimeError) as e:  # torch.save reports the short write as a RuntimeError
+        print(name, "FAILED", type(e).__name__)
 """
 
 

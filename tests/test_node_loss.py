@@ -7,7 +7,9 @@ are checked against undisturbed runs of the same compute cores in this process:
   - the same trials, none lost or duplicated in trials.parquet / predictions.parquet, with the same
     metrics and predictions;
   - the elastic run went on with one worker after losing one of two.
-About 2 minutes on 2 cores (cluster start, four stages, the node losses and their recovery).
+Marked slow: the cluster run takes 4-5 minutes on the shared 2-core dev box at load 4-5 (measured:
+248-311 s, most of it Ray's fixed costs: node start, node-death detection, worker-group restarts,
+model loads; the training itself is seconds). It was not measured on an idle machine.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from _cluster_faults import overrides  # noqa: E402
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

@@ -129,8 +129,19 @@ def stage_settings(cfg, stage: str) -> dict[str, Any]:
     return {k: v for k, v in sorted(flat.items()) if k not in _EXECUTION_ONLY}
 
 
+_HASHES: dict[tuple[str, int, int], str] = {}  # (local path, size, mtime_ns) -> sha256, for this process
+
+
 def _sha256(path: str) -> str:
-    return storage.sha256(path)
+    """sha256 of a run-dir file; a local file unchanged since it was hashed (size and mtime) is not
+    read again: `run` checks every stage's record more than once, and a paper run holds GBs of PNGs."""
+    if storage.is_uri(path):
+        return storage.sha256(path)
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        _HASHES[key] = storage.sha256(path)
+    return _HASHES[key]
 
 
 # adapter.json fields that say when and how a training ran, not what the adapter is: a remade adapter
