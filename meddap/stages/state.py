@@ -214,8 +214,11 @@ def _rel(cfg, path: str) -> str:
 
 
 def output_fingerprints(cfg, stage: str) -> dict[str, list]:
-    """{path relative to run_dir: [bytes, sha256]} of every file the stage wrote (not Ray's checkpoints)."""
+    """{path relative to run_dir: [bytes, sha256]} of every file the stage wrote (not Ray's checkpoints).
+    On object stores sha256 is null: it would download every image again, and the size check suffices
+    there (a PUT lands whole or not at all)."""
     skip = storage.join(RunLayout(cfg.run_dir).ray_storage, stage)
+    local = not storage.is_uri(cfg.run_dir)
     out = {}
     for top in stage_outputs(cfg, stage):
         if top == skip:
@@ -223,7 +226,7 @@ def output_fingerprints(cfg, stage: str) -> dict[str, list]:
         for path, size in sorted(storage.file_sizes(top).items()):
             if os.path.basename(path).startswith(".tmp-"):
                 continue  # another writer's file in flight (storage.open_output), not an output
-            out[_rel(cfg, path)] = [size, _sha256(path)]
+            out[_rel(cfg, path)] = [size, _sha256(path) if local else None]
     return out
 
 
@@ -241,7 +244,7 @@ def _check_outputs(cfg, stage: str, recorded: dict[str, list]) -> list[str]:
             bad.append(f"{rel}: missing")
         elif sizes[rel] != size:
             bad.append(f"{rel}: {sizes[rel]} bytes, {size} when written")
-        elif hash_too and _sha256(storage.join(cfg.run_dir, rel)) != digest:
+        elif hash_too and digest and _sha256(storage.join(cfg.run_dir, rel)) != digest:
             bad.append(f"{rel}: content changed since it was written (sha256)")
     return bad
 
