@@ -208,3 +208,18 @@ def test_run_dir_lock_on_s3(s3_env, tmp_path, capsys):
                               stdout=subprocess.PIPE, text=True, env=env) for _ in range(2)]
     outs = [p.communicate(timeout=60)[0] for p in procs]
     assert sorted(o.split()[0] for o in outs) == ["OWNER", "REFUSED"], outs
+
+
+def test_damaged_output_on_s3_is_found_by_its_size(s3_env):
+    from meddap.stages import state
+
+    cfg = load_config("demo", [f"run_dir=s3://{BUCKET}/damaged"])
+    lay = RunLayout(cfg.run_dir)
+    storage.write_parquet(pd.DataFrame({"image_id": [f"x{i}" for i in range(50)]}), lay.manifest)
+    rec = state.write_record(cfg, "prepare", 0.1)
+    assert rec["outputs"]["data/manifest.parquet"][1] is None  # no sha256: it would download every file
+    assert state.check_stage(cfg, "prepare").state == "done"
+    storage.write_bytes(lay.manifest, storage.read_bytes(lay.manifest)[:64])  # cut short by an outside copy
+    st = state.check_stage(cfg, "prepare")
+    assert st.state == "damaged" and st.damaged[0].startswith("data/manifest.parquet: 64 bytes")
+    assert state.remove_damaged(cfg, st) == ["data/manifest.parquet"] and not storage.exists(lay.manifest)
