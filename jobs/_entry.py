@@ -27,10 +27,7 @@ __all__ = ["main"]
 
 def main(stage: str, argv: list[str] | None = None) -> int:
     from meddap.cli import user_error_exit
-    from meddap.config import load_config
     from meddap.raytools import interrupt_on_sigterm
-
-    interrupt_on_sigterm()  # `ray job stop` and preemption send SIGTERM: stop as Ctrl-C does
 
     p = argparse.ArgumentParser(prog=f"jobs/{stage}.py",
                                 description=f"meddap {stage} as a Ray job (ray job submit --working-dir . -- "
@@ -46,22 +43,32 @@ def main(stage: str, argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     try:
-        cfg = load_config(args.config, args.overrides)
-        # No ray.init here: the pipeline and every stage that uses Ray call meddap.raytools.ensure_ray,
-        # which joins this job's cluster (RAY_ADDRESS) or starts a local Ray; a skipped stage needs none.
-        if stage == "pipeline":
-            from meddap.stages.pipeline import run
-
-            run(cfg, force=args.force)
-        else:
-            # One stage, with the pipeline's bookkeeping: skipped when its record says done, refused
-            # when its settings or inputs changed, recorded when it finishes.
-            from meddap.stages.pipeline import run_stages
-
-            run_stages(cfg, (stage,), force=[args.force] if args.force else ())
+        with interrupt_on_sigterm():  # `ray job stop` and preemption send SIGTERM: stop as Ctrl-C does
+            cfg = _run(stage, args)
     except BaseException as e:  # noqa: BLE001 - one line for user errors and Ctrl-C; bugs re-raise
         from meddap.cli import resume_args
 
-        return user_error_exit(f"jobs/{stage}.py", e, resume=f"python jobs/{stage}.py {resume_args(argv if argv is not None else sys.argv[1:])}".strip())
+        resume = f"python jobs/{stage}.py {resume_args(argv if argv is not None else sys.argv[1:])}".strip()
+        return user_error_exit(f"jobs/{stage}.py", e, resume=resume)
     print(f"[job] {stage} finished in {time.perf_counter() - t0:.1f}s; outputs under {cfg.run_dir}", flush=True)
     return 0
+
+
+def _run(stage: str, args):
+    """Load the config and run the stage (or the pipeline); returns the config."""
+    from meddap.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    # No ray.init here: the pipeline and every stage that uses Ray call meddap.raytools.ensure_ray,
+    # which joins this job's cluster (RAY_ADDRESS) or starts a local Ray; a skipped stage needs none.
+    if stage == "pipeline":
+        from meddap.stages.pipeline import run
+
+        run(cfg, force=args.force)
+    else:
+        # One stage, with the pipeline's bookkeeping: skipped when its record says done, refused
+        # when its settings or inputs changed, recorded when it finishes.
+        from meddap.stages.pipeline import run_stages
+
+        run_stages(cfg, (stage,), force=[args.force] if args.force else ())
+    return cfg

@@ -140,10 +140,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         _parser().print_help()
         return 2
-    t0 = time.perf_counter()
     from meddap.raytools import interrupt_on_sigterm
 
-    interrupt_on_sigterm()  # timeout, Slurm, Kubernetes and spot preemption send SIGTERM: stop as Ctrl-C does
+    # timeout, Slurm, Kubernetes and spot preemption send SIGTERM: stop as Ctrl-C does
+    with interrupt_on_sigterm():
+        return _main(args, argv)
+
+
+def _main(args, argv: list[str] | None) -> int:
+    t0 = time.perf_counter()
     try:
         if args.command == "phantom":
             from meddap.data.phantom import write_phantom

@@ -143,7 +143,11 @@ def _sigterm_like_ctrl_c(signum, frame) -> None:
         raise KeyboardInterrupt
 
 
-def interrupt_on_sigterm() -> None:
-    """Handle SIGTERM like Ctrl-C in this process (CLI and job entry points call it first thing)."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _sigterm_like_ctrl_c)
+@contextlib.contextmanager
+def interrupt_on_sigterm():
+    """Within the block, SIGTERM is handled like Ctrl-C (the CLI and job entry points run in it); the
+    previous handler is put back after, so calling `main()` in a process leaves no trace."""
+    with keep_signal_handlers(signal.SIGTERM):
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _sigterm_like_ctrl_c)
+        yield

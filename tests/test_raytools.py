@@ -154,19 +154,20 @@ def test_sigterm_acts_like_ctrl_c():
     KeyboardInterrupt; ray.init's own SIGTERM handler (a C++ stack dump) does not stay installed."""
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        raytools.interrupt_on_sigterm()
-        with pytest.raises(KeyboardInterrupt):
+        with raytools.interrupt_on_sigterm():
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(1)
+            seen = []
+            signal.signal(signal.SIGINT, lambda s, f: seen.append(s))
             os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(1)
-        seen = []
-        signal.signal(signal.SIGINT, lambda s, f: seen.append(s))
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(0.1)
-        assert seen == [signal.SIGINT]
-        ours = signal.getsignal(signal.SIGTERM)
-        with raytools.keep_sigint_handler():
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # what ray.init / fit() would leave
-        assert signal.getsignal(signal.SIGTERM) is ours
+            time.sleep(0.1)
+            assert seen == [signal.SIGINT]
+            ours = signal.getsignal(signal.SIGTERM)
+            with raytools.keep_sigint_handler():
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)  # what ray.init / fit() would leave
+            assert signal.getsignal(signal.SIGTERM) is ours
+        assert signal.getsignal(signal.SIGTERM) is previous[signal.SIGTERM], "the caller's handler is back"
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
