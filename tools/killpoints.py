@@ -34,14 +34,14 @@ OVERRIDES = ["data.phantom.per_class=8", "data.external.phantom.per_class=4", "d
              "generate.steps=2", "generate.batch_size=2", "classify.models=[squeezenet1_1]", "classify.epochs=4",
              "classify.checkpoint_every=1", "report.gradcam_images=1"]
 
-# (stage, what the driver has printed when the kill is sent, extra delay in seconds)
+# (stage, what the driver has printed when the kill is sent, extra delay in seconds, in words)
 KILL_POINTS = [
-    ("prepare", r"\[pipeline\] prepare: running", 0.3),
-    ("finetune", r"epoch 2/20 done", 0.0),
-    ("generate", r"\[generate\] \d+/\d+ images .*in the run", 0.0),
-    ("fid", r"\[pipeline\] fid: running", 0.0),
-    ("sweep", r"\[sweep\] finished ", 0.0),
-    ("report", r"\[pipeline\] report: running", 1.0),
+    ("prepare", r"\[pipeline\] prepare: running", 0.3, "0.3 s into prepare (writing the phantom)"),
+    ("finetune", r"epoch 2/20 done", 0.0, "after epoch 2 of 20 (checkpointed)"),
+    ("generate", r"\[generate\] \d+/\d+ images .*in the run", 0.0, "after the first generated batch"),
+    ("fid", r"\[pipeline\] fid: running", 0.0, "as fid starts"),
+    ("sweep", r"\[sweep\] finished ", 0.0, "after the first finished trial"),
+    ("report", r"\[pipeline\] report: running", 1.0, "1 s into report (figures)"),
 ]
 
 
@@ -157,7 +157,7 @@ def main() -> None:
         print(f"undisturbed run: {r['seconds']:.0f}s", flush=True)
     rows = []
     only = set(filter(None, args.only.split(",")))
-    for stage, pattern, delay in KILL_POINTS:
+    for stage, pattern, delay, words in KILL_POINTS:
         if only and stage not in only:
             continue
         run_dir = out / f"killed-{stage}"
@@ -169,18 +169,18 @@ def main() -> None:
         diffs = compare(run_dir, ref) if r["rc"] == 0 else [f"rerun failed (exit {r['rc']})"]
         resumed = re.findall(r"\[pipeline\] (\w+): (running \(resuming[^)]*\)|done already|\d+ output\(s\) damaged)",
                              r["log"])
-        rows.append({"stage": stage, "point": pattern.replace("\\", ""), "exit": k["rc"], "killed": k["killed"],
+        rows.append({"stage": stage, "point": words, "exit": k["rc"], "killed": k["killed"],
                      "record": status, "ray_left": k["ray_left"], "rerun_exit": r["rc"],
                      "rerun_s": round(r["seconds"]), "resumed": "; ".join(f"{s}: {w}" for s, w in resumed
                                                                            if not w.startswith("done")),
                      "equal": "yes" if not diffs else "; ".join(diffs)})
         print(json.dumps(rows[-1]), flush=True)
         (out / f"log-{stage}.txt").write_text(k["log"] + "\n===== rerun =====\n" + r["log"])
-    print(f"\n| stage | driver got SIG{args.signal} when it printed | exit | record left | Ray processes left | "
+    print(f"\n| stage | driver got SIG{args.signal} | exit | record left | Ray processes left | "
           f"rerun | rerun said | outputs equal to undisturbed |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['stage']} | `{r['point']}` | {r['exit']} | {r['record']} | {r['ray_left']} | "
+        print(f"| {r['stage']} | {r['point']} | {r['exit']} | {r['record']} | {r['ray_left']} | "
               f"exit {r['rerun_exit']}, {r['rerun_s']} s | {r['resumed'] or '-'} | {r['equal']} |")
 
 
