@@ -8,7 +8,7 @@ are checked against undisturbed runs of the same compute cores in this process:
     metrics and predictions;
   - the elastic run went on with one worker after losing one of two.
 Marked slow: the cluster run takes 4-5 minutes on the shared 2-core dev box at load 4-5 (measured:
-248-311 s, most of it Ray's fixed costs: node start, node-death detection, worker-group restarts,
+248-340 s in four runs, most of it Ray's fixed costs: node start, node-death detection, worker-group restarts,
 model loads; the training itself is seconds). It was not measured on an idle machine.
 """
 
