@@ -16,7 +16,7 @@ from meddap import logs
 from meddap.config import ConfigError, load_config, shipped_configs
 from meddap.errors import MeddapError
 
-__all__ = ["main", "STAGES", "user_error_exit"]
+__all__ = ["main", "STAGES", "user_error_exit", "resume_args"]
 
 # command -> (module:function, one-line help)
 STAGES: dict[str, tuple[str, str]] = {
@@ -29,6 +29,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "run": ("meddap.stages.pipeline:run", "the whole study: prepare -> finetune -> generate -> fid -> sweep -> report"),
     "demo": ("meddap.stages.pipeline:run", "`run` with the demo config (phantom data, tiny SD, minutes on a CPU)"),
 }
+STAGES_NAMES = ("prepare", "finetune", "generate", "fid", "sweep", "report")
 BENCHES = {
     "finetune": "meddap.bench.finetune:main",
     "generate": "meddap.bench.generate:main",
@@ -65,6 +66,10 @@ def _parser() -> argparse.ArgumentParser:
         if name in ("run", "demo"):
             sp.add_argument("--force", action="append", default=[], metavar="STAGE",
                             help="redo STAGE and every stage after it that depends on it (repeatable)")
+        else:
+            sp.add_argument("--force", action="store_true",
+                            help=f"redo {name} even if its record says done or its settings/inputs changed "
+                                 f"(its earlier outputs are deleted first)")
         _verbose_flag(sp)
         sp.add_argument("overrides", nargs="*", metavar="key=value")
     st = sub.add_parser("status", help="how far a run has got: each stage done, running, stale or missing; "
@@ -94,9 +99,10 @@ def _verbose_flag(p: argparse.ArgumentParser) -> None:
                         "they go to files under <run_dir>/logs/")
 
 
-def user_error_exit(label: str, e: BaseException) -> int:
+def user_error_exit(label: str, e: BaseException, resume: str | None = None) -> int:
     """Exit status for an exception that reached a command's top level, printing one line for the
-    errors a user can fix (config, inputs, unusable paths) and for Ctrl-C; anything else re-raises.
+    errors a user can fix (config, inputs, unusable paths) and for Ctrl-C or SIGTERM (with `resume`,
+    the command that resumes); anything else re-raises.
     Shared by the CLI and the `ray job submit` entry points in jobs/."""
     if isinstance(e, (ConfigError, MeddapError)):
         logs.error(f"{label}: error: {e}")
@@ -111,8 +117,9 @@ def user_error_exit(label: str, e: BaseException) -> int:
                    f"trace).")
         return 2
     if isinstance(e, KeyboardInterrupt):
-        logs.error(f"{label}: interrupted; finished work is kept, rerun to resume.")
-        _point_at_logs(label)
+        _point_at_logs(label)  # first: the resume line is the last thing the user reads
+        how = f": `{resume}`" if resume else " (the same command)"
+        logs.error(f"{label}: interrupted; finished work is kept, rerun to resume{how}")
         return 130
     _point_at_logs(label)
     raise e
@@ -125,11 +132,46 @@ def _point_at_logs(label: str) -> None:
         logs.error(f"{label}: Ray's own messages (worker output, tracebacks) are in {where}")
 
 
+def _command_line(argv: list[str] | None) -> str:
+    """The command as typed, for the resume hint (--force dropped: a resume must not redo work)."""
+    return "python -m meddap " + resume_args(sys.argv[1:] if argv is None else argv)
+
+
+def resume_args(argv: list[str]) -> str:
+    """`argv` without --force (and run's stage after it), shell-quoted."""
+    import shlex
+
+    args = list(argv)
+    keep = []
+    skip_next = False
+    for i, a in enumerate(args):
+        if skip_next:
+            skip_next = False
+            continue
+        if a == "--force":
+            # run's (and a job's) --force takes a stage name; a one-stage command's is a bare flag
+            skip_next = i + 1 < len(args) and not args[i + 1].startswith("-") and "=" not in args[i + 1] \
+                and (args[0] in ("run", "demo") or args[i + 1] in STAGES_NAMES)
+            continue
+        if a.startswith("--force="):
+            continue
+        keep.append(a)
+    return " ".join(shlex.quote(a) for a in keep)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command is None:
         _parser().print_help()
         return 2
+    from meddap.raytools import interrupt_on_sigterm
+
+    # timeout, Slurm, Kubernetes and spot preemption send SIGTERM: stop as Ctrl-C does
+    with interrupt_on_sigterm():
+        return _main(args, argv)
+
+
+def _main(args, argv: list[str] | None) -> int:
     t0 = time.perf_counter()
     try:
         if args.command == "phantom":
@@ -157,18 +199,21 @@ def main(argv: list[str] | None = None) -> int:
                               f"`python -m meddap run --config {args.config} ...`.")
         config = "demo" if args.command == "demo" else args.config
         cfg = load_config(config, args.overrides)
-        fn = _load(STAGES[args.command][0])
         with logs.console(cfg.run_dir, args.command, verbose=args.verbose):
             if args.command in ("run", "demo"):
-                fn(cfg, force=args.force)
+                _load(STAGES[args.command][0])(cfg, force=args.force)
             else:
-                fn(cfg)
+                # One stage with the pipeline's bookkeeping: skipped when its record says done, refused when
+                # its settings or inputs changed since (unless --force), recorded when it finishes.
+                from meddap.stages.pipeline import run_stages
+
+                run_stages(cfg, (args.command,), force=[args.command] if args.force else ())
             where = logs.ray_log_dir()
             logs.say(f"[meddap] {args.command} finished in {time.perf_counter() - t0:.1f}s; outputs under "
                      f"{cfg.run_dir}" + (f"; Ray's own messages: {where}" if where else ""))
         return 0
     except BaseException as e:  # noqa: BLE001 - user-facing errors become one line; bugs re-raise
-        return user_error_exit(f"meddap {args.command}", e)
+        return user_error_exit(f"meddap {args.command}", e, resume=_command_line(argv))
 
 
 if __name__ == "__main__":

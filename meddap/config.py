@@ -97,6 +97,7 @@ class ExternalDataConfig:
         None, "Source of the unseen test set (Dataset B); null = none.")
     root: Optional[str] = _f(None, "Folder or manifest file of Dataset B (not needed for 'phantom').")
     split: Optional[str] = _f("val", "For 'imagefolder' with root/<split>/<class>/: which split to read (Kaggle: val).")
+    images_root: Optional[str] = _f(None, "For 'manifest': the folder every listed image must lie in. Relative paths are read from it, absolute paths and paths with .. that leave it are refused. null = the manifest file's folder for relative paths (which must not leave it with ..); absolute paths are then taken as they are.")
     phantom: PhantomConfig = field(
         default_factory=lambda: PhantomConfig(per_class=40, variant="shifted", seed=1),
         metadata={"help": "Phantom settings when external.source is 'phantom'."})
@@ -126,6 +127,7 @@ class DataConfig:
         "phantom", "Where Dataset A comes from: busi | imagefolder | manifest | phantom.")
     root: Optional[str] = _f(None, "Folder (busi, imagefolder) or CSV/Parquet file (manifest) of Dataset A.")
     split: Optional[str] = _f(None, "For 'imagefolder' with root/<split>/<class>/: which split to read.")
+    images_root: Optional[str] = _f(None, "For 'manifest': the folder every listed image must lie in. Relative paths are read from it, absolute paths and paths with .. that leave it are refused. null = the manifest file's folder for relative paths (which must not leave it with ..); absolute paths are then taken as they are.")
     classes: list[str] = _f(["benign", "malignant", "normal"],
                             "Class names in label order: label id = position here, never folder order.")
     folds: int = _f(5, "K of the K-fold cross-validation on the non-test images.")
@@ -184,6 +186,10 @@ class DiffusionTrainConfig:
     lr: float = _f(1e-4, "AdamW learning rate, constant schedule.")
     batch_size: int = _f(1, "Images per optimizer step per worker (paper: 1).")
     num_workers: int = _f(1, "Ray Train workers (DDP over the LoRA parameters).")
+    min_workers: Optional[int] = _f(
+        None, "Elastic fine-tuning: a number below num_workers lets Ray Train start or continue with as few as this "
+              "many workers when the cluster has fewer (a node lost); each step then averages over the workers in "
+              "use, so the effective batch is batch_size x workers (docs/faults.md). null = exactly num_workers.")
     use_gpu: Union[Literal["auto"], bool] = _f(
         "auto", "One GPU per Ray Train worker. auto: yes when the Ray cluster has GPUs or its autoscaler can add "
                 "GPU nodes (docs/gpu.md); a GPU-sized base model then never falls back to the CPU silently.")
@@ -201,6 +207,8 @@ class DiffusionTrainConfig:
         _check(self.lr > 0, f"{prefix}.lr", self.lr, "a positive number")
         _check(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, "an integer >= 1")
         _check(self.num_workers >= 1, f"{prefix}.num_workers", self.num_workers, "an integer >= 1")
+        _check(self.min_workers is None or 1 <= self.min_workers <= self.num_workers, f"{prefix}.min_workers",
+               self.min_workers, f"null or an integer in [1, num_workers={self.num_workers}]")
         _check(self.max_failures >= -1, f"{prefix}.max_failures", self.max_failures, "an integer >= -1 (-1: forever)")
 
 
@@ -398,17 +406,34 @@ class ReportConfig:
 
 @dataclass
 class RayConfig:
-    address: Optional[str] = _f(None, "null: join the cluster if one runs (RAY_ADDRESS), else start a local Ray.")
+    address: Optional[str] = _f(
+        None, "null: start a fresh local Ray, unless RAY_ADDRESS is set (as `ray job submit` sets it), then join "
+              "that; auto: join the Ray cluster running on this machine (the one `ray start --head` started last); "
+              "host:port or ray://host:port: join that cluster.")
     num_cpus: Optional[int] = _f(None, "CPUs of a locally started Ray; null = all.")
     storage_path: Optional[str] = _f(None, "Ray Train/Tune storage; null = <run_dir>/ray.")
     autoscaling_config: Optional[str] = _f(
         None, "The autoscaler's cluster config on the driver's node, read to learn whether GPU nodes can be added "
               "(GPU settings 'auto'); null = ~/ray_bootstrap_config.yaml, where `ray up` puts it on the head.")
+    connect_timeout_s: float = _f(
+        30.0, "Seconds to wait for the cluster named by ray.address (or RAY_ADDRESS) to answer before giving up "
+              "with an error, instead of Ray's endless retries.")
+
+    def validate(self, prefix: str) -> None:
+        _check(self.connect_timeout_s > 0, f"{prefix}.connect_timeout_s", self.connect_timeout_s, "a number > 0")
+        _check(self.num_cpus is None or self.num_cpus >= 1, f"{prefix}.num_cpus", self.num_cpus,
+               "null or an integer >= 1")
+        _check(self.address is None or bool(self.address.strip()), f"{prefix}.address", self.address,
+               "null, 'auto', 'local', host:port or ray://host:port")
 
 
 @dataclass
 class Config:
     run_dir: str = _f("runs/default", "Where everything the run writes goes: a local path or s3:// / gs:// URI.")
+    lock_stale_s: float = _f(
+        600.0, "One process writes a run_dir at a time (lock file run_dir/meddap.lock, refreshed every quarter of "
+               "this). A lock whose owner runs on another host and has not refreshed it for this many seconds is "
+               "taken over; a dead owner on this host is detected at once.")
     data: DataConfig = _f(DataConfig(), "Datasets, splits and the leakage audit.")
     diffusion: DiffusionConfig = _f(DiffusionConfig(), "Base model and USLoRA fine-tuning.")
     generate: GenerateConfig = _f(GenerateConfig(), "Synthetic image generation.")
@@ -420,12 +445,14 @@ class Config:
 
     def validate(self) -> "Config":
         _check(bool(self.run_dir), "run_dir", self.run_dir, "a path or URI")
+        _check(self.lock_stale_s >= 10, "lock_stale_s", self.lock_stale_s, "a number of seconds >= 10")
         self.data.validate("data")
         self.diffusion.validate("diffusion")
         self.generate.validate("generate")
         self.classify.validate("classify")
         self.fid.validate("fid")
         self.report.validate("report")
+        self.ray.validate("ray")
         missing = [c for c in self.data.classes if c not in self.diffusion.class_phrases]
         _check(not missing, "diffusion.class_phrases", self.diffusion.class_phrases,
                f"a phrase for every class in data.classes (missing: {missing})")

@@ -351,6 +351,14 @@ def test_fid_stage_with_small_extractor(fid_run):
     fid3 = storage.read_parquet(lay.summary("fid"))
     overall = fid3[(fid3.fold == 0) & (fid3.adjective == "dark") & (fid3.class_name == "all")].iloc[0]
     assert (overall.n_synthetic_available, overall.n_synthetic, overall.n_real) == (12, 12, 12)
+    # Same counts, other real images (prepare reran with another seed and swapped two images between
+    # folds): every set whose fold trained on them is recomputed, none is kept by its counts alone.
+    swapped = manifest.copy()
+    a, b = swapped.index[swapped.image_id == "r-benign-0-0"][0], swapped.index[swapped.image_id == "r-benign-1-0"][0]
+    swapped.loc[[a, b], "fold"] = [1, 0]
+    storage.write_parquet(swapped, lay.manifest)
+    assert stage.run(cfg2, extractor=_PoolFeatures(), image_size=16)["computed"] == 4
+    assert storage.read_parquet(lay.summary("fid"))["made_from"].nunique() == 4
 
 
 def test_fid_per_class_not_computed_below_dims_and_one_resize_path(fid_run, monkeypatch):

@@ -18,7 +18,8 @@ every train row), per class and over all classes ("all"). Fair comparisons:
 Outputs:
   summary/fid.parquet           fold, adjective, class_name, fid, kid, kid_std, dims, n_real, n_synthetic, status,
                                 n_real_available, n_synthetic_available,
-                                settings (what the numbers were made with: a rerun keeps only matching sets)
+                                settings and made_from (what the numbers were made with and from: sha256 of
+                                the compared images; a rerun keeps only sets whose both match)
   summary/memorization.parquet  image_id, fold, adjective, class_name, nearest_real_id, nearest_real_class,
                                 distance, reference_distance, threshold_distance, flagged, dims
 When pytorch-fid's Inception weights are absent, rows carry fid/kid null and status
@@ -251,10 +252,25 @@ def _settings(cfg_fid, image_size: int, extractor_name: str, dims: int | None = 
             f"memorization_threshold={cfg_fid.memorization_threshold}")
 
 
+def _made_from(real_df: pd.DataFrame, synth_df: pd.DataFrame) -> str:
+    """sha256 of the images a set's rows compare: real (image_id, pixel sha256) and synthetic (image_id,
+    generation spec, which hashes the adapter's weights). Rows made from other images are never kept."""
+    import hashlib
+
+    h = hashlib.sha256()
+    pixels = real_df["sha256"] if "sha256" in real_df else real_df["path"]
+    for i, d in sorted(zip(real_df["image_id"].astype(str), pixels.astype(str))):
+        h.update(f"r {i} {d}\n".encode())
+    spec = synth_df["spec"].astype(str) if "spec" in synth_df else synth_df["path"].astype(str)
+    for i, d in sorted(zip(synth_df["image_id"].astype(str), spec)):
+        h.update(f"s {i} {d}\n".encode())
+    return h.hexdigest()
+
+
 def _finished_groups(lay: RunLayout, settings: dict[int, str], current: dict,
                      primary: int) -> tuple[pd.DataFrame, pd.DataFrame, set]:
     """Rows of earlier runs worth keeping: sets computed (not missing weights) with the same settings (per
-    dims) and the same available image counts as now (`current`: (fold, adjective) -> (n_real, n_synthetic)).
+    dims) and made from the same images as now (`current`: (fold, adjective) -> made_from).
     Returns the rows, the memorisation rows of sets kept at the `primary` dims, and {(fold, adjective, dims)}."""
     empty = pd.DataFrame(columns=FID_COLUMNS), pd.DataFrame(columns=MEMORIZATION_COLUMNS), set()
     if not storage.exists(lay.summary("fid")):
@@ -262,7 +278,7 @@ def _finished_groups(lay: RunLayout, settings: dict[int, str], current: dict,
     old = storage.read_parquet(lay.summary("fid"))
     old_mem = (storage.read_parquet(lay.summary("memorization")) if storage.exists(lay.summary("memorization"))
                else pd.DataFrame(columns=MEMORIZATION_COLUMNS))
-    if "settings" not in old.columns or "n_real_available" not in old.columns:
+    if not {"settings", "made_from", "dims"} <= set(old.columns):
         return empty
     done = set()
     for (fold, adj, dims), g in old.groupby(["fold", "adjective", "dims"]):
@@ -271,8 +287,7 @@ def _finished_groups(lay: RunLayout, settings: dict[int, str], current: dict,
         if (key in current and int(dims) in settings and len(overall) == 1
                 and (g["settings"] == settings[int(dims)]).all()
                 and not g["status"].str.startswith("missing_weights").any()
-                and (int(overall["n_real_available"].iloc[0]),
-                     int(overall["n_synthetic_available"].iloc[0])) == current[key]):
+                and (g["made_from"] == current[key]).all()):
             done.add((*key, int(dims)))
     keep = old[[(int(f), str(a), int(d)) in done for f, a, d in zip(old["fold"], old["adjective"], old["dims"])]]
     keep_mem = old_mem[[(int(f), str(a), primary) in done for f, a in zip(old_mem["fold"], old_mem["adjective"])]] \
@@ -301,15 +316,13 @@ def _gpu_elsewhere(cfg) -> bool:
     """True when this process has no CUDA but the Ray cluster it runs in (or is told of) has a GPU."""
     if torch.cuda.is_available():
         return False
-    import os
-
     import ray
 
-    if not ray.is_initialized():
-        if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
-            return False   # no cluster to use: starting a local Ray would not add a GPU
-        from meddap.raytools import ensure_ray
+    from meddap.raytools import ensure_ray, ray_address
 
+    if not ray.is_initialized():
+        if ray_address(cfg)[0] == "local":
+            return False   # no cluster to use: starting a local Ray would not add a GPU
         ensure_ray(cfg)
     return ray.cluster_resources().get("GPU", 0) >= 1
 
@@ -369,7 +382,7 @@ def run(cfg, *, extractor: nn.Module | None = None, image_size: int | None = Non
 
     groups = [(int(f), str(a)) for f, a in synth[["fold", "adjective"]].drop_duplicates().itertuples(index=False)]
     groups = sorted(groups)
-    current = {(f, a): (len(_real_training(manifest, f)), int(((synth["fold"] == f) & (synth["adjective"] == a)).sum()))
+    current = {(f, a): _made_from(_real_training(manifest, f), synth[(synth["fold"] == f) & (synth["adjective"] == a)])
                for f, a in groups}
     settings = {d: _settings(cfg.fid, image_size, type(ex).__name__ if ex is not None else "none", d, channels)
                 for d, (ex, _) in extractors.items()}
@@ -392,7 +405,8 @@ def run(cfg, *, extractor: nn.Module | None = None, image_size: int | None = Non
         synth_df = synth[(synth["fold"] == fold) & (synth["adjective"] == adj)].reset_index(drop=True)
         group_rows, mem = _group_rows(fold, adj, dims, real_df, synth_df, list(cfg.data.classes), cfg.fid,
                                       caches[dims], extractors[dims][1], progress, memorize=dims == primary)
-        rows.append(pd.DataFrame(group_rows, columns=FID_COLUMNS).assign(settings=settings[dims]))
+        rows.append(pd.DataFrame(group_rows, columns=FID_COLUMNS).assign(settings=settings[dims],
+                                                                         made_from=current[(fold, adj)]))
         mems.append(mem)
         _write(lay, rows, mems)   # after every set, so a crash loses no finished set
         overall = group_rows[-1]

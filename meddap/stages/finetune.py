@@ -36,7 +36,8 @@ from meddap.diffusion.base import TINY_MODEL
 from meddap.errors import MeddapError
 from meddap.layout import RunLayout, adapter_name
 
-__all__ = ["run", "adapter_plan", "finetune_adapter", "ADAPTER_JSON", "LOSS_PARQUET", "STATE_FILE"]
+__all__ = ["run", "adapter_plan", "finetune_adapter", "complete_adapter", "made_from", "ADAPTER_JSON", "LOSS_PARQUET",
+           "STATE_FILE"]
 
 ADAPTER_JSON = "adapter.json"
 LOSS_PARQUET = "loss.parquet"
@@ -85,15 +86,55 @@ def adapter_plan(cfg: Config, manifest=None) -> list[dict[str, Any]]:
     return plan
 
 
-def _run_name(cfg: Config, entry: dict, model: str) -> str:
-    """Ray run name: changes whenever anything that shapes the adapter changes, so a rerun with the
-    same settings resumes its own checkpoints and never someone else's."""
+# FinetuneSettings fields that say how a device runs the same computation (state._EXECUTION_ONLY):
+# an adapter made with other values of these is still this adapter.
+_HOW_NOT_WHAT = ("mixed_precision", "gradient_checkpointing")
+
+
+def made_from(cfg: Config, entry: dict) -> str:
+    """sha256 of what an adapter is made from: its training images (ids and pixel hashes), prompts,
+    base model and training settings. Recorded in adapter.json; an adapter whose record differs was
+    made from other inputs and is never reused."""
     from meddap.diffusion.train import FinetuneSettings, class_prompts
 
-    key = json.dumps({"settings": FinetuneSettings.from_config(cfg).to_dict(), "base_model": cfg.diffusion.base_model,
-                      "prompts": class_prompts(cfg), "images": entry["images_sha256"],
-                      "num_workers": cfg.diffusion.train.num_workers}, sort_keys=True)
+    settings = {k: v for k, v in FinetuneSettings.from_config(cfg).to_dict().items() if k not in _HOW_NOT_WHAT}
+    key = json.dumps({"settings": settings, "base_model": cfg.diffusion.base_model,
+                      "prompts": class_prompts(cfg), "images": entry["images_sha256"]}, sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _run_name(cfg: Config, entry: dict, model: str) -> str:
+    """Ray run name: changes whenever anything that shapes the adapter or its training steps changes
+    (the worker count sets the effective batch), so a rerun with the same settings resumes its own
+    checkpoints and never someone else's."""
+    from meddap.diffusion.train import FinetuneSettings
+
+    t = cfg.diffusion.train
+    key = json.dumps({"made_from": made_from(cfg, entry), "settings": FinetuneSettings.from_config(cfg).to_dict(),
+                      "num_workers": t.num_workers, **({"min_workers": t.min_workers} if t.min_workers else {})},
+                     sort_keys=True)
     return f"{adapter_name(entry['fold'])}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def complete_adapter(cfg: Config, entry: dict) -> dict | None:
+    """adapter.json's content when the adapter is finished AND made from this entry's inputs, else None.
+    A finished adapter made from other inputs (prepare reran with another seed or data, the adapter
+    folder was copied from another run) is removed, with a note, so it is trained again."""
+    out = RunLayout(cfg.run_dir).adapter_dir(entry["fold"])
+    done = storage.join(out, ADAPTER_JSON)
+    if not storage.exists(done):
+        return None
+    try:
+        meta = json.loads(storage.read_text(done))
+    except (ValueError, UnicodeDecodeError):
+        meta = {}
+    want = made_from(cfg, entry)
+    if meta.get("made_from") == want:
+        return meta
+    _log(f"{adapter_name(entry['fold'])}: {done} was made from other images or settings (made_from "
+         f"{str(meta.get('made_from'))[:12]} != {want[:12]}); removing it and training this adapter again")
+    storage.remove(out)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,12 +168,25 @@ def _train_loop(config: dict) -> None:
                        settings, device=device, rank=rank, world_size=world)
     ckpt = ray.train.get_checkpoint()
     resumed_from = 0
+    world_sizes: list[int] = []  # workers in use in each finished epoch (elastic runs change it)
     if ckpt is not None:
-        with ckpt.as_directory() as d:
-            ft.load_state_dict(torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False))
-        if rank == 0:
-            _log(f"{config['name']}: resumed from checkpoint at epoch {ft.epoch}, step {ft.step}")
-        resumed_from = ft.step
+        try:
+            with ckpt.as_directory() as d:  # tensors and plain data only: no pickled code is run
+                state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - cut short by a crash or a full disk: start over
+            if rank == 0:
+                _log(f"{config['name']}: checkpoint {ckpt.path} is unreadable ({type(e).__name__}: {e}); "
+                     f"training from the first epoch")
+            state = None
+        if state is not None:
+            ft.load_state_dict(state)
+            world_sizes = list(state.get("world_sizes", []))
+            if rank == 0:
+                _log(f"{config['name']}: resumed from checkpoint at epoch {ft.epoch}, step {ft.step}"
+                     + (f", now on {world} worker(s) (was {state.get('world_size')})"
+                        if state.get("world_size") != world else ""))
+            resumed_from = ft.step
+        ckpt = ckpt if state is not None else None
 
     remaining = ft.total_steps - ft.step
     progress = Progress(max(remaining, 1), f"finetune {config['name']}", unit="steps",
@@ -148,12 +202,13 @@ def _train_loop(config: dict) -> None:
             if progress else None)
         mean_loss = sum(r[2] for r in rows) / len(rows)
         last = f"{mean_loss:.4f}"
+        world_sizes.append(world)
         metrics = {"epoch": epoch + 1, "step": ft.step, "loss": mean_loss,
                    "steps_per_s": len(rows) / max(time.perf_counter() - t0, 1e-9)}
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if rank == 0:
-                torch.save(ft.state_dict(), os.path.join(d, STATE_FILE))
+                torch.save({**ft.state_dict(), "world_sizes": world_sizes}, os.path.join(d, STATE_FILE))
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=checkpoint)
         if rank == 0:
@@ -164,10 +219,10 @@ def _train_loop(config: dict) -> None:
             raise RuntimeError(f"injected failure after epoch {fail_at}")
 
     if rank == 0:
-        _write_outputs(ft, dict(config, device=describe(device)), resumed_from)
+        _write_outputs(ft, dict(config, device=describe(device)), resumed_from, world_sizes)
 
 
-def _write_outputs(ft, config: dict, resumed_from: int = 0) -> None:
+def _write_outputs(ft, config: dict, resumed_from: int = 0, world_sizes: list[int] | None = None) -> None:
     """Adapter weights and loss table first, adapter.json last (its presence marks completion)."""
     import pandas as pd
 
@@ -198,6 +253,7 @@ def _write_outputs(ft, config: dict, resumed_from: int = 0) -> None:
         "lr": s.lr,
         "batch_size": s.batch_size,
         "num_workers": ft.world_size,
+        "workers_per_epoch": list(world_sizes or []),  # elastic runs: the effective batch of each epoch
         "random_flip": s.random_flip,
         "mixed_precision": s.mixed_precision,
         "gradient_checkpointing": s.gradient_checkpointing,
@@ -252,9 +308,10 @@ def finetune_adapter(cfg: Config, entry: dict, model: str, fail_after_epoch: int
     fold = entry["fold"]
     out = lay.adapter_dir(fold)
     done = storage.join(out, ADAPTER_JSON)
-    if storage.exists(done):
+    finished = complete_adapter(cfg, entry)
+    if finished is not None:
         _log(f"{adapter_name(fold)}: complete already ({done}); not retrained")
-        return json.loads(storage.read_text(done))
+        return finished
 
     rows = entry["rows"]
     prompts = class_prompts(cfg)
@@ -276,6 +333,7 @@ def finetune_adapter(cfg: Config, entry: dict, model: str, fail_after_epoch: int
         "class_phrases": dict(cfg.diffusion.class_phrases),
         "prompts": prompts,
         "ray_run": name,
+        "made_from": made_from(cfg, entry),
     }
     cpus = 1.0
     # A CPU worker claims one CPU and uses one torch thread: on a shared box more threads than claimed
@@ -296,7 +354,9 @@ def finetune_adapter(cfg: Config, entry: dict, model: str, fail_after_epoch: int
         train_loop_config=loop_config,
         # GPU workers talk NCCL; workers that compute on CPUs (MEDDAP_DEVICE=cpu on GPU nodes too) gloo.
         torch_config=TorchConfig(backend="nccl" if use_gpu and not forced_cpu() else "gloo"),
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu,
+        # Elastic when min_workers is set: Train V2 (re)starts the group with what the cluster holds.
+        scaling_config=ScalingConfig(num_workers=(t.min_workers, t.num_workers) if t.min_workers else t.num_workers,
+                                     use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus, **({"GPU": 1} if use_gpu else {})}),
         run_config=RunConfig(storage_path=fs_path, storage_filesystem=fs, name=name,
                              failure_config=FailureConfig(max_failures=t.max_failures),
@@ -339,8 +399,7 @@ def run(cfg: Config) -> dict:
     FinetuneSettings.from_config(cfg)  # one rank, valid settings: refused before any work
     class_prompts(cfg)
     plan = adapter_plan(cfg)
-    lay = RunLayout(cfg.run_dir)
-    todo = [e for e in plan if not storage.exists(storage.join(lay.adapter_dir(e["fold"]), ADAPTER_JSON))]
+    todo = [e for e in plan if complete_adapter(cfg, e) is None]
     results: dict[str, dict] = {}
     use_gpu = False
     if todo:

@@ -142,7 +142,7 @@ def test_tune_sweep_interrupted_then_resumed(tmp_path, ray_session):
     # Best-epoch weights of fold 0 only (classify.save_models=fold0), loadable as the contract says.
     saved = {s.trial_id for s in specs if os.path.exists(lay.path("trials", s.trial_id, "model.pt"))}
     assert saved == {s.trial_id for s in specs if s.fold == 0}
-    blob = torch.load(lay.path("trials", "squeezenet1_1__real__r0__f0", "model.pt"), weights_only=False)
+    blob = torch.load(lay.path("trials", "squeezenet1_1__real__r0__f0", "model.pt"), weights_only=True)
     assert blob["classifier"] == "squeezenet1_1" and blob["classes"] == CLASSES and blob["image_size"] == 32
     from meddap.classify.models import build_classifier
     build_classifier("squeezenet1_1", 3).load_state_dict(blob["state_dict"])
@@ -202,3 +202,37 @@ def test_ctrl_c_during_the_sweep_is_an_interrupt_not_failed_trials(tmp_path, ray
     with pytest.raises(MeddapError, match="4 of 4 trials did not finish"):
         sweep.run(cfg)
     assert signal.getsignal(signal.SIGINT) is before  # Tune's handler is not left behind
+
+
+def test_trials_are_keyed_by_what_they_were_made_from(tmp_path):
+    """A finished trial's part carries `made_from`: a rerun with other real images, other synthetic
+    images or other classifier settings does not take it as done (the sweep then removes and reruns it)."""
+    run = write_tiny_run(tmp_path, train_per_class=4, test_per_class=1, external_per_class=1, size=24,
+                         adjectives=("dark",))
+    cfg = load_config("demo", tiny_overrides(run["run_dir"], **{"generate.adjectives": "[dark]",
+                                                                "generate.ratios": "[1.0]"}))
+    manifest, synthetic = run["manifest"], run["synthetic"].assign(spec="s")
+    specs = {s.trial_id: s for s in sweep.build_grid(cfg)}
+    syn, real = specs["squeezenet1_1__dark__r1__f0"], specs["squeezenet1_1__real__r0__f0"]
+
+    def key(c=cfg, m=manifest, s=synthetic, spec=syn):
+        return sweep.trial_made_from(c, spec, m, s, sweep._inputs_key(c, m))
+
+    base = key()
+    assert key() == base and key(spec=real) != base
+    other_syn = synthetic.copy()
+    other_syn.loc[other_syn.index[0], "spec"] = "regenerated"  # fold 0's first dark image (index 0)
+    assert key(s=other_syn) != base
+    other_real = manifest.copy()
+    other_real.loc[other_real.index[0], "sha256"] = "other pixels"
+    assert key(m=other_real) != base
+    assert key(c=load_config("demo", tiny_overrides(run["run_dir"], **{
+        "generate.adjectives": "[dark]", "generate.ratios": "[1.0]", "classify.lr": 0.01}))) != base
+    assert key(c=load_config("demo", tiny_overrides(run["run_dir"], **{
+        "generate.adjectives": "[dark]", "generate.ratios": "[1.0]", "classify.max_concurrent_trials": 2}))) == base
+
+    lay = RunLayout(cfg.run_dir)
+    storage.write_parquet(pd.DataFrame({"trial_id": [syn.trial_id], "made_from": [base]}),
+                          lay.path("trials", syn.trial_id, "trials.parquet"))
+    summaries = sweep._Summaries(cfg)
+    assert summaries.add(syn.trial_id, base) and not sweep._Summaries(cfg).add(syn.trial_id, key(s=other_syn))

@@ -226,7 +226,7 @@ def test_data_parallel_ranks_share_steps_and_weights(tiny_sd_dir, toy_manifest, 
         port = s.getsockname()[1]
     paths = list(toy_manifest["path"][:5])
     tmp_mp.spawn(_ddp_worker, args=(2, port, tiny_sd_dir, paths, str(tmp_path)), nprocs=2, join=True)
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["world"] == r1["world"] == 2
     assert r0["step"] == r1["step"] == 2 * 3  # 5 images, 2 ranks, batch 1: 3 steps an epoch
     assert r0["losses"] == r1["losses"]  # the logged loss is the mean over ranks
