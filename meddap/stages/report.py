@@ -517,6 +517,8 @@ def _fidelity_figure(gate: pd.DataFrame, classes: list[str], run_dir: str) -> Op
         for p, v in zip(pos, data):
             ax.plot(p + rng.uniform(-width / 4, width / 4, len(v)), v, ".", ms=2, alpha=0.35, color=colour)
         ax.plot([], [], "s", color=colour, label=cls)
+    if str(gate["filter"].iloc[0]) == "threshold":  # what the gate keeps: on or above the line
+        ax.axhline(float(gate["filter_value"].iloc[0]), ls="--", lw=0.8, color="grey", label="threshold")
     ax.set_xticks(range(len(adjs)), [_adj_label(a) for a in adjs], rotation=45, fontsize=8)
     ax.set_ylim(-0.02, 1.02)
     ax.set_ylabel("fidelity (prob. of prompted class)")
