@@ -235,13 +235,16 @@ def _typed(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _fidelity_part(result, images, cfg: Config) -> Optional[pd.DataFrame]:
-    """A judge's fidelity scores (meddap.classify.fidelity.prompted_probability) of every synthetic image
-    of its fold it scored, with each image's pool (source_fold), class and index; None for other trials."""
+    """A real-only trial's fidelity scores (meddap.classify.fidelity.prompted_probability) of every
+    synthetic image of its fold it scored, with each image's pool (source_fold), class and index; None for
+    other trials. Every real-only trial of repeat 0 writes them (a few bytes per image), so choosing another
+    generate.filter_judge needs no rerun; the gate uses the judge's."""
     from meddap.classify.data import _pool_key
     from meddap.classify.fidelity import prompted_probability
 
     spec = result.spec
-    if not _is_judge(cfg, spec) or result.synthetic_predictions is None or result.synthetic_predictions.empty:
+    if not spec.real_only or spec.repeat != 0 or result.synthetic_predictions is None \
+            or result.synthetic_predictions.empty:
         return None
     preds = result.synthetic_predictions
     parts = []
@@ -307,8 +310,9 @@ class _Summaries:
 
     def __init__(self, cfg: Config):
         self.lay = RunLayout(cfg.run_dir)
-        self.gate_filter = (cfg.generate.filter, cfg.generate.filter_value)
+        self.cfg = cfg
         self.frames: dict[str, dict[str, pd.DataFrame]] = {name: {} for name in _PARTS}
+        self.dirty = set(_PARTS)  # summaries to rewrite: a paper grid merges ~870 parts, once per finished trial
 
     def add(self, trial_id: str, made_from: Optional[str] = None) -> bool:
         """Load a finished trial's parts; False when it has not finished (no trials part) or, given
@@ -326,23 +330,33 @@ class _Summaries:
             path = _part(self.lay, trial_id, name)
             if storage.exists(path):
                 self.frames[name][trial_id] = storage.read_parquet(path)
+                self.dirty.add(name)
         return True
+
+    def drop(self, trial_id: str) -> None:
+        for name in _PARTS:
+            if self.frames[name].pop(trial_id, None) is not None:
+                self.dirty.add(name)
 
     def write(self) -> None:
         for name in _PARTS:
             parts = [self.frames[name][t] for t in sorted(self.frames[name])]
-            if not parts:
+            if not parts or name not in self.dirty:
                 continue
-            merged = _typed(pd.concat(parts, ignore_index=True))
             if name == "fidelity":
-                storage.write_parquet(fidelity_gate(merged, *self.gate_filter), self.lay.summary("fidelity_gate"))
+                g = self.cfg.generate
+                storage.write_parquet(fidelity_gate(self.fidelity, g.filter, g.filter_value),
+                                      self.lay.summary("fidelity_gate"))
             else:
-                storage.write_parquet(merged, self.lay.summary(name))
+                storage.write_parquet(_typed(pd.concat(parts, ignore_index=True)), self.lay.summary(name))
+        self.dirty.clear()
 
     @property
     def fidelity(self) -> pd.DataFrame:
-        parts = [self.frames["fidelity"][t] for t in sorted(self.frames["fidelity"])]
-        return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=FIDELITY_COLUMNS)
+        """The judges' scores: of each fold, those of generate.filter_judge's real-only trial (repeat 0)."""
+        judges = {judge_spec(self.cfg, k).trial_id for k in range(self.cfg.data.folds)}
+        parts = [self.frames["fidelity"][t] for t in sorted(self.frames["fidelity"]) if t in judges]
+        return _typed(pd.concat(parts, ignore_index=True)) if parts else pd.DataFrame(columns=FIDELITY_COLUMNS)
 
     @property
     def trials(self) -> pd.DataFrame:
@@ -792,8 +806,7 @@ def run(cfg: Config, *, _fail_after_epoch: Optional[dict] = None) -> dict:
              f"gate existed): running them again: {', '.join(unscored[:5])}")
         for tid in unscored:
             done.discard(tid)
-            for name in _PARTS:
-                summaries.frames[name].pop(tid, None)
+            summaries.drop(tid)
         stale = sorted(set(stale) | set(unscored))
     if stale:
         # Finished with other inputs (prepare or generate ran again with other data or seeds, or parts

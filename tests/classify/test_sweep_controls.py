@@ -51,7 +51,8 @@ def test_control_trials_have_the_synthetic_counts_per_class(tmp_path):
     run = write_tiny_run(tmp_path, train_per_class=5, test_per_class=1, external_per_class=1, size=24,
                          adjectives=("dark",), max_ratio=2.0)
     cfg = load_config("demo", tiny_overrides(run["run_dir"], **{"generate.adjectives": "[dark]",
-                                                                "generate.ratios": "[0.5, 2.0]"}))
+                                                                "generate.ratios": "[0.5, 2.0]",
+                                                                "classify.controls": "[duplicate, classical]"}))
     manifest = run["manifest"]
     specs = sweep.build_grid(cfg)
     assert {s.augmentation for s in specs} == {"none", "synthetic", "duplicate", "classical"}
@@ -87,6 +88,7 @@ def _setup(tmp_path, **extra):
 
 def _cfg(run_dir: str, **extra):
     over = {"generate.adjectives": "[dark]", "generate.ratios": "[1.0]", "classify.epochs": 1,
+            "classify.controls": "[duplicate, classical]",
             "generate.filter_overgenerate": 0.75, "generate.filter": "drop_lowest", "generate.filter_value": 0.3}
     over.update(extra)
     return load_config("demo", tiny_overrides(run_dir, **over))
