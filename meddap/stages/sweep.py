@@ -3,7 +3,17 @@
 Grid: classify.models x generate.adjectives x generate.ratios x folds, plus one real-only baseline
 (adjective None, ratio 0) per classifier and fold: M x F x (A x R + 1) trials (paper: 3 x 5 x 31 = 465),
 times classify.repeats (each repeat with new seeds; all trials of one classifier, fold and repeat start
-from the same weights and data-order seed: common random numbers).
+from the same weights and data-order seed: common random numbers). classify.controls adds equal-budget
+control trials (column `augmentation`): `duplicate` per classifier x fold x ratio, `classical` per
+classifier x fold x ratio x adjective with a classical twin (meddap.classify.controls; ids end in
+`__dup` / `__cls`; real-only and synthetic ids are unchanged).
+
+Label-fidelity gate (generate.filter): every real-only trial of repeat 0 scores its fold's synthetic
+images (part `fidelity.parquet`); the real-only trials of generate.filter_judge are the judges. The
+sweep then runs in two phases, two Tune experiments: every trial that does not depend on the gate
+first, the gated synthetic trials after, each taking `filter_synthetic` of its pool with its fold
+judge's scores (summary/fidelity_gate.parquet). A gate that leaves a trial short of its count stops
+the sweep before the second phase with every shortfall listed.
 
 How it runs
 - The driver reads the manifests, checks that every needed (fold, adjective) has enough synthetic
@@ -18,8 +28,9 @@ How it runs
   end of an epoch (`ray.tune.report(..., checkpoint=)`), so a retried trial continues from there
   (`ray.tune.get_checkpoint()`).
 - Outputs, written by each trial as it finishes under `run_dir/trials/<trial_id>/`:
-  `predictions.parquet`, `synthetic_eval.parquet` (real-only trials), `model.pt` (per
-  classify.save_models), and LAST `trials.parquet`, the marker that the trial is done. The driver
+  `predictions.parquet`, `synthetic_eval.parquet` and `fidelity.parquet` (real-only trials), `model.pt`
+  (per classify.save_models; always for the judges while a gate is on), and LAST `trials.parquet`, the
+  marker that the trial is done. The driver
   merges these parts into `summary/trials.parquet`, `summary/predictions.parquet` and
   `summary/synthetic_eval.parquet` (atomic rewrites) after every finished trial.
 
