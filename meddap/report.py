@@ -52,6 +52,7 @@ __all__ = [
     "table2",
     "table3",
     "table4",
+    "TABLE4_COLUMNS",
     "study_trials",
     "fig1a",
     "crn_violations",

@@ -32,7 +32,7 @@ from meddap import logs, storage
 from meddap.errors import MeddapError
 from meddap.answer import answer
 from meddap.layout import RunLayout, adjective_slug
-from meddap.report import (best_settings, crn_violations, fig1a, load_trials, study_trials, table1, table2, table3,
+from meddap.report import (TABLE4_COLUMNS, best_settings, crn_violations, fig1a, load_trials, study_trials, table1, table2, table3,
                            table4)
 
 __all__ = ["run", "Report"]
@@ -615,8 +615,12 @@ def run(cfg) -> dict:
         t3 = t3_full = table3(trials.iloc[0:0])
         t3.attrs["note"] = f"Table 3 not computed: {e}"
         rep.note(t3.attrs["note"])
-    t4 = table4(all_trials, predictions, **boot)
-    if t4.attrs.get("note") and cfg.classify.controls:
+    try:
+        t4 = table4(all_trials, predictions, **boot)
+    except MeddapError as e:  # Tables 1-3 still stand
+        t4 = pd.DataFrame(columns=TABLE4_COLUMNS)
+        t4.attrs["note"] = f"Table 4 not computed: {e}"
+    if t4.attrs.get("note") and (cfg.classify.controls or len(t4)):
         rep.note(t4.attrs["note"])
     crn = crn_violations(all_trials)
     if crn:
