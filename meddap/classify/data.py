@@ -241,7 +241,7 @@ def select_training_rows(manifest: pd.DataFrame, synthetic: Optional[pd.DataFram
     if spec.real_only:
         return real, (synthetic.iloc[:0] if synthetic is not None else pd.DataFrame())
     if spec.control:
-        raise ValueError(f"trial {spec.trial_id} is a control: its extra rows are control_training_rows'")
+        raise ValueError(f"trial {spec.trial_id} is a control: its extra rows come from control_training_rows")
     if synthetic is None:
         raise MeddapError(f"trial {spec.trial_id} needs synthetic images but there is no synthetic manifest; "
                           f"run `python -m meddap generate` first.")
