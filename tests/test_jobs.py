@@ -81,14 +81,17 @@ def test_synthetic_manifest_has_every_fold_adjective_class(cfg):
 
 
 def test_trials_cover_the_grid(cfg):
+    from meddap.stages.sweep import grid_size
+
     t = storage.read_parquet(RunLayout(cfg.run_dir).summary("trials"))
     c = cfg.classify
-    n_grid = len(c.models) * cfg.data.folds * (len(cfg.generate.adjectives) * len(cfg.generate.ratios) + 1)
+    n_grid = grid_size(cfg)  # the paper's cells plus the demo's control trials (classify.controls)
     assert t["trial_id"].nunique() == n_grid
+    assert set(t["augmentation"]) == {"none", "synthetic", "duplicate", "classical"}
     assert set(t["eval_set"]) == {"val", "test", "external"}
     assert len(t) == 3 * n_grid
     assert t[["accuracy", "f1"]].apply(lambda col: col.between(0, 1)).all().all()
-    real = t[t["ratio"] == 0.0]
+    real = t[t["augmentation"] == "none"]
     assert real["adjective"].isna().all() and real["trial_id"].nunique() == len(c.models) * cfg.data.folds
     expected = {f"{m}__{adjective_slug(a)}__r{r:g}__f{f}" for m in c.models for a in cfg.generate.adjectives
                 for r in cfg.generate.ratios for f in range(cfg.data.folds)}
@@ -114,7 +117,7 @@ def test_fid_is_computed_or_marked_missing_never_invented(cfg):
 
 def test_tables_figures_and_report(cfg):
     lay = RunLayout(cfg.run_dir)
-    for name in ("table1", "table2", "table3", "fig1a", "synthetic_eval", "predictions"):
+    for name in ("table1", "table2", "table3", "table4", "fig1a", "synthetic_eval", "predictions"):
         assert len(storage.read_parquet(lay.summary(name))) > 0, name
     report = storage.read_text(lay.path("report.md"))
     assert storage.exists(lay.path("report.html"))
