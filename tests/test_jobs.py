@@ -1,7 +1,8 @@
 """`ray job submit` of the demo to a real local Ray head, and everything the demo must produce.
 
 This is the suite's end-to-end run (marked slow, run by default): tests/_demo_run.py starts a head on
-loopback (dashboard = job server on 127.0.0.1, token auth on as Ray 2.60 ships it), submits
+loopback that declares one logical GPU (dashboard = job server on 127.0.0.1, token auth on as Ray 2.60
+ships it), submits with MEDDAP_DEVICE=cpu
 `python jobs/pipeline.py --config demo run_dir=...`, waits, and stops that head. The checks below
 read the run dir the job wrote; tests/test_pipeline.py reruns the same run dir to test skipping,
 --force and change detection.
@@ -42,6 +43,18 @@ def test_job_server_wants_the_token(job):
     assert res.returncode != 0
     assert "401" in res.stdout + res.stderr or "Unauthorized" in res.stdout + res.stderr
     assert job["head_stopped"], "the test's Ray head must be stopped after the job"
+
+
+def test_gpu_work_asked_for_gpus_and_ran_on_the_gpu_head(job, cfg):
+    """Issue 11 part 3a: the demo job ran on a head that declares a GPU (`ray start --num-gpus=1`),
+    with MEDDAP_DEVICE=cpu: the `auto` defaults asked Ray for GPUs, the arithmetic ran on the CPU."""
+    from _sim_cluster import check_gpu_placement
+
+    assert job["state"] is not None, "no state API answer from the job's head"
+    check_gpu_placement(job["state"], job["log"])
+    assert len(job["state"]["nodes"]) == 1
+    adapter = json.loads(storage.read_text(storage.join(RunLayout(cfg.run_dir).adapter_dir(0), "adapter.json")))
+    assert adapter["device"].startswith("cpu") and "MEDDAP_DEVICE=cpu" in adapter["device"]
 
 
 def test_job_ran_the_pipeline_and_said_where_the_report_is(job):
