@@ -82,7 +82,7 @@ def _lines(table: pd.DataFrame, where: str) -> tuple[list[str], dict[str, str], 
 
 
 def answer(t2: pd.DataFrame, t3: Optional[pd.DataFrame], *, n_folds: int, n_settings: Optional[int] = None,
-           synthetic_data_note: Optional[str] = None) -> Answer:
+           synthetic_data_note: Optional[str] = None, n_repeats: int = 1) -> Answer:
     """The summary of Table 2 (test set) and Table 3 (external set, when present).
 
     n_settings: augmented (adjective, ratio) settings each best one was chosen from (the tables'
@@ -102,16 +102,19 @@ def answer(t2: pd.DataFrame, t3: Optional[pd.DataFrame], *, n_folds: int, n_sett
         n_settings = int(t2["n_settings_compared"].dropna().max())
 
     how = " and ".join(sorted(kinds)) or "no interval could be computed"
+    reps = f" x {n_repeats} repeats" if n_repeats > 1 else ""
     out.meaning.append(
         f"Each difference is the augmented classifier's accuracy minus the real-only one's, in percentage points "
-        f"(pp), averaged over {n_folds} fold(s), with its 95 % interval ({how}). Test set: Dataset A's held-out "
+        f"(pp), averaged over {n_folds} fold(s){reps}, with its 95 % interval ({how}). Test set: Dataset A's held-out "
         f"test split; external set: Dataset B, images from elsewhere (robustness).")
     chosen = f" among {n_settings} settings" if n_settings else ""
     adjusted = (" p-values are Holm-adjusted across the comparisons." if any("Holm" in k for k in kinds)
                 else " p-values are not adjusted for comparing several classifiers.")
     out.meaning.append(
         f"Each classifier's augmented setting (adjective, ratio) was chosen on validation accuracy{chosen}, never "
-        f"on the test scores shown, so the choice does not inflate the test difference." + adjusted)
+        f"on the test scores shown. Validation and test scores come from the same trained models, so the "
+        f"choice can still flatter the chosen setting a little; Table 2's bootstrap interval does not account "
+        f"for the selection." + adjusted)
     out.meaning.append(
         "An interval that includes 0 means these data cannot tell the two apart; it is not evidence that "
         "augmentation does nothing. Few folds and small test sets give wide intervals.")

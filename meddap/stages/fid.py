@@ -410,7 +410,7 @@ def run(cfg, *, extractor: nn.Module | None = None, image_size: int | None = Non
         mems.append(mem)
         _write(lay, rows, mems)   # after every set, so a crash loses no finished set
         overall = group_rows[-1]
-        if extractors[dims][1] is None:  # with missing weights every set says the same: one line after the loop
+        if extractors[dims][1] is None:  # no load error; with missing weights every set would say the same (said once, above)
             shown = (f"fid={overall['fid']:.3f} kid={overall['kid']:.4f} (N={overall['n_real']} each)"
                      if overall["fid"] is not None else "not computed: " + overall["status"].split(":")[0])
             logs.say(f"[fid] {adapter_name(fold)} adjective={adj or '(none)'} dims={dims}: {shown}")

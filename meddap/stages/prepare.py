@@ -438,7 +438,8 @@ def _summary(cfg, listings, manifest: pd.DataFrame, audit: pd.DataFrame, a_pairs
             f"{n_train} match an A training image; {n_flagged} B images flagged a_overlap "
             f"(with their B group mates)")
         for r in ov.head(5).itertuples():
-            how = f"d={r.distance}" if pd.notna(r.distance) else r.reason.split("(")[-1].rstrip(")")
+            match_reason = r.reason.split(" (A image is in")[0]  # without _a_where's location suffix
+            how = f"d={r.distance}" if pd.notna(r.distance) else match_reason.split("(")[-1].rstrip(")")
             logs.say(f"  {r.path} ~ {r.other_path} ({how}, A {r.other_split})")
         if cfg.data.external.exclude_overlap and n_flagged:
             say(f"data.external.exclude_overlap=true: the {n_flagged} flagged B images are left out of the "

@@ -684,7 +684,7 @@ def run(cfg) -> dict:
     # -- the document ----------------------------------------------------------------------------
     n_folds = trials["fold"].nunique()
     rep.h(1, f"meddap report: {cfg.name}")
-    summary = answer(t2, None if t3.empty else t3, n_folds=n_folds,
+    summary = answer(t2, None if t3.empty else t3, n_folds=n_folds, n_repeats=cfg.classify.repeats,
                      n_settings=len(cfg.generate.adjectives) * len(cfg.generate.ratios),
                      synthetic_data_note=_stand_in_note(cfg))
     rep.h(2, "Summary")

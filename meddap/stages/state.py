@@ -208,9 +208,9 @@ def stage_outputs(cfg, stage: str) -> list[str]:
         "generate": [lay.synthetic_dir],
         "fid": [lay.summary("fid"), lay.summary("memorization")],
         "sweep": [lay.summary("trials"), lay.summary("predictions"), lay.summary("synthetic_eval"),
-                  lay.path("trials")],
+                  lay.summary("fidelity_gate"), lay.path("trials")],
         "report": [lay.path("report.md"), lay.path("report.html"), lay.figures]
-        + [lay.summary(n) for n in ("table1", "table2", "table3", "fig1a")],
+        + [lay.summary(n) for n in ("table1", "table2", "table3", "table3_full", "table4", "fig1a")],
     }[stage]
     # Ray Train/Tune checkpoints are cleared only when they live in the run dir: a user-set
     # ray.storage_path may be shared by several runs (stale checkpoints there are never resumed,
