@@ -170,5 +170,40 @@ def main(out_dir: str) -> None:
         cluster.shutdown()
 
 
+def run_in_subprocess() -> dict:
+    """Run main() in a fresh process (a process holds one Ray; the suite's own lives in the test process),
+    in its own temp dir and Ray temp dir; {out, events, returncode, log}. Started in the background at
+    the beginning of the test run (tests/_background.py)."""
+    import atexit
+    import shutil
+    import signal
+    import subprocess
+    import tempfile
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    import _background
+
+    out = Path(tempfile.mkdtemp(prefix="meddap-node-loss-"))
+    if not os.environ.get("MEDDAP_KEEP_DEMO"):
+        atexit.register(shutil.rmtree, str(out), ignore_errors=True)
+    ray_tmp = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / f"nl{os.getpid()}"  # short: unix socket paths
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", RAY_TMPDIR=str(ray_tmp))
+    env.pop("RAY_ADDRESS", None)
+    log = out / "log.txt"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "_cluster_faults.py"), str(out)], env=env,
+                                stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        _background.on_abort(lambda: os.killpg(proc.pid, signal.SIGTERM))
+        try:
+            returncode = proc.wait(timeout=900)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            returncode = proc.wait()
+        finally:
+            shutil.rmtree(ray_tmp, ignore_errors=True)
+    events = json.loads((out / "events.json").read_text()) if (out / "events.json").exists() else []
+    return {"out": out, "events": events, "returncode": returncode, "log": log.read_text()}
+
+
 if __name__ == "__main__":
     main(sys.argv[1])

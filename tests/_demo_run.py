@@ -123,6 +123,9 @@ def demo_job() -> dict:
         atexit.register(shutil.rmtree, tmp, ignore_errors=True)
     run_dir = os.path.join(tmp, "run")
     proc, url = start_head(tmp, extra_args=DEMO_HEAD_ARGS)
+    import _background
+
+    _background.on_abort(lambda: stop_head(proc))
     state = None
     try:
         no_token = submit(url, ["python", "-c", "print('should not run')"], token=False, timeout=120)

@@ -27,10 +27,10 @@ from pathlib import Path
 
 import yaml
 
-from _demo_run import _free_port, start_head
+from _demo_run import ROOT, _free_port, start_head, submit
 
 __all__ = ["gpu_head", "autoscaling_head", "cluster_state", "stop", "gpu_of", "check_gpu_placement", "GPU_WORKER_TYPE",
-           "GPU_WORK"]
+           "GPU_WORK", "autoscaling_demo", "SMALL"]
 
 GPU_WORKER_TYPE = "gpu_worker"
 _PORTS = ["port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port",
@@ -177,3 +177,37 @@ def stop(proc: subprocess.Popen, ray_tmp: str, grace: float = 15.0) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
+
+
+SMALL = ["data.folds=2", "data.image_size=32", "data.phantom.per_class=8", "data.phantom.size=48",
+         "data.external.phantom.per_class=3", "data.external.phantom.size=48",
+         "diffusion.resolution=32", "diffusion.train.epochs=1", "diffusion.lora.per_fold=false",
+         'generate.adjectives=[""]', "generate.ratios=[1.0]", "generate.steps=2",
+         "classify.models=[squeezenet1_1]", "classify.epochs=1", "classify.batch_size=16",
+         "report.gradcam_images=1", "report.contact_sheet_per_cell=1", "classify.controls=[]"]
+
+
+def autoscaling_demo() -> dict:
+    """The shrunk demo submitted to an autoscaling fake multi-node cluster with GPU workers from 0, with
+    MEDDAP_DEVICE=cpu (tests/test_gpu_cluster.py); {run_dir, returncode, log, state, log_file, tmp}."""
+    tmp = tempfile.mkdtemp(prefix="meddap-gpu-autoscale-")
+    run_dir = os.path.join(tmp, "run")
+    proc, url, ray_tmp, config = autoscaling_head(tmp)
+    import _background
+
+    _background.on_abort(lambda: stop(proc, ray_tmp))
+    extra = [f"ray.autoscaling_config={config}"]  # the driver runs on the head, where the autoscaler's config is
+    try:
+        # Nodes share this machine's disk: run the checkout in place (no --working-dir upload, whose
+        # per-node cleanup would race on the one shared session folder of a fake multi-node cluster).
+        res = submit(url, ["python", str(ROOT / "jobs" / "pipeline.py"), "--config", "demo", f"run_dir={run_dir}",
+                           *SMALL, *extra],
+                     env_vars={"MEDDAP_DEVICE": "cpu", "PYTHONPATH": str(ROOT)}, upload=False, timeout=900)
+        state = cluster_state(url) if res.returncode == 0 else None
+    finally:
+        stop(proc, ray_tmp)
+    result = {"run_dir": run_dir, "returncode": res.returncode, "log": res.stdout + res.stderr, "state": state,
+              "log_file": os.path.join(tmp, "job.log"), "tmp": tmp}
+    Path(result["log_file"]).write_text(result["log"])
+    Path(tmp, "state.json").write_text(json.dumps(state, indent=1))
+    return result

@@ -30,6 +30,28 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def pytest_collection_finish(session):
+    """Start the end-to-end cluster runs the selected tests need (tests/_background.py)."""
+    if session.config.option.collectonly or not session.items:
+        return
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import _background
+
+    _background.start({Path(str(item.fspath)).name for item in session.items
+                       if not item.get_closest_marker("skip")})
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import sys
+
+    bg = sys.modules.get("_background")
+    if bg is not None:
+        bg.abort()
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One fresh local Ray for the whole test run (2 CPUs, no dashboard), shut down at the end.

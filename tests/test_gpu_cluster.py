@@ -17,42 +17,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from _demo_run import ROOT, submit
-from _sim_cluster import autoscaling_head, check_gpu_placement, cluster_state, stop
-
-SMALL = ["data.folds=2", "data.image_size=32", "data.phantom.per_class=8", "data.phantom.size=48",
-         "data.external.phantom.per_class=3", "data.external.phantom.size=48",
-         "diffusion.resolution=32", "diffusion.train.epochs=1", "diffusion.lora.per_fold=false",
-         'generate.adjectives=[""]', "generate.ratios=[1.0]", "generate.steps=2",
-         "classify.models=[squeezenet1_1]", "classify.epochs=1", "classify.batch_size=16",
-         "report.gradcam_images=1", "report.contact_sheet_per_cell=1", "classify.controls=[]"]
-
-
-def _run() -> dict:
-    tmp = tempfile.mkdtemp(prefix="meddap-gpu-autoscale-")
-    run_dir = os.path.join(tmp, "run")
-    proc, url, ray_tmp, config = autoscaling_head(tmp)
-    extra = [f"ray.autoscaling_config={config}"]  # the driver runs on the head, where the autoscaler's config is
-    try:
-        # Nodes share this machine's disk: run the checkout in place (no --working-dir upload, whose
-        # per-node cleanup would race on the one shared session folder of a fake multi-node cluster).
-        res = submit(url, ["python", str(ROOT / "jobs" / "pipeline.py"), "--config", "demo", f"run_dir={run_dir}",
-                           *SMALL, *extra],
-                     env_vars={"MEDDAP_DEVICE": "cpu", "PYTHONPATH": str(ROOT)}, upload=False, timeout=900)
-        state = cluster_state(url) if res.returncode == 0 else None
-    finally:
-        stop(proc, ray_tmp)
-    result = {"run_dir": run_dir, "returncode": res.returncode, "log": res.stdout + res.stderr, "state": state,
-              "log_file": os.path.join(tmp, "job.log"), "tmp": tmp}
-    Path(result["log_file"]).write_text(result["log"])
-    Path(tmp, "state.json").write_text(json.dumps(state, indent=1))
-    return result
+from _sim_cluster import check_gpu_placement
 
 
 def _cleanup(result: dict) -> None:
@@ -76,7 +46,9 @@ def _check(result: dict) -> tuple[set, list]:
 
 @pytest.mark.slow
 def test_demo_with_gpu_defaults_on_an_autoscaling_cluster_from_zero_gpu_nodes():
-    result = _run()
+    import _background
+
+    result = _background.result("autoscale")  # started when the test run began
     gpu_nodes, work = _check(result)
     nodes = {n["node_id"]: n for n in result["state"]["nodes"]}
     head = [n for n in nodes.values() if n["is_head"]]

@@ -268,9 +268,11 @@ def _demo_overrides() -> list[str]:
 
 @pytest.fixture(scope="module")
 def demo_cfg():
-    from _demo_run import DEMO_TEST_OVERRIDES, demo_job, failure_text
+    from _demo_run import DEMO_TEST_OVERRIDES, failure_text
 
-    job = demo_job()
+    import _background
+
+    job = _background.result("demo_job")  # started when the test run began
     assert job["returncode"] == 0, failure_text(job)
     return load_config("demo", [f"run_dir={job['run_dir']}", *DEMO_TEST_OVERRIDES])
 

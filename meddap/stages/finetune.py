@@ -211,7 +211,7 @@ def _train_loop(config: dict) -> None:
                 torch.save({**ft.state_dict(), "world_sizes": world_sizes}, os.path.join(d, STATE_FILE))
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=checkpoint)
-        if rank == 0:
+        if rank == 0 and epoch + 1 < settings.epochs:  # the last epoch's figures are in the "done in" line
             _log(f"{config['name']}: epoch {epoch + 1}/{settings.epochs} done: step {ft.step}, "
                  f"mean loss {mean_loss:.4f}, {metrics['steps_per_s']:.2f} steps/s")
         if fail_at is not None and epoch + 1 == fail_at and ckpt is None:

@@ -1,0 +1,98 @@
+"""The suite's three end-to-end cluster runs, started in the background when the run begins (not a test module).
+
+Each of them drives Ray in other processes and spends most of its wall time waiting on Ray (node
+starts, health checks, worker-group restarts, the autoscaler): measured on the 2-core box, the
+node-loss run used 43 s of CPU in 305 s of wall time. Run one after another at the end of the suite
+they cost about 9 minutes of waiting; started at collection time, they wait while the other tests
+run, and each test module only collects its run's result (`result(name)` blocks until it is there).
+
+- `node_loss`: tests/_cluster_faults.py on a `ray.cluster_utils.Cluster` (tests/test_node_loss.py);
+- `demo_job` then `autoscale`, in one lane: the demo submitted as a Ray job to a head that declares a
+  GPU (tests/test_jobs.py, tests/test_pipeline.py), then the demo on an autoscaling fake multi-node
+  cluster (tests/test_gpu_cluster.py). Two lanes, not three: three Ray clusters starting at once
+  beside the suite's own Ray slowed every one of them on 2 cores.
+
+A run starts only when a test that needs it was selected (`-k`, a single file, `-m 'not slow'` all
+work as before). What a run returns or raises is handed to the test that asks, so a failure is
+reported by that test, with the run's own log.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable
+
+# name -> the test files that need it
+NEEDS = {
+    "node_loss": ("test_node_loss.py",),
+    "demo_job": ("test_jobs.py", "test_pipeline.py"),
+    "autoscale": ("test_gpu_cluster.py",),
+}
+LANES = (("node_loss",), ("demo_job", "autoscale"))
+
+_results: dict[str, tuple[bool, Any]] = {}
+_done: dict[str, threading.Event] = {name: threading.Event() for name in NEEDS}
+_threads: list[threading.Thread] = []
+_abort_hooks: list[Callable[[], None]] = []
+
+
+def on_abort(hook: Callable[[], None]) -> None:
+    """Runs register how to stop what they started, for a session that ends before they do (-x, Ctrl-C)."""
+    _abort_hooks.append(hook)
+
+
+def abort() -> None:
+    """At the end of the session: stop what still runs (nothing, when every result was collected)."""
+    if any(t.is_alive() for t in _threads):
+        for hook in _abort_hooks:
+            try:
+                hook()
+            except Exception:
+                pass
+
+
+def _runner(name: str) -> Callable[[], Any]:
+    if name == "node_loss":
+        from _cluster_faults import run_in_subprocess
+        return run_in_subprocess
+    if name == "demo_job":
+        from _demo_run import demo_job
+        return demo_job
+    from _sim_cluster import autoscaling_demo
+    return autoscaling_demo
+
+
+def _lane(names: tuple[str, ...]) -> None:
+    for name in names:
+        try:
+            _results[name] = (True, _runner(name)())
+        except BaseException as exc:  # handed to the test that asks for it
+            _results[name] = (False, exc)
+        finally:
+            _done[name].set()
+
+
+def start(selected_files: set[str]) -> list[str]:
+    """Start the lanes holding a run some selected test file needs; returns the names started."""
+    wanted = {n for n, files in NEEDS.items() if set(files) & selected_files}
+    started = []
+    for lane in LANES:
+        names = tuple(n for n in lane if n in wanted)
+        if names:
+            t = threading.Thread(target=_lane, args=(names,), name="bg-" + "+".join(names), daemon=True)
+            t.start()
+            _threads.append(t)
+            started += names
+    return started
+
+
+def result(name: str, timeout: float = 1800) -> Any:
+    """The run's return value (running it here if it was not started); re-raises what it raised."""
+    if not any(name in t.name for t in _threads) and name not in _results:
+        _lane((name,))
+    if not _done[name].wait(timeout):
+        raise TimeoutError(f"background run {name} did not finish in {timeout:.0f} s")
+    ok, value = _results[name]
+    if not ok:
+        raise value
+    return value
