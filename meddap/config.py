@@ -289,9 +289,23 @@ class ClassifyConfig:
         _check(self.checkpoint_every >= 1, f"{prefix}.checkpoint_every", self.checkpoint_every, "an integer >= 1")
 
 
+# fid.features names (meddap.fid.FEATURE_EXTRACTORS describes them); anything path-like is a TorchScript file.
+FID_FEATURES = ("inception", "phantom-judge")
+FIDELITY_JUDGES = ("phantom-judge",)
+
+
+def _path_like(text: str) -> bool:
+    return text.startswith(("/", "./", "../", "~")) or text.endswith((".pt", ".pth", ".ts")) or "/" in text
+
+
 @dataclass
 class FidConfig:
-    dims: Literal[64, 192, 768, 2048] = _f(2048, "InceptionV3 feature size (pytorch-fid block): 64, 192, 768 or 2048.")
+    features: str = _f(
+        "inception", "Feature extractor of FID/KID/memorisation: inception (pytorch-fid, the paper's); "
+                     "phantom-judge (domain encoder shipped with builtin:phantom, 32-d); or the path of a "
+                     "TorchScript encoder (.pt). FIDs from different extractors are not comparable.")
+    dims: Literal[64, 192, 768, 2048] = _f(2048, "InceptionV3 feature size (pytorch-fid block): 64, 192, 768 or 2048 "
+                                                 "(features=inception only; other extractors have their own).")
     weights: Optional[str] = _f(None, "Path of pytorch-fid's pt_inception weights file; null = torch hub's cache.")
     batch_size: int = _f(50, "Images per Inception forward pass.")
     kid_subset_size: int = _f(100, "Subset size for KID's unbiased MMD estimate.")
@@ -303,8 +317,16 @@ class FidConfig:
     memorization_threshold: float = _f(
         0.1, "A synthetic image whose nearest real image is closer than this share of the median real-real "
              "nearest-neighbour distance is flagged as a near copy.")
+    judge: Optional[str] = _f(
+        None, "Reference classifier that scores every synthetic image's label fidelity (summary/fidelity.parquet): "
+              "null = none; phantom-judge = the one shipped with builtin:phantom (phantom classes only).")
 
     def validate(self, prefix: str) -> None:
+        _check(self.features in FID_FEATURES or _path_like(self.features), f"{prefix}.features", self.features,
+               f"one of {', '.join(FID_FEATURES)}, or the path of a TorchScript encoder file (*.pt)")
+        if self.judge is not None:
+            _check(self.judge in FIDELITY_JUDGES, f"{prefix}.judge", self.judge,
+                   f"null or one of {', '.join(FIDELITY_JUDGES)}")
         _check(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, "an integer >= 1")
         _check(self.kid_subset_size >= 2, f"{prefix}.kid_subset_size", self.kid_subset_size, "an integer >= 2")
         _check(self.kid_subsets >= 1, f"{prefix}.kid_subsets", self.kid_subsets, "an integer >= 1")

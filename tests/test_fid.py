@@ -210,6 +210,10 @@ def _blob(rng, bright: int, size: int = 16) -> np.ndarray:
     return np.clip(img, 0, 255)
 
 
+# The demo uses the phantom judge; these tests exercise the Inception path (and their own extractor).
+_INCEPTION = ["fid.features=inception", "fid.judge=null", "fid.dims=2048"]
+
+
 @pytest.fixture
 def fid_run(tmp_path):
     """A 2-fold manifest (6 train images per class and fold + test rows) and two synthetic sets per
@@ -246,7 +250,7 @@ def fid_run(tmp_path):
     storage.write_parquet(manifest, lay.manifest)
     storage.write_parquet(pd.DataFrame(srows), lay.synthetic_manifest)
     cfg = load_config("demo", [f"run_dir={run_dir}", "fid.kid_subset_size=4", "fid.kid_subsets=5",
-                               "fid.memorization_threshold=0.1"])
+                               "fid.memorization_threshold=0.1", *_INCEPTION])
     return cfg, manifest, pd.DataFrame(srows)
 
 
@@ -259,7 +263,8 @@ def test_fid_stage_missing_weights_records_status_and_nulls(fid_run, tmp_path, m
     assert out["missing_weights"]
     lay = RunLayout(cfg.run_dir)
     fid = storage.read_parquet(lay.summary("fid"))
-    assert list(fid.columns[:10]) == stage.FID_COLUMNS
+    assert list(fid.columns[:11]) == stage.FID_COLUMNS
+    assert (fid["features"] == "inception").all() and (fid["dims"] == 2048).all()
     assert len(fid) == 2 * 2 * (len(CLASSES) + 1)                 # (fold, adjective) x (classes + all)
     assert fid["fid"].isna().all() and fid["kid"].isna().all()
     assert fid["status"].str.startswith("missing_weights: ").all()
@@ -278,7 +283,7 @@ def test_fid_stage_with_small_extractor(fid_run):
 
     cfg, manifest, synth = fid_run
     out = stage.run(cfg, extractor=_PoolFeatures(), image_size=16)
-    assert out == {"groups": 4, "computed": 4, "missing_weights": False, "flagged": out["flagged"]}
+    assert out == {"groups": 4, "computed": 4, "missing_weights": False, "flagged": out["flagged"], "fidelity": None}
     lay = RunLayout(cfg.run_dir)
     fid = storage.read_parquet(lay.summary("fid"))
     assert (fid["status"] == "ok").all() and fid["fid"].notna().all()
@@ -290,7 +295,7 @@ def test_fid_stage_with_small_extractor(fid_run):
     row = fid[(fid.fold == 1) & (fid.adjective == "dark") & (fid.class_name == "malignant")].iloc[0]
     assert row.fid == pytest.approx(fid_from_features(fr, fs, method=cfg.fid.method), rel=1e-9)
     assert row.kid == pytest.approx(kernel_inception_distance(fr, fs, 4, 5, seed=cfg.fid.seed)[0], rel=1e-9)
-    assert (row.n_real, row.n_synthetic, row.dims) == (6, 5, cfg.fid.dims)
+    assert (row.n_real, row.n_synthetic, row.dims, row.features) == (6, 5, 16, "_PoolFeatures")
     mem = storage.read_parquet(lay.summary("memorization"))
     assert len(mem) == len(synth)
     copy = mem[mem.image_id == "s-0-none-benign-0"].iloc[0]
@@ -302,7 +307,7 @@ def test_fid_stage_with_small_extractor(fid_run):
     pd.testing.assert_frame_equal(storage.read_parquet(lay.summary("fid")), fid)
     # Other settings, or a regenerated set with other images, are recomputed, never mixed in.
     cfg2 = load_config("demo", [f"run_dir={cfg.run_dir}", "fid.kid_subset_size=4", "fid.kid_subsets=5",
-                                "fid.memorization_threshold=0.0"])
+                                "fid.memorization_threshold=0.0", *_INCEPTION])
     assert stage.run(cfg2, extractor=_PoolFeatures(), image_size=16)["computed"] == 4
     assert storage.read_parquet(lay.summary("memorization"))["flagged"].sum() == 0
     fewer = synth[~((synth.fold == 0) & (synth.adjective == "dark") & (synth["index"] == 4))]
@@ -327,9 +332,63 @@ def test_fid_stage_in_a_ray_task_writes_the_same_rows(fid_run, tmp_path, ray_ses
 
     cfg, _, _ = fid_run
     # Workers were started before this test: the config (not the environment) says where weights are.
-    cfg = load_config("demo", [f"run_dir={cfg.run_dir}", f"fid.weights={tmp_path / 'absent.pth'}"])
+    cfg = load_config("demo", [f"run_dir={cfg.run_dir}", f"fid.weights={tmp_path / 'absent.pth'}", *_INCEPTION])
     out = stage.run(cfg, _remote=True)
     assert out["missing_weights"] and out["groups"] == 4
     fid = storage.read_parquet(RunLayout(cfg.run_dir).summary("fid"))
     assert len(fid) == 16 and fid["status"].str.startswith("missing_weights").all() and fid["fid"].isna().all()
     assert fid["status"].str.contains("absent.pth").all()
+
+
+# ---------------------------------------------------------------------------------------------
+# fid.features: the extractor abstraction and its errors
+# ---------------------------------------------------------------------------------------------
+def test_fid_features_unknown_name_is_refused_naming_the_key_and_the_choices(tmp_path):
+    from meddap.config import ConfigError, FID_FEATURES
+    from meddap.errors import MeddapError
+    from meddap.fid import FEATURE_EXTRACTORS, build_feature_extractor
+
+    assert tuple(FEATURE_EXTRACTORS) == FID_FEATURES
+    with pytest.raises(ConfigError, match=r"fid\.features.*'radimagenet'.*inception, phantom-judge.*TorchScript"):
+        load_config("demo", ["fid.features=radimagenet"])
+    cfg = load_config("demo")
+    cfg.fid.features = "radimagenet"          # past the config check (e.g. a config object built in code)
+    with pytest.raises(MeddapError, match=r"'fid\.features' = 'radimagenet'.*inception.*phantom-judge.*\.pt"):
+        build_feature_extractor(cfg.fid)
+
+
+def test_fid_features_missing_or_broken_file_says_the_key_and_the_fix(tmp_path):
+    from meddap.errors import MeddapError
+    from meddap.fid import build_feature_extractor
+
+    cfg = load_config("demo", [f"fid.features={tmp_path / 'encoder.pt'}"])
+    with pytest.raises(MeddapError, match=r"'fid\.features' = .*encoder\.pt.*no such file.*torch\.jit\.save"):
+        build_feature_extractor(cfg.fid)
+    (tmp_path / "encoder.pt").write_bytes(b"not a model")
+    with pytest.raises(MeddapError, match=r"could not be loaded as TorchScript.*torch\.jit\.save"):
+        build_feature_extractor(cfg.fid)
+
+
+class _Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.image_size = 24
+
+    def forward(self, x):
+        return nn.functional.adaptive_avg_pool2d(x, 2).flatten(1)   # (B, 12)
+
+
+def test_fid_features_torchscript_file_and_phantom_judge(tmp_path):
+    from meddap.fid import build_feature_extractor
+
+    path = tmp_path / "encoder.pt"
+    torch.jit.save(torch.jit.script(_Encoder()), str(path))
+    fe = build_feature_extractor(load_config("demo", [f"fid.features={path}"]).fid)
+    assert (fe.name, fe.dims, fe.image_size) == ("torchscript:encoder.pt", 12, 24)
+    img = tmp_path / "a.png"
+    _png(img, np.full((30, 30), 51.0))
+    assert fe.features([str(img)], 4) == pytest.approx(np.full((1, 12), 0.2), abs=1e-6)
+    judge = build_feature_extractor(load_config("demo", ["fid.features=phantom-judge"]).fid)
+    assert (judge.name, judge.dims, judge.image_size, judge.label) == ("phantom-judge", 32, 64, "phantom-judge (32-d)")
+    feats = judge.features([str(img), str(img)], 2)
+    assert feats.shape == (2, 32) and np.isfinite(feats).all()

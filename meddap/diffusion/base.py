@@ -3,7 +3,9 @@ SD-1.4-shaped models with random weights.
 
 - `resolve_base_model(cfg)`: `diffusion.base_model` -> something `from_pretrained` accepts (a local
   diffusers folder or a hub id). `builtin:tiny` builds the tiny SD into `<run_dir>/models/tiny-sd`
-  once (a local cache folder when run_dir is an object-store URI).
+  once (a local cache folder when run_dir is an object-store URI); `builtin:phantom` is the pretrained
+  phantom model shipped inside the package (`meddap/models/phantom/`, made by
+  `python -m meddap pretrain-base`; see docs/base-model.md).
 - `load_pipeline(model)`: `StableDiffusionPipeline.from_pretrained` with the safety checker off, and a
   MeddapError that says how to provide the weights when they are missing.
 - `load_components(model)`: UNet, VAE, text encoder, tokenizer and the training noise scheduler,
@@ -35,6 +37,10 @@ from meddap.storage import is_uri
 
 __all__ = [
     "TINY_MODEL",
+    "PHANTOM_MODEL",
+    "PHANTOM_DIR",
+    "BUILTIN_MODELS",
+    "phantom_model_dir",
     "SD14_CONFIG_DIR",
     "build_tiny_sd",
     "resolve_base_model",
@@ -49,6 +55,11 @@ __all__ = [
 ]
 
 TINY_MODEL = "builtin:tiny"
+PHANTOM_MODEL = "builtin:phantom"
+# The pretrained phantom base model and its reference judge (judge/), shipped as package data.
+PHANTOM_DIR = Path(__file__).resolve().parent.parent / "models" / "phantom"
+BUILTIN_MODELS = {TINY_MODEL: "a few-MB SD with random weights, built locally (plumbing tests)",
+                  PHANTOM_MODEL: "an SD-shaped model pretrained on unlabeled phantom scans, shipped in the package"}
 SD14_CONFIG_DIR = Path(__file__).parent / "sd14"
 
 # The tiny model's architecture. Same classes and wiring as SD-1.4, channel counts cut ~10-40x.
@@ -180,12 +191,22 @@ def _local_cache_dir() -> Path:
     return Path(root)
 
 
+def phantom_model_dir(key: str = "diffusion.base_model") -> str:
+    """The shipped `builtin:phantom` folder; a MeddapError naming `key` when the install lacks it."""
+    if not (PHANTOM_DIR / "model_index.json").is_file() or not (PHANTOM_DIR / "unet").is_dir():
+        raise MeddapError(f"{key} = {PHANTOM_MODEL!r}: the shipped model is missing from {PHANTOM_DIR} (an install "
+                          "without package data?). Reinstall meddap (`pip install -e .` from a checkout), or rebuild "
+                          "it with `python -m meddap pretrain-base OUT` and set diffusion.base_model=OUT.")
+    return str(PHANTOM_DIR)
+
+
 def resolve_base_model(cfg) -> str:
     """`diffusion.base_model` as a local diffusers folder or hub id that `from_pretrained` accepts.
 
     `builtin:tiny` builds the tiny SD once: into `<run_dir>/models/tiny-sd` for a local run_dir, or
     into a node-local cache (`$MEDDAP_CACHE`, default ~/.cache/meddap) for an s3:// / gs:// run_dir,
-    where each node builds the same seeded model itself instead of downloading it.
+    where each node builds the same seeded model itself instead of downloading it. `builtin:phantom`
+    is the package's own folder, the same on every node.
     """
     from meddap.layout import RunLayout
 
@@ -194,8 +215,11 @@ def resolve_base_model(cfg) -> str:
         if is_uri(cfg.run_dir):
             return build_tiny_sd(_local_cache_dir() / f"tiny-sd-v{_TINY_VERSION}")
         return build_tiny_sd(RunLayout(cfg.run_dir).tiny_model)
+    if model == PHANTOM_MODEL:
+        return phantom_model_dir()
     if model.startswith("builtin:"):
-        raise MeddapError(f"diffusion.base_model = {model!r}: the only builtin model is {TINY_MODEL!r}.")
+        raise MeddapError(f"diffusion.base_model = {model!r} is not a builtin model; builtin models: "
+                          + "; ".join(f"{k} ({v})" for k, v in BUILTIN_MODELS.items()) + ".")
     return os.path.expanduser(model) if _looks_like_path(model) else model
 
 

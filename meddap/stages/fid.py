@@ -5,12 +5,16 @@ For each (fold or shared adapter, adjective) in the synthetic manifest, every ge
 largest ratio's set; smaller ratios are its prefixes) is compared with the real training images of the
 same fold (fold k's training images are the train rows with fold != k; a shared adapter, fold -1, saw
 every train row), per class and over all classes ("all"). Outputs:
-  summary/fid.parquet           fold, adjective, class_name, fid, kid, kid_std, dims, n_real, n_synthetic, status,
-                                settings (what the numbers were made with: a rerun keeps only matching sets)
+  summary/fid.parquet           fold, adjective, class_name, fid, kid, kid_std, features, dims, n_real, n_synthetic,
+                                status, settings (what the numbers were made with: a rerun keeps only matching sets)
   summary/memorization.parquet  image_id, fold, adjective, class_name, nearest_real_id, nearest_real_class,
-                                distance, reference_distance, threshold_distance, flagged, dims
-When pytorch-fid's Inception weights are absent, rows carry fid/kid null and status
-"missing_weights: <reason and where to put the file>"; no number is made up.
+                                distance, reference_distance, threshold_distance, flagged, features, dims
+  summary/fidelity.parquet      (only with fid.judge) image_id, fold, adjective, class_name, predicted,
+                                correct, confidence, mean_intensity, judge: the reference judge's class of
+                                every synthetic image (label fidelity = share of correct)
+The feature extractor is `fid.features` (`meddap.fid.build_feature_extractor`): every row names it
+(`features`) and its `dims`. When pytorch-fid's Inception weights are absent, rows carry fid/kid null and
+status "missing_weights: <reason and where to put the file>"; no number is made up.
 
 Features are computed in one process: this one when it has CUDA (or no Ray cluster with GPUs is
 around), else one Ray task holding a GPU of the cluster (a CPU-only head node would take an hour on
@@ -32,20 +36,23 @@ from meddap.errors import MeddapError
 from meddap.fid import (
     INCEPTION_INPUT_SIZE,
     MissingWeightsError,
+    build_feature_extractor,
     extract_features,
     fid_from_features,
     kernel_inception_distance,
-    load_inception,
     memorization,
 )
 from meddap.layout import RunLayout, adapter_name
 from meddap.progress import Progress
 
-__all__ = ["run", "fid_for_sets", "FID_COLUMNS", "MEMORIZATION_COLUMNS"]
+__all__ = ["run", "fid_for_sets", "score_fidelity", "FID_COLUMNS", "MEMORIZATION_COLUMNS", "FIDELITY_COLUMNS"]
 
-FID_COLUMNS = ["fold", "adjective", "class_name", "fid", "kid", "kid_std", "dims", "n_real", "n_synthetic", "status"]
+FID_COLUMNS = ["fold", "adjective", "class_name", "fid", "kid", "kid_std", "features", "dims", "n_real", "n_synthetic",
+               "status"]
 MEMORIZATION_COLUMNS = ["image_id", "fold", "adjective", "class_name", "nearest_real_id", "nearest_real_class",
-                        "distance", "reference_distance", "threshold_distance", "flagged", "dims"]
+                        "distance", "reference_distance", "threshold_distance", "flagged", "features", "dims"]
+FIDELITY_COLUMNS = ["image_id", "fold", "adjective", "class_name", "predicted", "correct", "confidence",
+                    "mean_intensity", "judge"]
 ALL_CLASSES = "all"
 
 
@@ -100,12 +107,15 @@ def fid_for_sets(real_paths: Sequence[str], synth_paths: Sequence[str], cfg_fid,
     "missing_weights: ..." when pytorch-fid's Inception weights are absent (and `extractor` is None).
     """
     device = device or _device()
-    out = {"dims": cfg_fid.dims, "n_real": len(real_paths), "n_synthetic": len(synth_paths)}
+    out = {"features": type(extractor).__name__ if extractor is not None else cfg_fid.features, "dims": cfg_fid.dims,
+           "n_real": len(real_paths), "n_synthetic": len(synth_paths)}
     if extractor is None:
         try:
-            extractor = load_inception(cfg_fid.dims, cfg_fid.weights, device)
+            fe = build_feature_extractor(cfg_fid, device)
         except MissingWeightsError as e:
             return {**out, "fid": None, "kid": None, "kid_std": None, "status": e.status}
+        extractor, image_size = fe.module, fe.image_size
+        out.update(features=fe.name, dims=fe.dims)
     cache = _FeatureCache(extractor, cfg_fid.batch_size, image_size, device)
     progress = Progress(len(real_paths) + len(synth_paths), "fid features", "images")
     real, synth = cache.get(list(real_paths), progress), cache.get(list(synth_paths), progress)
@@ -128,18 +138,22 @@ def _read_input(path: str, what: str, stage: str) -> pd.DataFrame:
 
 def _group_rows(fold: int, adjective: str, real_df: pd.DataFrame, synth_df: pd.DataFrame, classes: list[str],
                 cfg_fid, cache: _FeatureCache | None, missing: MissingWeightsError | None,
-                progress: Progress | None) -> tuple[list[dict], pd.DataFrame]:
-    """fid.parquet rows (one per class and 'all') and memorisation rows of one synthetic set."""
+                progress: Progress | None, features: str = "inception",
+                dims: int | None = None) -> tuple[list[dict], pd.DataFrame]:
+    """fid.parquet rows (one per class and 'all') and memorisation rows of one synthetic set; every row
+    names the extractor (`features`) and its `dims`."""
     rows: list[dict] = []
     mem = pd.DataFrame(columns=MEMORIZATION_COLUMNS)
     real_feats = synth_feats = None
+    dims = cfg_fid.dims if dims is None else dims
     if cache is not None:
         real_feats = cache.get(real_df["path"].tolist(), progress)      # (Nr, D)
         synth_feats = cache.get(synth_df["path"].tolist(), progress)    # (Ns, D)
+        dims = int(real_feats.shape[1]) if real_feats.size else dims
     for cls in [*classes, ALL_CLASSES]:
         r_mask = np.ones(len(real_df), bool) if cls == ALL_CLASSES else (real_df["class_name"] == cls).to_numpy()
         s_mask = np.ones(len(synth_df), bool) if cls == ALL_CLASSES else (synth_df["class_name"] == cls).to_numpy()
-        row = {"fold": fold, "adjective": adjective, "class_name": cls, "dims": cfg_fid.dims,
+        row = {"fold": fold, "adjective": adjective, "class_name": cls, "features": features, "dims": dims,
                "n_real": int(r_mask.sum()), "n_synthetic": int(s_mask.sum())}
         if missing is not None:
             row.update(fid=None, kid=None, kid_std=None, status=missing.status)
@@ -155,7 +169,7 @@ def _group_rows(fold: int, adjective: str, real_df: pd.DataFrame, synth_df: pd.D
             "nearest_real_id": nearest["image_id"].astype(str).to_numpy(),
             "nearest_real_class": nearest["class_name"].to_numpy(),
             "distance": m["distance"], "reference_distance": m["reference"],
-            "threshold_distance": m["threshold_distance"], "flagged": m["flagged"], "dims": cfg_fid.dims,
+            "threshold_distance": m["threshold_distance"], "flagged": m["flagged"], "features": features, "dims": dims,
         })
     return rows, mem
 
@@ -197,7 +211,7 @@ def _write(lay: RunLayout, rows: list[pd.DataFrame], mems: list[pd.DataFrame]) -
     mem = pd.concat([m for m in mems if len(m)], ignore_index=True) if any(len(m) for m in mems) \
         else pd.DataFrame(columns=MEMORIZATION_COLUMNS)
     fid = fid.astype({"fid": "float64", "kid": "float64", "kid_std": "float64", "fold": "int64", "dims": "int64",
-                      "n_real": "int64", "n_synthetic": "int64"})
+                      "n_real": "int64", "n_synthetic": "int64", "features": "str"})
     mem = mem.astype({"distance": "float64", "reference_distance": "float64", "threshold_distance": "float64",
                       "flagged": "bool", "fold": "int64", "dims": "int64"})
     storage.write_parquet(fid.sort_values(["fold", "adjective", "class_name"]).reset_index(drop=True),
@@ -246,10 +260,12 @@ def run(cfg, *, extractor: nn.Module | None = None, image_size: int | None = Non
     device = _device()
 
     missing: MissingWeightsError | None = None
+    features, dims = (type(extractor).__name__, None) if extractor is not None else (cfg.fid.features, cfg.fid.dims)
     if extractor is None:
-        image_size = INCEPTION_INPUT_SIZE
         try:
-            extractor = load_inception(cfg.fid.dims, cfg.fid.weights, device)
+            fe = build_feature_extractor(cfg.fid, device)
+            extractor, image_size, features, dims = fe.module, fe.image_size, fe.name, fe.dims
+            print(f"[fid] features: {fe.label}, images read at {fe.image_size} px", flush=True)
         except MissingWeightsError as e:
             missing = e
             print(f"[fid] FID/KID cannot be computed: {e.reason}.\n[fid] Rows are written with fid/kid null and "
@@ -262,7 +278,7 @@ def run(cfg, *, extractor: nn.Module | None = None, image_size: int | None = Non
     groups = sorted(groups)
     current = {(f, a): (len(_real_training(manifest, f)), int(((synth["fold"] == f) & (synth["adjective"] == a)).sum()))
                for f, a in groups}
-    settings = _settings(cfg.fid, image_size, type(extractor).__name__ if extractor is not None else "none")
+    settings = _settings(cfg.fid, image_size, features if extractor is not None else "none")
     kept, kept_mem, done = _finished_groups(lay, settings, current)
     todo = [g for g in groups if g not in done]
     if done:
@@ -281,7 +297,7 @@ def run(cfg, *, extractor: nn.Module | None = None, image_size: int | None = Non
         real_df = _real_training(manifest, fold).reset_index(drop=True)
         synth_df = synth[(synth["fold"] == fold) & (synth["adjective"] == adj)].reset_index(drop=True)
         group_rows, mem = _group_rows(fold, adj, real_df, synth_df, list(cfg.data.classes), cfg.fid, cache,
-                                      missing, progress)
+                                      missing, progress, features, dims)
         rows.append(pd.DataFrame(group_rows, columns=FID_COLUMNS).assign(settings=settings))
         mems.append(mem)
         _write(lay, rows, mems)   # after every set, so a crash loses no finished set
@@ -292,5 +308,43 @@ def run(cfg, *, extractor: nn.Module | None = None, image_size: int | None = Non
     if not todo:
         _write(lay, rows, mems)
     n_flagged = int(sum(int(m["flagged"].sum()) for m in mems if len(m)))
+    fidelity = score_fidelity(cfg, synth, device) if cfg.fid.judge else None
     return {"groups": len(groups), "computed": len(todo), "missing_weights": missing is not None,
-            "flagged": n_flagged}
+            "flagged": n_flagged, "fidelity": fidelity}
+
+
+def score_fidelity(cfg, synth: pd.DataFrame, device: str = "cpu") -> float | None:
+    """The reference judge's class of every synthetic image -> summary/fidelity.parquet (FIDELITY_COLUMNS).
+    Prints and returns the mean no-adjective fidelity over classes (None when there is no such prompt)."""
+    from meddap.classify.judge import fidelity_summary, judge_predict, load_judge
+    from meddap.diffusion.base import PHANTOM_DIR
+
+    judge = load_judge(PHANTOM_DIR / "judge", key="fid.judge").to(device)
+    unknown = sorted(set(synth["class_name"]) - set(judge.classes))
+    if unknown:
+        raise MeddapError(f"fid.judge = {cfg.fid.judge!r} knows the classes {judge.classes}, not {unknown}: it judges "
+                          "phantom images only. Set fid.judge=null for other data.")
+    grey = np.stack([_reader(p, judge.image_size) for p in synth["path"]]) if len(synth) else \
+        np.zeros((0, judge.image_size, judge.image_size), np.uint8)
+    probs = judge_predict(judge, grey, probabilities=True)                          # (N, classes)
+    predicted = np.asarray(judge.classes, dtype=object)[probs.argmax(1)] if len(synth) else np.zeros(0, object)
+    df = pd.DataFrame({
+        "image_id": synth["image_id"].astype(str).to_numpy(), "fold": synth["fold"].astype("int64").to_numpy(),
+        "adjective": synth["adjective"].astype(str).to_numpy(), "class_name": synth["class_name"].astype(str).to_numpy(),
+        "predicted": predicted.astype(str), "correct": synth["class_name"].to_numpy() == predicted,
+        "confidence": probs.max(1) if len(synth) else np.zeros(0),
+        # of the full-resolution synthetic image as read for every consumer (grey, 0..255)
+        "mean_intensity": [float(_reader(p, None).mean()) for p in synth["path"]],
+        "judge": cfg.fid.judge,
+    }, columns=FIDELITY_COLUMNS)
+    storage.write_parquet(df.astype({"correct": "bool"}), RunLayout(cfg.run_dir).summary("fidelity"))
+    if not len(df):
+        return None
+    summary = fidelity_summary(df)
+    plain = summary[(summary["adjective"] == "") & (summary["class_name"] == "all")]
+    for adj, g in summary.groupby("adjective"):
+        per_class = ", ".join(f"{r.class_name} {r.fidelity:.0%}" for r in g.itertuples() if r.class_name != "all")
+        overall = g[g["class_name"] == "all"]["fidelity"].iloc[0]
+        print(f"[fid] label fidelity ({cfg.fid.judge}) adjective={adj or '(none)'}: {overall:.0%} ({per_class})",
+              flush=True)
+    return float(plain["fidelity"].iloc[0]) if len(plain) else None
