@@ -12,10 +12,11 @@ import os
 import sys
 import time
 
+from meddap import logs
 from meddap.config import ConfigError, load_config, shipped_configs
 from meddap.errors import MeddapError
 
-__all__ = ["main", "STAGES", "user_error_exit"]
+__all__ = ["main", "STAGES", "user_error_exit", "resume_args"]
 
 # command -> (module:function, one-line help)
 STAGES: dict[str, tuple[str, str]] = {
@@ -28,11 +29,13 @@ STAGES: dict[str, tuple[str, str]] = {
     "run": ("meddap.stages.pipeline:run", "the whole study: prepare -> finetune -> generate -> fid -> sweep -> report"),
     "demo": ("meddap.stages.pipeline:run", "`run` with the demo config (phantom data, tiny SD, minutes on a CPU)"),
 }
+STAGES_NAMES = ("prepare", "finetune", "generate", "fid", "sweep", "report")
 BENCHES = {
     "finetune": "meddap.bench.finetune:main",
     "generate": "meddap.bench.generate:main",
     "classify": "meddap.bench.classify:main",
     "pipeline": "meddap.bench.pipeline:main",
+    "gpu": "meddap.bench.gpu:main",
     "fidelity": "meddap.bench.fidelity:main",
 }
 
@@ -64,7 +67,17 @@ def _parser() -> argparse.ArgumentParser:
         if name in ("run", "demo"):
             sp.add_argument("--force", action="append", default=[], metavar="STAGE",
                             help="redo STAGE and every stage after it that depends on it (repeatable)")
+        else:
+            sp.add_argument("--force", action="store_true",
+                            help=f"redo {name} even if its record says done or its settings/inputs changed "
+                                 f"(its earlier outputs are deleted first)")
+        _verbose_flag(sp)
         sp.add_argument("overrides", nargs="*", metavar="key=value")
+    st = sub.add_parser("status", help="how far a run has got: each stage done, running, stale or missing; "
+                                       "adapters, images and trials done; the report (read-only)",
+                        description="Read-only: safe from another shell while a run is going.")
+    st.add_argument("--config", default="demo", help="shipped config name or YAML path (default: demo)")
+    st.add_argument("overrides", nargs="*", metavar="key=value")
     ph = sub.add_parser("phantom", help="write the breast-ultrasound phantom dataset in the BUSI layout")
     ph.add_argument("out_dir")
     ph.add_argument("--per-class", type=int, default=60)
@@ -91,25 +104,70 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def user_error_exit(label: str, e: BaseException) -> int:
+def _verbose_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help=f"show Ray's own messages on the console too (same as {logs.ENV}=debug); by default "
+                        "they go to files under <run_dir>/logs/")
+
+
+def user_error_exit(label: str, e: BaseException, resume: str | None = None) -> int:
     """Exit status for an exception that reached a command's top level, printing one line for the
-    errors a user can fix (config, inputs, unusable paths) and for Ctrl-C; anything else re-raises.
+    errors a user can fix (config, inputs, unusable paths) and for Ctrl-C or SIGTERM (with `resume`,
+    the command that resumes); anything else re-raises.
     Shared by the CLI and the `ray job submit` entry points in jobs/."""
     if isinstance(e, (ConfigError, MeddapError)):
-        print(f"{label}: error: {e}", file=sys.stderr, flush=True)
+        logs.error(f"{label}: error: {e}")
+        _point_at_logs(label)
         return 2
     if isinstance(e, OSError) and not os.environ.get("MEDDAP_TRACEBACK"):
         # A path the user gave that cannot be used (run_dir under a file, no permission, disk full, ...):
         # one line, not a stack trace. MEDDAP_TRACEBACK=1 shows the trace when it is a bug after all.
-        print(f"{label}: error: {type(e).__name__}: {e}. Check the paths in the config and on the "
-              f"command line (run_dir, data.root, ...): they must exist where they are read, be folders where "
-              f"folders are expected, and be writable where outputs go (MEDDAP_TRACEBACK=1 shows the stack trace).",
-              file=sys.stderr, flush=True)
+        logs.error(f"{label}: error: {type(e).__name__}: {e}. Check the paths in the config and on the "
+                   f"command line (run_dir, data.root, ...): they must exist where they are read, be folders where "
+                   f"folders are expected, and be writable where outputs go (MEDDAP_TRACEBACK=1 shows the stack "
+                   f"trace).")
         return 2
     if isinstance(e, KeyboardInterrupt):
-        print(f"{label}: interrupted; finished work is kept, rerun to resume.", file=sys.stderr, flush=True)
+        _point_at_logs(label)  # first: the resume line is the last thing the user reads
+        how = f": `{resume}`" if resume else " (the same command)"
+        logs.error(f"{label}: interrupted; finished work is kept, rerun to resume{how}")
         return 130
+    _point_at_logs(label)
     raise e
+
+
+def _point_at_logs(label: str) -> None:
+    """After an error in a quiet command that ran Ray: where Ray's own account of it is."""
+    where = logs.ray_log_dir()
+    if where:
+        logs.error(f"{label}: Ray's own messages (worker output, tracebacks) are in {where}")
+
+
+def _command_line(argv: list[str] | None) -> str:
+    """The command as typed, for the resume hint (--force dropped: a resume must not redo work)."""
+    return "python -m meddap " + resume_args(sys.argv[1:] if argv is None else argv)
+
+
+def resume_args(argv: list[str]) -> str:
+    """`argv` without --force (and run's stage after it), shell-quoted."""
+    import shlex
+
+    args = list(argv)
+    keep = []
+    skip_next = False
+    for i, a in enumerate(args):
+        if skip_next:
+            skip_next = False
+            continue
+        if a == "--force":
+            # run's (and a job's) --force takes a stage name; a one-stage command's is a bare flag
+            skip_next = i + 1 < len(args) and not args[i + 1].startswith("-") and "=" not in args[i + 1] \
+                and (args[0] in ("run", "demo") or args[i + 1] in STAGES_NAMES)
+            continue
+        if a.startswith("--force="):
+            continue
+        keep.append(a)
+    return " ".join(shlex.quote(a) for a in keep)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,6 +175,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         _parser().print_help()
         return 2
+    from meddap.raytools import interrupt_on_sigterm
+
+    # timeout, Slurm, Kubernetes and spot preemption send SIGTERM: stop as Ctrl-C does
+    with interrupt_on_sigterm():
+        return _main(args, argv)
+
+
+def _main(args, argv: list[str] | None) -> int:
     t0 = time.perf_counter()
     try:
         if args.command == "phantom":
@@ -130,7 +196,14 @@ def main(argv: list[str] | None = None) -> int:
                           keep_work=args.keep_work)
             return 0
         if args.command == "config":
-            print(load_config(args.config, args.overrides).to_yaml(), end="")
+            cfg = load_config(args.config, args.overrides)
+            sys.stdout.write(cfg.to_yaml(header=True))
+            return 0
+        if args.command == "status":
+            cfg = load_config(args.config, args.overrides)
+            from meddap.status import show_status
+
+            show_status(cfg)
             return 0
         if args.command == "bench":
             overrides, rest = _split_overrides(args.rest)
@@ -142,15 +215,21 @@ def main(argv: list[str] | None = None) -> int:
                               f"`python -m meddap run --config {args.config} ...`.")
         config = "demo" if args.command == "demo" else args.config
         cfg = load_config(config, args.overrides)
-        fn = _load(STAGES[args.command][0])
-        if args.command in ("run", "demo"):
-            fn(cfg, force=args.force)
-        else:
-            fn(cfg)
-        print(f"[meddap] {args.command} finished in {time.perf_counter() - t0:.1f}s; outputs under {cfg.run_dir}")
+        with logs.console(cfg.run_dir, args.command, verbose=args.verbose):
+            if args.command in ("run", "demo"):
+                _load(STAGES[args.command][0])(cfg, force=args.force)
+            else:
+                # One stage with the pipeline's bookkeeping: skipped when its record says done, refused when
+                # its settings or inputs changed since (unless --force), recorded when it finishes.
+                from meddap.stages.pipeline import run_stages
+
+                run_stages(cfg, (args.command,), force=[args.command] if args.force else ())
+            where = logs.ray_log_dir()
+            logs.say(f"[meddap] {args.command} finished in {time.perf_counter() - t0:.1f}s; outputs under "
+                     f"{cfg.run_dir}" + (f"; Ray's own messages: {where}" if where else ""))
         return 0
     except BaseException as e:  # noqa: BLE001 - user-facing errors become one line; bugs re-raise
-        return user_error_exit(f"meddap {args.command}", e)
+        return user_error_exit(f"meddap {args.command}", e, resume=_command_line(argv))
 
 
 if __name__ == "__main__":

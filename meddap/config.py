@@ -57,7 +57,7 @@ def _check(cond: bool, key: str, value: Any, allowed: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Sections. Each field's `help` is the documentation README's config table is made from.
+# Sections. Each field's `help` is the documentation docs/configuration.md's key table is made from.
 # ---------------------------------------------------------------------------------------------
 def _f(default: Any, help: str) -> Any:
     """A field with documentation; mutable defaults (lists, dicts, sections) are copied per instance."""
@@ -67,6 +67,16 @@ def _f(default: Any, help: str) -> Any:
 
 
 SOURCES = ("busi", "imagefolder", "manifest", "phantom")
+
+# classify.gpus_per_trial=auto on a cluster with (or able to add) GPUs: 4 classifier trials share a GPU
+# (one trial of the paper's ResNet34 at batch 32 uses a fraction of a modern GPU; paper.yaml packs 4 too).
+AUTO_GPUS_PER_TRIAL = 0.25
+
+# Keys that were replaced: naming one gives an error that says what to write instead.
+_RENAMED = {
+    "classify.checkpoint_every": "classify.checkpoint_seconds (trial checkpoints are taken by time now, "
+                                 "e.g. classify.checkpoint_seconds=60; 0 = every epoch)",
+}
 
 
 @dataclass
@@ -87,15 +97,28 @@ class ExternalDataConfig:
         None, "Source of the unseen test set (Dataset B); null = none.")
     root: Optional[str] = _f(None, "Folder or manifest file of Dataset B (not needed for 'phantom').")
     split: Optional[str] = _f("val", "For 'imagefolder' with root/<split>/<class>/: which split to read (Kaggle: val).")
+    images_root: Optional[str] = _f(None, "For 'manifest': the folder every listed image must lie in. Relative paths are read from it, absolute paths and paths with .. that leave it are refused. null = the manifest file's folder for relative paths (which must not leave it with ..); absolute paths are then taken as they are.")
     phantom: PhantomConfig = field(
         default_factory=lambda: PhantomConfig(per_class=40, variant="shifted", seed=1),
         metadata={"help": "Phantom settings when external.source is 'phantom'."})
+    exclude_overlap: bool = _f(
+        True, "true: Dataset B images that copy a Dataset A image (manifest column a_overlap) are left out of the "
+              "external evaluation and Table 3; the report also gives Table 3 on all of Dataset B.")
+    match_min_correlation: float = _f(
+        0.9, "A Dataset B image copies a Dataset A image when their 32x32 thumbnails correlate at least this much "
+             "after the best alignment (rotation by 90/180/270 or a small angle, mirror, zoom). Unrelated phantom "
+             "scans stay below 0.82; rotated, mirrored, rescaled and sharpened copies reach 0.94-1.0.")
+    match_max_angle: float = _f(15.0, "Largest small rotation (degrees, either way) searched when matching B to A.")
 
     def validate(self, prefix: str) -> None:
         if self.source not in (None, "phantom"):
             _check(bool(self.root), f"{prefix}.root", self.root,
                    f"a folder or file path when {prefix}.source is '{self.source}'")
         self.phantom.validate(f"{prefix}.phantom")
+        _check(0.0 < self.match_min_correlation <= 1.0, f"{prefix}.match_min_correlation",
+               self.match_min_correlation, "a number in (0, 1]")
+        _check(0.0 <= self.match_max_angle <= 45.0, f"{prefix}.match_max_angle", self.match_max_angle,
+               "a number of degrees in [0, 45] (larger turns are covered by the 90-degree rotations)")
 
 
 @dataclass
@@ -104,6 +127,7 @@ class DataConfig:
         "phantom", "Where Dataset A comes from: busi | imagefolder | manifest | phantom.")
     root: Optional[str] = _f(None, "Folder (busi, imagefolder) or CSV/Parquet file (manifest) of Dataset A.")
     split: Optional[str] = _f(None, "For 'imagefolder' with root/<split>/<class>/: which split to read.")
+    images_root: Optional[str] = _f(None, "For 'manifest': the folder every listed image must lie in. Relative paths are read from it, absolute paths and paths with .. that leave it are refused. null = the manifest file's folder for relative paths (which must not leave it with ..); absolute paths are then taken as they are.")
     classes: list[str] = _f(["benign", "malignant", "normal"],
                             "Class names in label order: label id = position here, never folder order.")
     folds: int = _f(5, "K of the K-fold cross-validation on the non-test images.")
@@ -162,11 +186,18 @@ class DiffusionTrainConfig:
     lr: float = _f(1e-4, "AdamW learning rate, constant schedule.")
     batch_size: int = _f(1, "Images per optimizer step per worker (paper: 1).")
     num_workers: int = _f(1, "Ray Train workers (DDP over the LoRA parameters).")
-    use_gpu: bool = _f(False, "Give each Ray Train worker one GPU.")
+    min_workers: Optional[int] = _f(
+        None, "Elastic fine-tuning: a number below num_workers lets Ray Train start or continue with as few as this "
+              "many workers when the cluster has fewer (a node lost); each step then averages over the workers in "
+              "use, so the effective batch is batch_size x workers (docs/faults.md). null = exactly num_workers.")
+    use_gpu: Union[Literal["auto"], bool] = _f(
+        "auto", "One GPU per Ray Train worker. auto: yes when the Ray cluster has GPUs or its autoscaler can add "
+                "GPU nodes (docs/gpu.md); a GPU-sized base model then never falls back to the CPU silently.")
     max_failures: int = _f(1, "Times Ray Train restarts a failed worker group from the last checkpoint.")
     random_flip: bool = _f(True, "Random horizontal flip of training images.")
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = _f(
-        "auto", "auto: fp16 on CUDA, fp32 on CPU. The LoRA weights stay fp32.")
+        "auto", "auto: bf16 without loss scaling on GPUs with native bf16 (Ampere+), else fp16 with loss scaling; "
+                "fp32 on CPU. bf16 where it is only emulated (Turing) runs as fp16. The LoRA weights stay fp32.")
     gradient_checkpointing: bool = _f(False, "Recompute UNet activations in the backward pass (less memory, slower).")
     cache_latents: bool = _f(True, "Encode images (and their flips) and prompts once, not every step.")
     seed: int = _f(0, "Seed of noise, timesteps, flips and LoRA init.")
@@ -176,13 +207,20 @@ class DiffusionTrainConfig:
         _check(self.lr > 0, f"{prefix}.lr", self.lr, "a positive number")
         _check(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, "an integer >= 1")
         _check(self.num_workers >= 1, f"{prefix}.num_workers", self.num_workers, "an integer >= 1")
+        _check(self.min_workers is None or 1 <= self.min_workers <= self.num_workers, f"{prefix}.min_workers",
+               self.min_workers, f"null or an integer in [1, num_workers={self.num_workers}]")
         _check(self.max_failures >= -1, f"{prefix}.max_failures", self.max_failures, "an integer >= -1 (-1: forever)")
 
 
 @dataclass
 class DiffusionConfig:
     base_model: str = _f("CompVis/stable-diffusion-v1-4",
-                         "Hub id or local diffusers folder; 'builtin:tiny' builds a few-MB SD into <run_dir>/models/.")
+                         "Hub id (from the Hugging Face cache or the hub), a local diffusers folder, or a single-file "
+                         "checkpoint (sd-v1-4.ckpt / .safetensors); 'builtin:tiny' builds a few-MB SD into "
+                         "<run_dir>/models/.")
+    single_file_config: Optional[str] = _f(
+        None, "For a single-file base_model: the diffusers folder or hub id whose configs and tokenizer describe it "
+              "(a checkpoint holds neither); null = CompVis/stable-diffusion-v1-4 from the Hugging Face cache.")
     resolution: int = _f(224, "Training (and default generation) resolution in pixels (paper: 224).")
     prompt_template: str = _f("ultrasound image of {class_phrase} tumor in the breast",
                               "Training prompt per class; must contain {class_phrase}.")
@@ -212,12 +250,23 @@ class GenerateConfig:
     scheduler: Optional[str] = _f(None, "null = the base model's scheduler; or a diffusers scheduler class name.")
     resolution: Optional[int] = _f(None, "null = diffusion.resolution (not the pipeline's 512 default).")
     precision: Literal["auto", "fp32", "fp16", "bf16"] = _f("auto", "auto: fp16 on CUDA, fp32 on CPU.")
+    use_gpu: Union[Literal["auto"], bool] = _f(
+        "auto", "Generation actors on GPUs (generate.num_gpus_per_worker each). auto: yes when the Ray cluster has "
+                "GPUs or its autoscaler can add GPU nodes; the pool then asks for GPUs even while none are up.")
     batch_size: int = _f(16, "Prompts per pipeline call.")
     workers: Optional[int] = _f(None, "Ray Data actors; null = one per GPU, or on CPU a pool that leaves CPUs free.")
     num_gpus_per_worker: float = _f(1.0, "GPUs per actor when GPUs are present.")
     cpus_per_worker: float = _f(1.0, "CPUs per actor on a CPU-only cluster (also its torch threads, at least 1); "
                                      "the pool always leaves >= 1 CPU free for Ray Data's own tasks.")
     seed: int = _f(0, "Run seed from which each image's seed is derived.")
+    mode: Literal["txt2img", "img2img"] = _f(
+        "txt2img", "txt2img: from noise (the paper). img2img: each image starts from one real training image of its "
+                   "fold (never validation or test), chosen by a seeded balanced draw; docs/controls.md.")
+    strength: float = _f(0.75, "img2img only: how much of the source is replaced by noise (0 keeps it, 1 ignores it); "
+                               "int(steps x strength) denoising steps run.")
+    filter_overgenerate: float = _f(
+        0.0, "Extra images per (fold, adjective, class) beyond the largest ratio's count, as a share of it (rounded "
+             "up): spares a label-fidelity filter tops counts up from; unfiltered trials never use them.")
 
     def validate(self, prefix: str) -> None:
         _check("{class_phrase}" in self.prompt_template, f"{prefix}.prompt_template", self.prompt_template,
@@ -250,6 +299,14 @@ class GenerateConfig:
                "a number in (0, 8]")
         _check(0 < self.cpus_per_worker <= 256, f"{prefix}.cpus_per_worker", self.cpus_per_worker,
                "a number in (0, 256]")
+        _check(0 < self.strength <= 1, f"{prefix}.strength", self.strength, "a number in (0, 1]")
+        if self.mode == "img2img":
+            # diffusers runs int(steps * strength) steps; 0 steps would return the source's noised latents.
+            _check(int(self.steps * self.strength) >= 1, f"{prefix}.strength", self.strength,
+                   f"a value with int(generate.steps x strength) >= 1 (generate.steps = {self.steps}); raise "
+                   "one of them")
+        _check(0 <= self.filter_overgenerate <= 10, f"{prefix}.filter_overgenerate", self.filter_overgenerate,
+               "a share in [0, 10] (0.25 = a quarter more images)")
 
 
 @dataclass
@@ -262,14 +319,26 @@ class ClassifyConfig:
     lr: float = _f(1e-3, "Adam learning rate (paper: 1e-3).")
     image_size: Optional[int] = _f(None, "null = data.image_size.")
     random_flip: bool = _f(True, "Random horizontal flip during training.")
-    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = _f("auto", "auto: bf16/fp16 autocast on CUDA, fp32 on CPU.")
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = _f(
+        "auto", "auto: bf16 autocast on GPUs with native bf16, else fp16 with loss scaling; fp32 on CPU.")
     cpus_per_trial: float = _f(1.0, "CPUs each Tune trial claims.")
-    gpus_per_trial: float = _f(0.0, "GPU fraction each trial claims (e.g. 0.25 packs 4 trials on a GPU).")
+    gpus_per_trial: Union[Literal["auto"], float] = _f(
+        "auto", f"GPU fraction each trial claims (e.g. 0.25 packs 4 trials on a GPU; 0 = CPU). auto: "
+                f"{AUTO_GPUS_PER_TRIAL:g} when the Ray cluster has GPUs or its autoscaler can add GPU nodes, else 0.")
     max_concurrent_trials: Optional[int] = _f(None, "null = as many as resources allow.")
     max_failures: int = _f(2, "Retries of a failed trial (from its last checkpoint).")
-    checkpoint_every: int = _f(5, "Epochs between trial checkpoints.")
+    checkpoint_seconds: float = _f(
+        60.0, "Seconds of training between trial checkpoints (taken at the end of an epoch; 0 = every epoch). "
+              "By time, not epochs: an epoch of the paper takes ~0.2 s on an H100, a checkpoint ~350 MB.")
     threads_per_trial: Optional[int] = _f(None, "torch CPU threads in a trial; null = cpus_per_trial.")
-    seed: int = _f(0, "Base seed; each trial's seed is derived from it and the trial's settings.")
+    seed: int = _f(0, "Base seed; a trial's seed (initial weights, data order, flips) is derived from it and the "
+                      "trial's classifier, fold and repeat only, so every adjective and ratio starts alike "
+                      "(common random numbers).")
+    repeats: int = _f(1, "Trials per (classifier, adjective, ratio, fold) cell, each repeat with new seeds; the "
+                         "statistics pair augmented and real-only trials by (fold, repeat).")
+    channels: Literal["rgb", "grey"] = _f(
+        "grey", "rgb: images reach the classifiers (and FID) in colour, as the authors fed them: synthetic images "
+                "as generated, grey real images replicated to 3 channels; grey: every image converted to grey.")
     save_models: Literal["none", "fold0", "all"] = _f(
         "fold0", "Which trials keep their best-epoch weights (report's Grad-CAM uses fold 0).")
 
@@ -281,12 +350,15 @@ class ClassifyConfig:
         if self.image_size is not None:
             _check(16 <= self.image_size <= 2048, f"{prefix}.image_size", self.image_size, "null or [16, 2048]")
         _check(self.cpus_per_trial > 0, f"{prefix}.cpus_per_trial", self.cpus_per_trial, "a number > 0")
-        _check(self.gpus_per_trial >= 0, f"{prefix}.gpus_per_trial", self.gpus_per_trial, "a number >= 0")
+        _check(self.gpus_per_trial == "auto" or self.gpus_per_trial >= 0, f"{prefix}.gpus_per_trial",
+               self.gpus_per_trial, "auto or a number >= 0")
         if self.max_concurrent_trials is not None:
             _check(self.max_concurrent_trials >= 1, f"{prefix}.max_concurrent_trials", self.max_concurrent_trials,
                    "null or an integer >= 1")
         _check(self.max_failures >= 0, f"{prefix}.max_failures", self.max_failures, "an integer >= 0")
-        _check(self.checkpoint_every >= 1, f"{prefix}.checkpoint_every", self.checkpoint_every, "an integer >= 1")
+        _check(self.checkpoint_seconds >= 0, f"{prefix}.checkpoint_seconds", self.checkpoint_seconds,
+               "a number of seconds >= 0")
+        _check(1 <= self.repeats <= 100, f"{prefix}.repeats", self.repeats, "an integer in [1, 100]")
 
 
 # fid.features names (meddap.fid.FEATURE_EXTRACTORS describes them); anything path-like is a TorchScript file.
@@ -306,6 +378,9 @@ class FidConfig:
                      "TorchScript encoder (.pt). FIDs from different extractors are not comparable.")
     dims: Literal[64, 192, 768, 2048] = _f(2048, "InceptionV3 feature size (pytorch-fid block): 64, 192, 768 or 2048 "
                                                  "(features=inception only; other extractors have their own).")
+    extra_dims: list[int] = _f([], "Further Inception feature sizes reported beside `dims`, each labelled with its "
+                                   "dims (the paper's FID magnitudes suggest 64); the memorisation check uses `dims` "
+                                   "only; other fid.features have one size.")
     weights: Optional[str] = _f(None, "Path of pytorch-fid's pt_inception weights file; null = torch hub's cache.")
     batch_size: int = _f(50, "Images per Inception forward pass.")
     kid_subset_size: int = _f(100, "Subset size for KID's unbiased MMD estimate.")
@@ -328,6 +403,9 @@ class FidConfig:
             _check(self.judge in FIDELITY_JUDGES, f"{prefix}.judge", self.judge,
                    f"null or one of {', '.join(FIDELITY_JUDGES)}")
         _check(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, "an integer >= 1")
+        _check(all(d in (64, 192, 768, 2048) for d in self.extra_dims) and len(set(self.extra_dims)) == len(self.extra_dims)
+               and self.dims not in self.extra_dims, f"{prefix}.extra_dims", self.extra_dims,
+               "a list of distinct sizes from 64, 192, 768, 2048, without fid.dims")
         _check(self.kid_subset_size >= 2, f"{prefix}.kid_subset_size", self.kid_subset_size, "an integer >= 2")
         _check(self.kid_subsets >= 1, f"{prefix}.kid_subsets", self.kid_subsets, "an integer >= 1")
         _check(self.memorization_threshold >= 0, f"{prefix}.memorization_threshold",
@@ -338,23 +416,47 @@ class FidConfig:
 class ReportConfig:
     gradcam_images: int = _f(4, "Test images shown in the Grad-CAM figure per architecture.")
     contact_sheet_per_cell: int = _f(4, "Synthetic samples per (adjective, class) cell of a contact sheet.")
+    bootstrap_samples: int = _f(10000, "Draws of the paired bootstrap over test images (Tables 2 and 3); >= 10,000.")
+    seed: int = _f(0, "Seed of the bootstrap draws.")
 
     def validate(self, prefix: str) -> None:
         _check(self.gradcam_images >= 1, f"{prefix}.gradcam_images", self.gradcam_images, "an integer >= 1")
         _check(self.contact_sheet_per_cell >= 1, f"{prefix}.contact_sheet_per_cell",
                self.contact_sheet_per_cell, "an integer >= 1")
+        _check(self.bootstrap_samples >= 10000, f"{prefix}.bootstrap_samples", self.bootstrap_samples,
+               "an integer >= 10000 (fewer draws make the 2.5 % tails and small p-values noisy)")
 
 
 @dataclass
 class RayConfig:
-    address: Optional[str] = _f(None, "null: join the cluster if one runs (RAY_ADDRESS), else start a local Ray.")
+    address: Optional[str] = _f(
+        None, "null: start a fresh local Ray, unless RAY_ADDRESS is set (as `ray job submit` sets it), then join "
+              "that; auto: join the Ray cluster running on this machine (the one `ray start --head` started last); "
+              "host:port or ray://host:port: join that cluster.")
     num_cpus: Optional[int] = _f(None, "CPUs of a locally started Ray; null = all.")
     storage_path: Optional[str] = _f(None, "Ray Train/Tune storage; null = <run_dir>/ray.")
+    autoscaling_config: Optional[str] = _f(
+        None, "The autoscaler's cluster config on the driver's node, read to learn whether GPU nodes can be added "
+              "(GPU settings 'auto'); null = ~/ray_bootstrap_config.yaml, where `ray up` puts it on the head.")
+    connect_timeout_s: float = _f(
+        30.0, "Seconds to wait for the cluster named by ray.address (or RAY_ADDRESS) to answer before giving up "
+              "with an error, instead of Ray's endless retries.")
+
+    def validate(self, prefix: str) -> None:
+        _check(self.connect_timeout_s > 0, f"{prefix}.connect_timeout_s", self.connect_timeout_s, "a number > 0")
+        _check(self.num_cpus is None or self.num_cpus >= 1, f"{prefix}.num_cpus", self.num_cpus,
+               "null or an integer >= 1")
+        _check(self.address is None or bool(self.address.strip()), f"{prefix}.address", self.address,
+               "null, 'auto', 'local', host:port or ray://host:port")
 
 
 @dataclass
 class Config:
     run_dir: str = _f("runs/default", "Where everything the run writes goes: a local path or s3:// / gs:// URI.")
+    lock_stale_s: float = _f(
+        600.0, "One process writes a run_dir at a time (lock file run_dir/meddap.lock, refreshed every quarter of "
+               "this). A lock whose owner runs on another host and has not refreshed it for this many seconds is "
+               "taken over; a dead owner on this host is detected at once.")
     data: DataConfig = _f(DataConfig(), "Datasets, splits and the leakage audit.")
     diffusion: DiffusionConfig = _f(DiffusionConfig(), "Base model and USLoRA fine-tuning.")
     generate: GenerateConfig = _f(GenerateConfig(), "Synthetic image generation.")
@@ -366,12 +468,14 @@ class Config:
 
     def validate(self) -> "Config":
         _check(bool(self.run_dir), "run_dir", self.run_dir, "a path or URI")
+        _check(self.lock_stale_s >= 10, "lock_stale_s", self.lock_stale_s, "a number of seconds >= 10")
         self.data.validate("data")
         self.diffusion.validate("diffusion")
         self.generate.validate("generate")
         self.classify.validate("classify")
         self.fid.validate("fid")
         self.report.validate("report")
+        self.ray.validate("ray")
         missing = [c for c in self.data.classes if c not in self.diffusion.class_phrases]
         _check(not missing, "diffusion.class_phrases", self.diffusion.class_phrases,
                f"a phrase for every class in data.classes (missing: {missing})")
@@ -385,8 +489,17 @@ class Config:
     def from_dict(cls, d: dict, *, source: str = "<dict>") -> "Config":
         return _build(cls, d, "", source).validate()
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+    def to_yaml(self, header: bool = False) -> str:
+        """The settings as YAML, without `name`: a saved config is named after its file when loaded
+        (`config --config demo > mine.yaml`, then `--config mine.yaml`, calls itself 'mine')."""
+        d = self.to_dict()
+        d.pop("name", None)
+        body = yaml.safe_dump(d, sort_keys=False)
+        if not header:
+            return body
+        return (f"# meddap config: the effective settings of '{self.name}' (python -m meddap config).\n"
+                f"# Saved to a file and loaded with --config FILE, it is named after the file; add a line\n"
+                f"# `name: ...` to name it otherwise.\n" + body)
 
     @property
     def classify_image_size(self) -> int:
@@ -476,6 +589,9 @@ def _build(cls: type, d: dict, prefix: str, source: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in d if k not in names]
+    for k in unknown:
+        if prefix + k in _RENAMED:
+            raise ConfigError(f"config key '{prefix}{k}' (from {source}) was replaced by {_RENAMED[prefix + k]}.")
     if unknown:
         k = unknown[0]
         import difflib
@@ -502,8 +618,12 @@ def _resolve(name_or_path: str) -> Path:
     p = Path(name_or_path).expanduser()
     if p.is_file():
         return p
+    import difflib
+
+    close = difflib.get_close_matches(name_or_path, list(shipped), n=1, cutoff=0.6)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
     raise ConfigError(f"config '{name_or_path}' is neither a shipped config ({', '.join(shipped)}) "
-                      f"nor an existing YAML file.")
+                      f"nor an existing YAML file.{hint}")
 
 
 def _parse_override(text: str) -> tuple[str, Any]:
@@ -594,7 +714,7 @@ def load_config(name_or_path: str = "demo", overrides: list[str] | tuple[str, ..
 
 
 def iter_keys(cls: type = Config, prefix: str = ""):
-    """(dotted key, type name, default, help) for every leaf key: README's config table."""
+    """(dotted key, type name, default, help) for every leaf key: docs/configuration.md's key table (tools/build_docs.py)."""
     for f in dataclasses.fields(cls):
         tp = typing.get_type_hints(cls)[f.name]
         if dataclasses.is_dataclass(tp):

@@ -7,6 +7,7 @@ Everything here is plain numpy / PyTorch and knows nothing of Ray or the run dir
     cubic polynomial kernel, averaged over random subsets (better behaved than FID on a few hundred images);
   - `memorization(synth, real, threshold)`: each synthetic image's nearest real image, flagged as a near
     copy when closer than `threshold` x the median real-real nearest-neighbour distance;
+  - `source_distance(synth, sources)`: each img2img image's distance to its own source image (row by row);
   - `load_inception(dims, weights, device)`: pytorch-fid's InceptionV3 as a (B, 3, H, W) -> (B, dims)
     extractor, from `fid.weights` or torch hub's cache, never downloaded behind the user's back when
     absent: `MissingWeightsError` says what is missing and where to put it;
@@ -47,6 +48,7 @@ __all__ = [
     "fid_from_features",
     "kernel_inception_distance",
     "memorization",
+    "source_distance",
     "InceptionFeatures",
     "inception_weights_path",
     "load_inception",
@@ -55,8 +57,8 @@ __all__ = [
 
 # pytorch-fid's port of the TensorFlow FID Inception (the file name torch hub caches it under).
 INCEPTION_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
-# pytorch-fid resizes every input to Inception's native 299 x 299 itself; images are read at this
-# size so real and synthetic images go through the same single resampling.
+# Inception's native input side; pytorch-fid's InceptionV3 resizes every input to it (bilinear). The fid
+# stage reads real and synthetic images at the generation resolution first (one Pillow filter for both).
 INCEPTION_INPUT_SIZE = 299
 
 
@@ -189,6 +191,17 @@ def memorization(synth: np.ndarray, real: np.ndarray, threshold: float) -> dict[
             "threshold_distance": limit, "flagged": distance < limit}
 
 
+def source_distance(synth: np.ndarray, sources: np.ndarray) -> np.ndarray:
+    """(N,) Euclidean distance between row i of `synth` and row i of `sources`: an img2img image and the
+    real image it started from. Compared with `memorization`'s threshold_distance, it says whether an
+    image is a near copy of its own source, which the nearest-real check alone can miss when another
+    real image happens to be closer."""
+    s, r = np.asarray(synth, np.float64), np.asarray(sources, np.float64)
+    if s.shape != r.shape:
+        raise ValueError(f"source_distance needs one source per synthetic image: shapes {s.shape} vs {r.shape}")
+    return np.sqrt(((s - r) ** 2).sum(axis=1)) if s.size else np.zeros(s.shape[0])
+
+
 # ---------------------------------------------------------------------------------------------
 # Feature extractors
 # ---------------------------------------------------------------------------------------------
@@ -279,15 +292,16 @@ def extract_features(paths: Sequence[str], extractor: nn.Module, batch_size: int
                      device: str | torch.device = "cpu",
                      reader: Callable[[str, int], np.ndarray] | None = None,
                      progress: Callable[[int], None] | None = None) -> np.ndarray:
-    """(N, D) float64 features of image files, read as the canonical grey (H, W) uint8 at `image_size`
-    and replicated to 3 channels in [0, 1] (what pytorch-fid's Inception expects)."""
+    """(N, D) float64 features of image files, read at `image_size` as the canonical grey (H, W) uint8
+    (replicated to 3 channels) or, from a colour reader, (H, W, 3) uint8; in [0, 1] (what pytorch-fid's
+    Inception expects)."""
     read = reader or _default_reader
     extractor = extractor.eval().to(device)
     chunks = []
     for start in range(0, len(paths), batch_size):
-        batch = np.stack([read(p, image_size) for p in paths[start:start + batch_size]])  # (B, H, W) uint8
+        batch = np.stack([read(p, image_size) for p in paths[start:start + batch_size]])  # (B, H, W[, 3]) uint8
         x = torch.from_numpy(batch).to(device=device, dtype=torch.float32).div_(255.0)
-        x = x[:, None].expand(-1, 3, -1, -1)                                                 # (B, 3, H, W)
+        x = x[:, None].expand(-1, 3, -1, -1) if x.ndim == 3 else x.permute(0, 3, 1, 2)    # (B, 3, H, W)
         feats = extractor(x)                                                                 # (B, D)
         chunks.append(feats.reshape(feats.shape[0], -1).double().cpu().numpy())
         if progress is not None:

@@ -5,7 +5,7 @@ run_dir/
   models/tiny-sd/                                    builtin tiny base model (diffusion.base_model=builtin:tiny)
   adapters/fold-<k>/ | adapters/all/                 finetune (pytorch_lora_weights.safetensors, adapter.json, loss.parquet)
   synthetic/manifest.parquet, synthetic/<adapter>/<adjective>/<class>/<index>.png, synthetic/contact-<adapter>.png
-  summary/{trials,predictions,fid,table1,table2,table3,fig1a,rank_selection}.parquet
+  summary/{trials,predictions,fid,table1,table2,table3,table3_full,fig1a,rank_selection}.parquet
   figures/*.png, report.md, report.html              report
   ray/                                               Ray Train / Tune storage (checkpoints)
   stages/<stage>.json                                what each stage ran with (config + input hashes)
@@ -14,8 +14,6 @@ run_dir/
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from meddap.storage import join
 
 __all__ = ["RunLayout", "adjective_slug", "adapter_name"]
 
@@ -35,6 +33,8 @@ class RunLayout:
     run_dir: str
 
     def path(self, *parts: str) -> str:
+        from meddap.storage import join  # pyarrow: not at import, so config checks run without it (bench gpu)
+
         return join(self.run_dir, *parts)
 
     # prepare

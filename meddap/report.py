@@ -3,14 +3,24 @@
   table1(trials, fid)   mean and std over folds of test accuracy per classifier x adjective x ratio
                         (real-only rows included, adjective null, ratio 0), with each adjective's overall
                         FID / KID (mean over folds; null when FID is missing)
-  table2(trials)        per classifier: real-only vs its best augmented (adjective, ratio), the best chosen
+  table2(trials, predictions)
+                        per classifier: real-only vs its best augmented (adjective, ratio), the best chosen
                         on mean VALIDATION accuracy over folds (never on test: choosing on the scores you
-                        report inflates the gain); test accuracy/sensitivity/specificity/precision/F1 means,
-                        paired t-test over folds on test accuracy, mean difference and its 95 % CI
-  table3(trials)        the same comparison on the external set (Dataset B) accuracy, same chosen setting
+                        report inflates the gain) out of `n_settings_compared` candidates; test
+                        accuracy/sensitivity/specificity/precision/F1 means; on test accuracy: the fold
+                        t-test (paired by fold and repeat: mean difference, its 95 % t-interval ci_low/ci_high,
+                        t_statistic, p_value), the paired bootstrap over test images (boot_ci_low,
+                        boot_ci_high, boot_p; meddap.stats) and p_holm (boot_p Holm-adjusted over the
+                        classifiers of the table)
+  table3(trials, predictions, full=False)
+                        the same comparison on the external set (Dataset B) accuracy, same chosen setting;
+                        n_used / n_excluded external images (B copies of A images, left out under
+                        data.external.exclude_overlap); full=True scores all of Dataset B
   fig1a(synthetic_eval) real-only classifiers' accuracy on each adjective's synthetic set, mean over folds
 
-Nothing is re-derived by hand: every number is a pandas aggregate or a scipy test of trials.parquet rows.
+Trials pair by (fold, repeat): common random numbers make a cell's augmented and real-only trials start
+alike (meddap.classify.trial.trial_seed). Nothing is re-derived by hand: every number is a pandas
+aggregate, a scipy test of trials.parquet rows or a bootstrap of predictions.parquet rows.
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ from scipy import stats
 from meddap import storage
 from meddap.errors import MeddapError
 from meddap.layout import RunLayout
+from meddap.stats import correctness_matrices, holm, paired_bootstrap
 
 __all__ = [
     "METRICS",
@@ -33,6 +44,8 @@ __all__ = [
     "table2",
     "table3",
     "fig1a",
+    "crn_violations",
+    "EXTERNAL_SETS",
 ]
 
 METRICS = ["accuracy", "sensitivity", "specificity", "precision", "f1"]
@@ -41,6 +54,9 @@ CONFIDENCE = 0.95
 # Paired differences whose spread is below this (relative) are identical up to float round-off.
 _DEGENERATE = 1e-9
 _TRIAL_COLUMNS = ["trial_id", "classifier", "adjective", "ratio", "fold", "eval_set", *METRICS]
+# Eval sets of Dataset B: the images used, and the copies of Dataset A images set apart (exclude_overlap).
+EXTERNAL_SETS = ("external", "external_overlap")
+_PAIR = ["fold", "repeat"]
 
 
 def load_trials(run_dir: str) -> pd.DataFrame:
@@ -61,7 +77,10 @@ def _normalise(trials: pd.DataFrame) -> pd.DataFrame:
     """adjective as plain objects with None for real-only: pandas' nullable string dtype (the sweep's)
     makes `== "dark"` yield NA on real-only rows, which cannot index a frame."""
     adj = trials["adjective"].astype(object)
-    return trials.assign(adjective=adj.where(trials["adjective"].notna(), None))
+    out = trials.assign(adjective=adj.where(trials["adjective"].notna(), None))
+    if "repeat" not in out:  # sweeps before classify.repeats: one repeat, number 0
+        out = out.assign(repeat=0)
+    return out.assign(repeat=out["repeat"].fillna(0).astype(int))
 
 
 def _real_only(trials: pd.DataFrame) -> pd.Series:
@@ -80,7 +99,8 @@ def _need_baselines(trials: pd.DataFrame, eval_set: str, classifiers: list[str],
 
 def best_settings(trials: pd.DataFrame) -> pd.DataFrame:
     """Per classifier, the augmented (adjective, ratio) with the highest mean validation accuracy over
-    folds: columns classifier, adjective, ratio, val_accuracy, n_val_folds, selected_by.
+    folds (and repeats): columns classifier, adjective, ratio, val_accuracy, n_val_folds, selected_by,
+    n_settings_compared (how many (adjective, ratio) candidates it was chosen from).
     Ties go to the smaller ratio, then the adjective first in alphabetical order (deterministic)."""
     trials = _normalise(trials)
     aug = trials[~_real_only(trials)]
@@ -95,12 +115,17 @@ def best_settings(trials: pd.DataFrame) -> pd.DataFrame:
                               ascending=[True, False, True, True])
     best = means.groupby("classifier", sort=True).head(1).reset_index(drop=True)
     best["selected_by"] = SELECTED_BY
-    return best[["classifier", "adjective", "ratio", "val_accuracy", "n_val_folds", "selected_by"]]
+    best["n_settings_compared"] = best["classifier"].map(means.groupby("classifier").size()).astype(int)
+    return best[["classifier", "adjective", "ratio", "val_accuracy", "n_val_folds", "selected_by",
+                 "n_settings_compared"]]
 
 
-def table1(trials: pd.DataFrame, fid: pd.DataFrame | None = None) -> pd.DataFrame:
-    """classifier, adjective, ratio, accuracy_mean, accuracy_std, n_folds, fid, kid, fid_folds."""
+def table1(trials: pd.DataFrame, fid: pd.DataFrame | None = None, dims: int | None = None) -> pd.DataFrame:
+    """classifier, adjective, ratio, accuracy_mean, accuracy_std, n_folds, fid, kid, fid_folds; FID rows of
+    feature size `dims` only (fid.dims) when fid.parquet holds several."""
     trials = _normalise(trials)
+    if fid is not None and dims is not None and "dims" in fid:
+        fid = fid[fid["dims"] == dims]
     test = trials[trials["eval_set"] == "test"]
     if test.empty:
         raise MeddapError("trials.parquet has no 'test' rows: Table 1 reports test accuracy. "
@@ -122,7 +147,7 @@ def table1(trials: pd.DataFrame, fid: pd.DataFrame | None = None) -> pd.DataFram
 
 
 def _paired(aug: pd.Series, real: pd.Series) -> dict:
-    """Paired comparison of aug vs real over the folds both have (indexed by fold)."""
+    """Fold t-test of aug vs real over the (fold, repeat) pairs both have (indexed by them)."""
     folds = sorted(set(aug.dropna().index) & set(real.dropna().index))
     n = len(folds)
     out = {"n_pairs": n, "mean_difference": np.nan, "ci_low": np.nan, "ci_high": np.nan,
@@ -143,19 +168,45 @@ def _paired(aug: pd.Series, real: pd.Series) -> dict:
     return out
 
 
-def _compare(trials: pd.DataFrame, eval_set: str, metrics: list[str], table: str) -> pd.DataFrame:
+_BOOT_COLUMNS = ["boot_ci_low", "boot_ci_high", "boot_p", "boot_samples", "n_test_images", "p_holm"]
+
+
+def _bootstrap(predictions: pd.DataFrame | None, aug: pd.DataFrame, real: pd.DataFrame, eval_sets: tuple,
+               samples: int, seed: int) -> dict:
+    """boot_* columns of one comparison from the paired trials' per-image predictions."""
+    out = {"boot_ci_low": np.nan, "boot_ci_high": np.nan, "boot_p": np.nan, "boot_samples": 0, "n_test_images": 0}
+    if predictions is None:
+        return out
+    keys = sorted(set(aug.index) & set(real.index))
+    if not keys:
+        return out
+    a, r, images = correctness_matrices(predictions, aug.loc[keys, "trial_id"].astype(str).tolist(),
+                                        real.loc[keys, "trial_id"].astype(str).tolist(), eval_sets)
+    if not images:
+        return out
+    res = paired_bootstrap(a, r, samples=samples, seed=seed, confidence=CONFIDENCE)
+    return {"boot_ci_low": res.ci_low, "boot_ci_high": res.ci_high, "boot_p": res.p_value,
+            "boot_samples": res.samples, "n_test_images": res.n_images}
+
+
+def _compare(trials: pd.DataFrame, eval_set: str, metrics: list[str], table: str,
+             predictions: pd.DataFrame | None = None, eval_sets: tuple | None = None,
+             samples: int = 10_000, seed: int = 0) -> pd.DataFrame:
+    """`eval_set` names the trials.parquet rows compared; `eval_sets` the predictions.parquet eval sets
+    the bootstrap resamples (default: the same one)."""
     trials = _normalise(trials)
     classifiers = sorted(set(trials.loc[~_real_only(trials), "classifier"]))
     _need_baselines(trials, eval_set, classifiers, table)
-    best = best_settings(trials).set_index("classifier")
+    best = best_settings(trials).set_index("classifier") if classifiers else None
     rows = []
     for clf in classifiers:
         b = best.loc[clf]
         ev = trials[(trials["classifier"] == clf) & (trials["eval_set"] == eval_set)]
-        real = ev[_real_only(ev)].set_index("fold").sort_index()
-        aug = ev[(ev["adjective"] == b["adjective"]) & (ev["ratio"] == b["ratio"])].set_index("fold").sort_index()
+        real = ev[_real_only(ev)].set_index(_PAIR).sort_index()
+        aug = ev[(ev["adjective"] == b["adjective"]) & (ev["ratio"] == b["ratio"])].set_index(_PAIR).sort_index()
         row = {"classifier": clf, "eval_set": eval_set, "adjective": b["adjective"], "ratio": float(b["ratio"]),
                "selected_by": b["selected_by"], "val_accuracy": float(b["val_accuracy"]),
+               "n_settings_compared": int(b["n_settings_compared"]),
                "n_folds_real": len(real), "n_folds_aug": len(aug)}
         for m in metrics:
             row[f"real_{m}"] = real[m].mean() if len(real) else np.nan
@@ -163,31 +214,92 @@ def _compare(trials: pd.DataFrame, eval_set: str, metrics: list[str], table: str
             row[f"real_{m}_std"] = real[m].std() if len(real) else np.nan
             row[f"aug_{m}_std"] = aug[m].std() if len(aug) else np.nan
         row.update(_paired(aug["accuracy"], real["accuracy"]))
+        row.update(_bootstrap(predictions, aug, real, eval_sets or (eval_set,), samples, seed))
         rows.append(row)
-    cols = ["classifier", "eval_set", "adjective", "ratio", "selected_by", "val_accuracy", "n_folds_real",
-            "n_folds_aug", *[f"{s}_{m}{x}" for m in metrics for x in ("", "_std") for s in ("real", "aug")],
-            "n_pairs", "mean_difference", "ci_low", "ci_high", "t_statistic", "p_value"]
-    return pd.DataFrame(rows, columns=cols)
+    cols = ["classifier", "eval_set", "adjective", "ratio", "selected_by", "val_accuracy", "n_settings_compared",
+            "n_folds_real", "n_folds_aug",
+            *[f"{s}_{m}{x}" for m in metrics for x in ("", "_std") for s in ("real", "aug")],
+            "n_pairs", "mean_difference", "ci_low", "ci_high", "t_statistic", "p_value", *_BOOT_COLUMNS]
+    out = pd.DataFrame(rows, columns=cols)
+    out["p_holm"] = holm(out["boot_p"].to_numpy(float)) if len(out) else []
+    out = out.astype({"boot_samples": "int64", "n_test_images": "int64", "n_settings_compared": "int64"})
+    if predictions is None:
+        out.attrs["note"] = (f"{table}: summary/predictions.parquet is absent, so the paired bootstrap over test "
+                             f"images (boot_*, p_holm) was not computed; only the fold t-test is given.")
+    elif out["boot_p"].isna().any():
+        lacking = ", ".join(out.loc[out["boot_p"].isna(), "classifier"])
+        out.attrs["note"] = (f"{table}: no paired bootstrap for {lacking}: predictions.parquet lacks per-image "
+                             f"predictions of their compared trials on {'/'.join(eval_sets or (eval_set,))}; "
+                             f"rerun those trials (`python -m meddap sweep`) to get them.")
+    return out
 
 
-def table2(trials: pd.DataFrame) -> pd.DataFrame:
-    """Real-only vs best augmented (chosen on validation) on the test set, every metric; paired t-test,
-    mean difference and 95 % CI on test accuracy over folds."""
+def table2(trials: pd.DataFrame, predictions: pd.DataFrame | None = None, samples: int = 10_000,
+           seed: int = 0) -> pd.DataFrame:
+    """Real-only vs best augmented (chosen on validation) on the test set, every metric; on test accuracy
+    the fold t-test, the paired bootstrap over test images and Holm's correction (see the module docstring)."""
     if not (~_real_only(trials)).any():
         raise MeddapError("trials.parquet has no augmented trials: Table 2 compares real-only with the best "
                           "augmented setting. Run `python -m meddap sweep` with generate.adjectives/ratios.")
-    return _compare(trials, "test", METRICS, "Table 2")
+    return _compare(trials, "test", METRICS, "Table 2", predictions, samples=samples, seed=seed)
 
 
-def table3(trials: pd.DataFrame) -> pd.DataFrame:
-    """Table 2's comparison on the external set (Dataset B) accuracy. Empty (with `attrs['note']`) when
-    the sweep evaluated no external set."""
+def _full_external(trials: pd.DataFrame) -> pd.DataFrame:
+    """trials.parquet rows with eval_set 'external_full': per trial, accuracy over every Dataset B image
+    (the used ones and the A copies set apart), weighted by n_eval. Only accuracy is combined."""
+    ext = trials[trials["eval_set"].isin(EXTERNAL_SETS)]
+    if ext.empty:
+        return ext
+    n = ext["n_eval"].astype(float) if "n_eval" in ext else pd.Series(1.0, index=ext.index)
+    keys = [c for c in ["trial_id", "classifier", "adjective", "ratio", "fold", "repeat"] if c in ext]
+    g = ext.assign(_hits=ext["accuracy"] * n, _n=n).groupby("trial_id", sort=True)
+    first = g[keys].first().reset_index(drop=True)
+    hits, total = g["_hits"].sum().to_numpy(), g["_n"].sum().to_numpy()
+    full = first.assign(eval_set="external_full", accuracy=hits / total, n_eval=total.astype(int))
+    for m in METRICS:
+        if m != "accuracy":
+            full[m] = np.nan
+    return _normalise(full)
+
+
+def _external_counts(trials: pd.DataFrame) -> tuple[int, int]:
+    """(images used, images set apart) of Dataset B, as the trials scored them."""
+    def n(eval_set: str) -> int:
+        rows = trials[trials["eval_set"] == eval_set]
+        return int(rows["n_eval"].max()) if len(rows) and "n_eval" in rows else 0
+    return n("external"), n("external_overlap")
+
+
+def table3(trials: pd.DataFrame, predictions: pd.DataFrame | None = None, samples: int = 10_000,
+           seed: int = 0, full: bool = False) -> pd.DataFrame:
+    """Table 2's comparison on the external set (Dataset B) accuracy: the images used (B copies of A images
+    left out under data.external.exclude_overlap) or, with `full`, every Dataset B image. Columns n_used and
+    n_excluded say how many. Empty (with `attrs['note']`) when the sweep evaluated no external set."""
+    trials = _normalise(trials)
+    n_used, n_excluded = _external_counts(trials)
     if not (trials["eval_set"] == "external").any():
         empty = _compare(trials.iloc[0:0], "external", ["accuracy"], "Table 3")
         empty.attrs["note"] = ("no external-set (Dataset B) rows in trials.parquet: data.external.source was "
                                "not set when the sweep ran, so robustness (Table 3) was not measured.")
-        return empty
-    return _compare(trials, "external", ["accuracy"], "Table 3")
+        return empty.assign(n_used=pd.Series(dtype="int64"), n_excluded=pd.Series(dtype="int64"))
+    if full:
+        rows = pd.concat([trials[~trials["eval_set"].isin(EXTERNAL_SETS)], _full_external(trials)],
+                         ignore_index=True)
+        out = _compare(rows, "external_full", ["accuracy"], "Table 3 (all of Dataset B)", predictions,
+                       eval_sets=EXTERNAL_SETS, samples=samples, seed=seed)
+        return out.assign(n_used=n_used + n_excluded, n_excluded=0)
+    out = _compare(trials, "external", ["accuracy"], "Table 3", predictions, samples=samples, seed=seed)
+    return out.assign(n_used=n_used, n_excluded=n_excluded)
+
+
+def crn_violations(trials: pd.DataFrame) -> list[str]:
+    """(classifier, fold, repeat) cells whose trials were trained from different seeds: trials from a sweep
+    before common random numbers (their pairs then carry the extra variance of different initial weights)."""
+    trials = _normalise(trials)
+    if "seed" not in trials:
+        return []
+    seeds = trials.drop_duplicates("trial_id").groupby(["classifier", "fold", "repeat"])["seed"].nunique()
+    return [f"{c} fold {f} repeat {r}" for (c, f, r), k in seeds.items() if k > 1]
 
 
 def fig1a(synthetic_eval: pd.DataFrame) -> pd.DataFrame:

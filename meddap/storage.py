@@ -22,7 +22,8 @@ import pyarrow.parquet as pq
 
 __all__ = [
     "is_uri", "join", "filesystem", "exists", "makedirs", "listdir", "remove", "read_bytes", "write_bytes",
-    "read_text", "write_text", "read_parquet", "write_parquet", "local_path", "open_output",
+    "read_text", "write_text", "read_parquet", "write_parquet", "local_path", "open_output", "sha256",
+    "file_sizes",
 ]
 
 
@@ -74,6 +75,33 @@ def listdir(path: str, recursive: bool = False) -> list[str]:
     infos = fs.get_file_info(pafs.FileSelector(p, recursive=recursive))
     prefix = str(path)[: len(str(path)) - len(p)] if is_uri(path) else ""
     return sorted(prefix + i.path for i in infos if i.type == pafs.FileType.File)
+
+
+def file_sizes(path: str) -> dict[str, int]:
+    """{file path or URI: size in bytes} of every file under `path` (or of `path` itself), one listing."""
+    fs, p = filesystem(path)
+    info = fs.get_file_info(p)
+    if info.type == pafs.FileType.File:
+        return {str(path): int(info.size)}
+    if info.type == pafs.FileType.NotFound:
+        return {}
+    prefix = str(path)[: len(str(path)) - len(p)] if is_uri(path) else ""
+    return {prefix + i.path: int(i.size) for i in fs.get_file_info(pafs.FileSelector(p, recursive=True))
+            if i.type == pafs.FileType.File}
+
+
+def sha256(path: str, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes, read in chunks (adapters and image folders can be large)."""
+    import hashlib
+
+    fs, p = filesystem(path)
+    h = hashlib.sha256()
+    with fs.open_input_stream(p) as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                return h.hexdigest()
+            h.update(block)
 
 
 def remove(path: str) -> None:

@@ -43,18 +43,21 @@ def _ray_cli() -> list[str]:
     return [sys.executable, "-m", "ray.scripts.scripts"]
 
 
-def start_head(tmp: str) -> tuple[subprocess.Popen, str]:
-    """A 2-CPU head with its dashboard (hence job server) on 127.0.0.1; returns (process, dashboard URL)."""
+def start_head(tmp: str, extra_args: tuple[str, ...] = (), env_extra: dict | None = None,
+               ports: dict | None = None, ray_tmp: str | None = None) -> tuple[subprocess.Popen, str]:
+    """A 2-CPU head with its dashboard (hence job server) on 127.0.0.1; returns (process, dashboard URL).
+    `extra_args` (e.g. --num-gpus=1, --autoscaling-config=...) and `env_extra` go to `ray start`."""
     names = ["port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port",
              "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
              "node-manager-port", "object-manager-port"]
-    ports = {n: _free_port() for n in names}
+    ports = ports or {n: _free_port() for n in names}
     # Short temp dir: Ray's unix sockets live under it and paths are limited to ~107 bytes.
-    ray_tmp = tempfile.mkdtemp(prefix="rj", dir="/tmp")
+    ray_tmp = ray_tmp or tempfile.mkdtemp(prefix="rj", dir="/tmp")
     atexit.register(shutil.rmtree, ray_tmp, ignore_errors=True)
     cmd = _ray_cli() + ["start", "--head", "--block", "--num-cpus=2", "--include-dashboard=true",
                         "--dashboard-host=127.0.0.1", f"--temp-dir={ray_tmp}"] + [f"--{k}={v}" for k, v in ports.items()]
-    env = dict(os.environ, RAY_DEDUP_LOGS="1", PYTHONUNBUFFERED="1")
+    cmd += list(extra_args)
+    env = dict(os.environ, RAY_DEDUP_LOGS="1", PYTHONUNBUFFERED="1", **(env_extra or {}))
     env.pop("RAY_ADDRESS", None)
     log = open(os.path.join(tmp, "ray-head.log"), "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -85,11 +88,18 @@ def stop_head(proc: subprocess.Popen) -> None:
             proc.wait(timeout=30)
 
 
-def submit(url: str, args: list[str], token: bool = True, timeout: int = JOB_TIMEOUT_S) -> subprocess.CompletedProcess:
+def submit(url: str, args: list[str], token: bool = True, timeout: int = JOB_TIMEOUT_S,
+           env_vars: dict | None = None, upload: bool = True) -> subprocess.CompletedProcess:
+    """`ray job submit` of `args`; `env_vars` go into the job's runtime env (its driver and every worker).
+    upload=False: no --working-dir package; the job runs this checkout in place (nodes on this machine)."""
+    import json
+
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("RAY_ADDRESS", None)
     env["RAY_AUTH_MODE"] = "token" if token else "disabled"
-    cmd = _ray_cli() + ["job", "submit", "--address", url, "--working-dir", str(ROOT), "--", *args]
+    runtime = ["--runtime-env-json", json.dumps({"env_vars": env_vars})] if env_vars else []
+    where = ["--working-dir", str(ROOT)] if upload else []
+    cmd = _ray_cli() + ["job", "submit", "--address", url, *where, *runtime, "--", *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 

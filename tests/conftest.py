@@ -8,6 +8,9 @@ import pytest
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tests start their own local Ray (or a cluster they build themselves); they never join one named by
+# the caller's environment or by a ray_current_cluster file another Ray left behind.
+os.environ.pop("RAY_ADDRESS", None)
 
 
 def _has_cuda() -> bool:
@@ -29,11 +32,12 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray for the whole test run (2 CPUs, no dashboard), shut down at the end."""
+    """One fresh local Ray for the whole test run (2 CPUs, no dashboard), shut down at the end.
+    address="local": never the cluster a stale $RAY_TMPDIR/ray/ray_current_cluster names."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

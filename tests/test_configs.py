@@ -117,3 +117,46 @@ def test_local_2080ti_is_the_paper_study_on_one_card():
     assert local.diffusion.train.mixed_precision == "fp16" and local.generate.precision == "fp16"
     assert local.classify.gpus_per_trial * local.classify.max_concurrent_trials <= 1.0
     assert local.diffusion.train.num_workers == 1
+
+
+def test_statistics_colour_and_fid_keys_checked_at_the_door():
+    paper = load_config("paper")
+    assert paper.classify.channels == "rgb" and paper.fid.extra_dims == [64]
+    assert paper.data.external.exclude_overlap and paper.classify.repeats == 1
+    assert paper.report.bootstrap_samples >= 10_000
+    for bad, key in (("report.bootstrap_samples=999", "report.bootstrap_samples"),
+                     ("fid.extra_dims=[2048]", "fid.extra_dims"), ("fid.extra_dims=[65]", "fid.extra_dims"),
+                     ("classify.channels=rgba", "classify.channels"), ("classify.repeats=0", "classify.repeats"),
+                     ("data.external.match_min_correlation=0", "data.external.match_min_correlation")):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_config("demo", [bad])
+
+def test_misspelled_config_name_suggests_the_shipped_one(tmp_path, capsys):
+    with pytest.raises(ConfigError, match=r"config 'papr' is neither.*Did you mean 'paper'\?"):
+        load_config("papr")
+    from meddap.cli import main
+
+    assert main(["run", "--config", "dmeo", f"run_dir={tmp_path / 'run'}"]) == 2
+    assert "Did you mean 'demo'?" in capsys.readouterr().err
+
+
+def test_saved_config_is_named_after_its_file(tmp_path, capsys):
+    """`config --config demo > mine.yaml`, then `--config mine.yaml`: the run calls itself 'mine'."""
+    from meddap.cli import main
+
+    assert main(["config", "--config", "demo", "data.folds=3"]) == 0
+    saved = tmp_path / "mine.yaml"
+    saved.write_text(capsys.readouterr().out)
+    cfg = load_config(str(saved))
+    assert cfg.name == "mine"
+    assert cfg.data.folds == 3 and cfg.to_dict() == {**load_config("demo", ["data.folds=3"]).to_dict(), "name": "mine"}
+    saved.write_text(saved.read_text() + "name: chosen\n")  # an explicit name still wins
+    assert load_config(str(saved)).name == "chosen"
+
+
+def test_demo_header_states_a_measured_time_with_the_machine():
+    head = "\n".join(shipped_configs()["demo"].read_text().splitlines()[:12])
+    import re
+
+    # "measured <time> ... on <the machine>", so a reader can tell what the figure means for them
+    assert re.search(r"measured \d+(\.\d+)? ?(s|min)\b[^\n]*\n?[^\n]* on (a|an|the) [^.]*(core|CPU|GPU)", head), head

@@ -126,10 +126,14 @@ def test_memorization_flags_planted_copy():
 # Feature extraction and the Inception loader
 # ---------------------------------------------------------------------------------------------
 class _PoolFeatures(nn.Module):
-    """A tiny fixed extractor: the grey image average-pooled to 4 x 4 -> 16 features."""
+    """A tiny fixed extractor: the first channel average-pooled to side x side -> side**2 features."""
+
+    def __init__(self, side: int = 4):
+        super().__init__()
+        self.side = side
 
     def forward(self, x):                                   # (B, 3, H, W) in [0, 1]
-        return nn.functional.adaptive_avg_pool2d(x[:, :1], 4).flatten(1)   # (B, 16)
+        return nn.functional.adaptive_avg_pool2d(x[:, :1], self.side).flatten(1)   # (B, side**2)
 
 
 def _png(path, arr):
@@ -195,6 +199,35 @@ def test_load_inception_from_weights_file(fake_inception_weights, dims):
     with torch.no_grad():
         out = model(torch.rand(2, 3, 48, 48))
     assert out.shape == (2, dims)
+
+
+def test_stand_in_has_pytorch_fids_published_layout(fake_inception_weights, monkeypatch):
+    """The stand-in's keys and shapes are those of the network pytorch-fid itself builds and loads
+    pt_inception-2015-12-05-6726825d.pth into (captured just before it would load the published file)."""
+    import pytorch_fid.inception as pfi
+    import torchvision.models.inception as tvi
+
+    built = []
+    monkeypatch.setattr(pfi, "load_state_dict_from_url", lambda *a, **k: {})
+    monkeypatch.setattr(tvi.Inception3, "load_state_dict", lambda self, state, *a, **k: built.append(self))
+    pfi.fid_inception_v3()
+    state, _ = fake_inception_weights
+    theirs = built[0].state_dict()
+    assert INCEPTION_WEIGHTS_FILE == "pt_inception-2015-12-05-6726825d.pth"
+    assert {k: tuple(v.shape) for k, v in theirs.items()} == {k: tuple(v.shape) for k, v in state.items()}
+
+
+def test_load_inception_from_torch_hub_cache(fake_inception_weights, tmp_path, monkeypatch):
+    """fid.weights null: the published file where pytorch-fid's download leaves it, $TORCH_HOME/hub/checkpoints."""
+    import shutil
+
+    state, path = fake_inception_weights
+    checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    shutil.copyfile(path, checkpoints / INCEPTION_WEIGHTS_FILE)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    model = load_inception(2048)
+    torch.testing.assert_close(model.inception.blocks[0][0].conv.weight, state["Conv2d_1a_3x3.conv.weight"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,14 +296,15 @@ def test_fid_stage_missing_weights_records_status_and_nulls(fid_run, tmp_path, m
     assert out["missing_weights"]
     lay = RunLayout(cfg.run_dir)
     fid = storage.read_parquet(lay.summary("fid"))
-    assert list(fid.columns[:11]) == stage.FID_COLUMNS
+    assert list(fid.columns[:len(stage.FID_COLUMNS)]) == stage.FID_COLUMNS
     assert (fid["features"] == "inception").all() and (fid["dims"] == 2048).all()
     assert len(fid) == 2 * 2 * (len(CLASSES) + 1)                 # (fold, adjective) x (classes + all)
     assert fid["fid"].isna().all() and fid["kid"].isna().all()
     assert fid["status"].str.startswith("missing_weights: ").all()
     assert fid["status"].str.contains(INCEPTION_WEIGHTS_FILE).all()
     allrow = fid[(fid.fold == 0) & (fid.adjective == "") & (fid.class_name == "all")].iloc[0]
-    assert (allrow.n_real, allrow.n_synthetic) == (18, 15)       # fold 0 trains on fold-1 rows only
+    # fold 0 trains on the 18 fold-1 rows; 15 synthetic: compared at equal N, 5 per class on each side
+    assert (allrow.n_real, allrow.n_synthetic, allrow.n_real_available, allrow.n_synthetic_available) == (15, 15, 18, 15)
     mem = storage.read_parquet(lay.summary("memorization"))
     assert len(mem) == 0 and list(mem.columns) == stage.MEMORIZATION_COLUMNS
     assert "FID/KID cannot be computed" in capsys.readouterr().out
@@ -282,39 +316,104 @@ def test_fid_stage_with_small_extractor(fid_run):
     from meddap.stages import fid as stage
 
     cfg, manifest, synth = fid_run
-    out = stage.run(cfg, extractor=_PoolFeatures(), image_size=16)
+    feats4 = _PoolFeatures(side=2)                           # 4 features: per-class N = 5 >= 4
+    out = stage.run(cfg, extractor=feats4, image_size=16)
     assert out == {"groups": 4, "computed": 4, "missing_weights": False, "flagged": out["flagged"], "fidelity": None}
     lay = RunLayout(cfg.run_dir)
     fid = storage.read_parquet(lay.summary("fid"))
     assert (fid["status"] == "ok").all() and fid["fid"].notna().all()
-    # Reference: the same features computed directly, for fold 1 / dark / malignant.
-    real = manifest[(manifest.split == "train") & (manifest.fold != 1) & (manifest.class_name == "malignant")]
-    syn = synth[(synth.fold == 1) & (synth.adjective == "dark") & (synth.class_name == "malignant")]
-    fr = extract_features(real.path.tolist(), _PoolFeatures(), 8, 16)
-    fs = extract_features(syn.path.tolist(), _PoolFeatures(), 8, 16)
+    assert (fid["n_real"] == fid["n_synthetic"]).all()      # equal N in every comparison
+    # Reference: the same features of the same equal-N subsets, for fold 1 / dark / malignant.
+    real = manifest[(manifest.split == "train") & (manifest.fold != 1)].reset_index(drop=True)
+    syn = synth[(synth.fold == 1) & (synth.adjective == "dark")].reset_index(drop=True)
+    keep_r, keep_s = stage.equal_n(real, syn, CLASSES, cfg.fid.seed, 1, "dark")
+    real, syn = real.iloc[keep_r], syn.iloc[keep_s]
+    real, syn = real[real.class_name == "malignant"], syn[syn.class_name == "malignant"]
+    assert len(real) == len(syn) == 5
+    fr = extract_features(real.path.tolist(), feats4, 8, 16)
+    fs = extract_features(syn.path.tolist(), feats4, 8, 16)
     row = fid[(fid.fold == 1) & (fid.adjective == "dark") & (fid.class_name == "malignant")].iloc[0]
     assert row.fid == pytest.approx(fid_from_features(fr, fs, method=cfg.fid.method), rel=1e-9)
     assert row.kid == pytest.approx(kernel_inception_distance(fr, fs, 4, 5, seed=cfg.fid.seed)[0], rel=1e-9)
-    assert (row.n_real, row.n_synthetic, row.dims, row.features) == (6, 5, 16, "_PoolFeatures")
+    assert (row.n_real, row.n_synthetic, row.n_real_available, row.dims, row.features) == (5, 5, 6, cfg.fid.dims, "_PoolFeatures")
     mem = storage.read_parquet(lay.summary("memorization"))
     assert len(mem) == len(synth)
     copy = mem[mem.image_id == "s-0-none-benign-0"].iloc[0]
     assert copy.nearest_real_id == "r-benign-1-2" and copy.flagged and copy.distance == pytest.approx(0, abs=1e-9)
     assert mem.loc[mem.image_id != "s-0-none-benign-0", "flagged"].sum() == 0
     # Resume: nothing left to compute, rows unchanged.
-    again = stage.run(cfg, extractor=_PoolFeatures(), image_size=16)
+    again = stage.run(cfg, extractor=feats4, image_size=16)
     assert again["computed"] == 0
     pd.testing.assert_frame_equal(storage.read_parquet(lay.summary("fid")), fid)
     # Other settings, or a regenerated set with other images, are recomputed, never mixed in.
     cfg2 = load_config("demo", [f"run_dir={cfg.run_dir}", "fid.kid_subset_size=4", "fid.kid_subsets=5",
                                 "fid.memorization_threshold=0.0", *_INCEPTION])
-    assert stage.run(cfg2, extractor=_PoolFeatures(), image_size=16)["computed"] == 4
+    assert stage.run(cfg2, extractor=feats4, image_size=16)["computed"] == 4
     assert storage.read_parquet(lay.summary("memorization"))["flagged"].sum() == 0
     fewer = synth[~((synth.fold == 0) & (synth.adjective == "dark") & (synth["index"] == 4))]
     storage.write_parquet(fewer, lay.synthetic_manifest)
-    assert stage.run(cfg2, extractor=_PoolFeatures(), image_size=16)["computed"] == 1
+    assert stage.run(cfg2, extractor=feats4, image_size=16)["computed"] == 1
     fid3 = storage.read_parquet(lay.summary("fid"))
-    assert fid3.loc[(fid3.fold == 0) & (fid3.adjective == "dark") & (fid3.class_name == "all"), "n_synthetic"].item() == 12
+    overall = fid3[(fid3.fold == 0) & (fid3.adjective == "dark") & (fid3.class_name == "all")].iloc[0]
+    assert (overall.n_synthetic_available, overall.n_synthetic, overall.n_real) == (12, 12, 12)
+    # Same counts, other real images (prepare reran with another seed and swapped two images between
+    # folds): every set whose fold trained on them is recomputed, none is kept by its counts alone.
+    swapped = manifest.copy()
+    a, b = swapped.index[swapped.image_id == "r-benign-0-0"][0], swapped.index[swapped.image_id == "r-benign-1-0"][0]
+    swapped.loc[[a, b], "fold"] = [1, 0]
+    storage.write_parquet(swapped, lay.manifest)
+    assert stage.run(cfg2, extractor=_PoolFeatures(), image_size=16)["computed"] == 4
+    assert storage.read_parquet(lay.summary("fid"))["made_from"].nunique() == 4
+
+
+def test_fid_per_class_not_computed_below_dims_and_one_resize_path(fid_run, monkeypatch):
+    """16 features > 5 images per class: per-class FID is not computed (and says why), the overall row is;
+    both sides are read at the generation resolution (the stage's default image size)."""
+    from meddap.stages import fid as stage
+
+    cfg, _, _ = fid_run
+    sizes = []
+    original = stage._reader
+    monkeypatch.setattr(stage, "_reader", lambda p, size, channels="grey": sizes.append(size) or original(p, size, channels))
+    stage.run(cfg, extractor=_PoolFeatures(side=4))
+    assert set(sizes) == {cfg.generate_resolution}
+    fid = storage.read_parquet(RunLayout(cfg.run_dir).summary("fid"))
+    per_class = fid[fid.class_name != "all"]
+    assert per_class["fid"].isna().all() and per_class["kid"].notna().all()
+    assert per_class["status"].str.startswith("fid_not_computed: N=5 < dims=16").all()
+    overall = fid[fid.class_name == "all"]
+    assert (overall["status"] == "ok").all() and overall["fid"].notna().all()
+
+
+def test_memorisation_compares_img2img_images_with_their_own_source(fid_run):
+    """img2img rows get source_image_id / source_distance / source_flagged beside the nearest-real check;
+    txt2img rows leave them null."""
+    from meddap.fid import source_distance
+    from meddap.stages import fid as stage
+
+    cfg, manifest, synth = fid_run
+    # s-0-none-benign-0 is a pixel copy of r-benign-1-2; name it as its own source, and a different
+    # fold-1 training image as the source of s-0-none-benign-1. The rest stay txt2img (no source).
+    sources = {"s-0-none-benign-0": "r-benign-1-2", "s-0-none-benign-1": "r-benign-1-0"}
+    synth = synth.assign(source_image_id=synth["image_id"].map(sources))
+    lay = RunLayout(cfg.run_dir)
+    storage.write_parquet(synth, lay.synthetic_manifest)
+    stage.run(cfg, extractor=_PoolFeatures(), image_size=16)
+    mem = storage.read_parquet(lay.summary("memorization")).set_index("image_id")
+    assert list(mem.reset_index().columns) == stage.MEMORIZATION_COLUMNS
+    copy, other = mem.loc["s-0-none-benign-0"], mem.loc["s-0-none-benign-1"]
+    assert copy.source_image_id == "r-benign-1-2" and copy.source_flagged
+    assert copy.source_distance == pytest.approx(0, abs=1e-9) and copy.flagged    # the nearest-real check stays
+    paths = manifest.set_index("image_id")["path"]
+    own = extract_features([synth.set_index("image_id").loc["s-0-none-benign-1", "path"]], _PoolFeatures(), 8, 16)
+    src = extract_features([paths["r-benign-1-0"]], _PoolFeatures(), 8, 16)
+    assert other.source_distance == pytest.approx(source_distance(own, src)[0], rel=1e-9)
+    assert other.source_distance > other.threshold_distance and not other.source_flagged
+    rest = mem.drop(index=list(sources))
+    assert rest["source_image_id"].isna().all() and rest["source_distance"].isna().all()
+    assert rest["source_flagged"].isna().all()
+    with pytest.raises(ValueError, match="one source per synthetic image"):
+        source_distance(np.zeros((2, 3)), np.zeros((1, 3)))
 
 
 def test_fid_stage_missing_inputs_say_which_stage(tmp_path):
@@ -392,3 +491,44 @@ def test_fid_features_torchscript_file_and_phantom_judge(tmp_path):
     assert (judge.name, judge.dims, judge.image_size, judge.label) == ("phantom-judge", 32, 64, "phantom-judge (32-d)")
     feats = judge.features([str(img), str(img)], 2)
     assert feats.shape == (2, 32) and np.isfinite(feats).all()
+
+
+def test_fid_stage_extra_dims_rows_labelled_and_resumed_per_dims(fid_run, monkeypatch):
+    """fid.dims and fid.extra_dims each get their rows (labelled by dims); memorisation uses fid.dims."""
+    from meddap.report import table1
+    from meddap.stages import fid as stage
+
+    cfg, _, _ = fid_run
+    cfg = load_config("demo", [f"run_dir={cfg.run_dir}", "fid.kid_subset_size=4", "fid.kid_subsets=5",
+                               "fid.extra_dims=[64]", *_INCEPTION])
+    loaded = []
+    monkeypatch.setattr(stage, "load_inception",
+                        lambda dims, weights, device: loaded.append(dims) or _PoolFeatures(side=1 if dims == 64 else 2))
+    assert stage.run(cfg, image_size=16, _remote=False)["computed"] == 4
+    assert loaded == [2048, 64]
+    fid = storage.read_parquet(RunLayout(cfg.run_dir).summary("fid"))
+    assert sorted(fid["dims"].unique()) == [64, 2048] and len(fid) == 2 * 16
+    assert fid["settings"].str.contains("dims=64").sum() == 16
+    assert (fid["n_real"] == fid["n_synthetic"]).all()
+    mem = storage.read_parquet(RunLayout(cfg.run_dir).summary("memorization"))
+    assert set(mem["dims"]) == {2048}
+    trials = pd.DataFrame([dict(trial_id="t", classifier="c", adjective="", ratio=1.0, fold=0, eval_set="test",
+                                accuracy=0.5, sensitivity=0.5, specificity=0.5, precision=0.5, f1=0.5)])
+    only = fid[(fid.dims == 2048) & (fid.class_name == "all") & (fid.adjective == "")]
+    assert table1(trials, fid, dims=2048)["fid"].iloc[0] == pytest.approx(only["fid"].mean())
+    assert stage.run(cfg, image_size=16, _remote=False)["computed"] == 0           # both dims kept on a rerun
+
+
+def test_fid_reads_what_the_classifiers_see(tmp_path):
+    """classify.channels=rgb: the stage's reader gives colour, so a red image's features are its red channel."""
+    from meddap.stages import fid as stage
+
+    red = np.zeros((16, 16, 3), np.uint8)
+    red[..., 0] = 200
+    path = str(tmp_path / "red.png")
+    Image.fromarray(red).save(path)
+    assert stage._reader(path, 16, "rgb").shape == (16, 16, 3) and stage._reader(path, 16).shape == (16, 16)
+    import functools
+    colour = extract_features([path], _PoolFeatures(side=1), 1, 16, reader=functools.partial(stage._reader, channels="rgb"))
+    grey = extract_features([path], _PoolFeatures(side=1), 1, 16, reader=stage._reader)
+    assert colour[0, 0] == pytest.approx(200 / 255) and grey[0, 0] == pytest.approx(round(0.299 * 200) / 255)

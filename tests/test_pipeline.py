@@ -132,11 +132,46 @@ def test_inputs_changed_outside_the_pipeline_are_refused(tmp_path, fake):
     cfg = _cfg(tmp_path)
     pipeline.run_stages(cfg, state.STAGES)
     fake.clear()
-    # Someone re-ran prepare by hand with another seed: the adapters were trained on the old manifest.
+    # Someone wrote another manifest by hand: the adapters were trained on the old one. A one-stage
+    # command (`python -m meddap finetune`) refuses, naming the changed input and the fix.
     storage.write_parquet(pd.DataFrame({"image_id": ["a", "c"]}), RunLayout(cfg.run_dir).manifest)
-    with pytest.raises(MeddapError, match="input data/manifest.parquet"):
-        pipeline.run_stages(cfg, state.STAGES)
+    for stage in ("finetune", "generate", "sweep"):
+        with pytest.raises(MeddapError, match=rf"(?s)input data/manifest.parquet.*--force {stage}"):
+            pipeline.run_stages(cfg, (stage,))
     assert fake == []
+    # The whole run sees that the manifest is not the one prepare wrote (its record keeps the size and
+    # sha256 of each output) and remakes it from the config; the stages after it then match it again.
+    pipeline.run_stages(cfg, state.STAGES)
+    assert fake == ["prepare"]
+    assert list(storage.read_parquet(RunLayout(cfg.run_dir).manifest)["image_id"]) == ["a", "b"]
+
+
+def test_one_stage_cli_commands_use_the_stage_records(tmp_path, fake, capsys):
+    """`python -m meddap <stage>` skips a done stage, refuses changed settings naming the key and
+    --force, and with --force redoes it."""
+    from meddap.cli import main
+
+    run_dir = tmp_path / "run"
+    assert main(["prepare", f"run_dir={run_dir}"]) == 0
+    assert main(["finetune", f"run_dir={run_dir}"]) == 0
+    assert fake == ["prepare", "finetune"]
+    assert main(["finetune", f"run_dir={run_dir}"]) == 0
+    assert fake == ["prepare", "finetune"] and "finetune: done already" in capsys.readouterr().out
+    assert main(["prepare", f"run_dir={run_dir}", "data.seed=5"]) == 2
+    err = capsys.readouterr().err
+    assert "data.seed: 0 -> 5" in err and "--force prepare" in err
+    assert main(["prepare", "--force", f"run_dir={run_dir}", "data.seed=5"]) == 0
+    assert fake[-1] == "prepare"
+    # The adapters were made from the old manifest, with data.seed 0: refused either way.
+    assert main(["finetune", f"run_dir={run_dir}"]) == 2
+    err = capsys.readouterr().err
+    assert "input data/manifest.parquet" in err and "--force finetune" in err
+    assert main(["finetune", f"run_dir={run_dir}", "data.seed=5"]) == 2
+    err = capsys.readouterr().err
+    assert "data.seed: 0 -> 5" in err and "--force finetune" in err
+    assert fake[-1] == "prepare"
+    assert main(["finetune", "--force", f"run_dir={run_dir}", "data.seed=5"]) == 0
+    assert fake[-1] == "finetune"
 
 
 def test_upstream_rerun_cascades_without_refusal(tmp_path, fake, monkeypatch):
@@ -170,6 +205,9 @@ def test_crashed_stage_with_other_settings_is_refused(tmp_path, fake):
     pipeline.run_stages(cfg, ("prepare",))
     state.write_started(cfg, "finetune")  # a finetune that died half-way with rank 4
     fake.clear()
+    other = _cfg(tmp_path, "diffusion.lora.rank=2")
+    assert state.check_stage(other, "finetune").state == "missing"  # it left nothing: nothing to mix
+    storage.write_text(storage.join(RunLayout(cfg.run_dir).adapter_dir(0), "loss.parquet"), "partial")
     assert state.check_stage(cfg, "finetune").state == "missing"  # same settings: resume
     with pytest.raises(MeddapError, match="diffusion.lora.rank: 4 -> 2"):
         pipeline.run_stages(_cfg(tmp_path, "diffusion.lora.rank=2"), state.STAGES)

@@ -210,10 +210,15 @@ def report_run(tmp_path_factory, trials):
                                              dims=2048, n_real=20, n_synthetic=9, status=status)
                                         for f in FOLDS for a in ("", "dark") for c in [*CLASSES, "all"]])
                           .astype({"fid": float, "kid": float, "kid_std": float}), lay.summary("fid"))
+    # s000 is an img2img image, a near copy of its own source; s001 a txt2img image (no source)
     storage.write_parquet(pd.DataFrame([dict(image_id=sid, fold=0, adjective="", class_name="benign",
                                              nearest_real_id=rid, nearest_real_class="benign", distance=d,
-                                             reference_distance=1.0, threshold_distance=0.1, flagged=d < 0.1, dims=64)
-                                        for sid, rid, d in (("s000", "t00", 0.05), ("s001", "t01", 0.5))]),
+                                             reference_distance=1.0, threshold_distance=0.1, flagged=d < 0.1, dims=64,
+                                             source_image_id=src, source_distance=sd,
+                                             source_flagged=None if sd is None else sd < 0.1)
+                                        for sid, rid, d, src, sd in (("s000", "t00", 0.05, "t00", 0.05),
+                                                                     ("s001", "t01", 0.5, None, None))])
+                          .astype({"source_image_id": "string", "source_distance": float, "source_flagged": "boolean"}),
                           lay.summary("memorization"))
     # Label fidelity: no-adjective images right except malignant ones; every dark image wrong.
     storage.write_parquet(pd.DataFrame([dict(image_id=r.image_id, fold=r.fold, adjective=r.adjective,
@@ -262,6 +267,12 @@ def test_report_files_and_links(report_run):
     assert set(t2.selected_by) == {"val_accuracy"}
 
 
+def test_report_counts_img2img_near_copies_of_their_own_source(report_run):
+    cfg, _ = report_run
+    md = storage.read_text(RunLayout(cfg.run_dir).path("report.md"))
+    assert "near copies of own source / img2img images" in md and "| 1 / 1 |" in md
+
+
 def test_report_notes_missing_parts(report_run):
     cfg, out = report_run
     md = storage.read_text(RunLayout(cfg.run_dir).path("report.md"))
@@ -305,3 +316,140 @@ def test_report_with_only_trials_lists_what_is_missing(tmp_path, trials):
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
     assert set(links) == {"figures/accuracy_resnet18.png", "figures/accuracy_squeezenet1_1.png"}
     assert all(storage.exists(storage.join(run_dir, rel)) for rel in links)
+
+
+# ---------------------------------------------------------------------------------------------
+# The bootstrap over test images, Holm, selection counts, Table 3 with Dataset B copies set apart
+# ---------------------------------------------------------------------------------------------
+N_TEST = 30
+
+
+def _predictions(trials: pd.DataFrame, correct_of) -> pd.DataFrame:
+    """predictions.parquet rows for every (trial, eval set): `correct_of(trial_row, eval_set)` -> (N,) bool."""
+    rows = []
+    first = trials.drop_duplicates(["trial_id", "eval_set"])
+    for r in first.itertuples():
+        n = N_TEST if r.eval_set != "external_overlap" else 4
+        labels = np.arange(n) % 3
+        correct = correct_of(r, n)
+        pred = np.where(correct, labels, (labels + 1) % 3)
+        rows += [dict(trial_id=r.trial_id, eval_set=r.eval_set, image_id=f"{r.eval_set}-{i}", label=int(labels[i]),
+                      pred=int(pred[i])) for i in range(n)]
+    return pd.DataFrame(rows)
+
+
+def test_bootstrap_columns_identical_and_clearly_better(trials):
+    best = best_settings(trials).set_index("classifier")
+    assert (best["n_settings_compared"] == 4).all()                  # 2 adjectives x 2 ratios
+    noise = np.random.default_rng(0).random((len(FOLDS), N_TEST)) < 0.6
+
+    def same(r, n):                                                  # the model's correctness depends on the fold only
+        return noise[r.fold, :n]
+
+    t2 = table2(trials, _predictions(trials, same)).set_index("classifier")
+    for clf in t2.index:
+        r = t2.loc[clf]
+        assert (r.boot_ci_low, r.boot_ci_high, r.boot_p, r.p_holm) == (0.0, 0.0, 1.0, 1.0)
+        assert (r.n_settings_compared, r.n_test_images, r.boot_samples) == (4, N_TEST, 10_000)
+
+    chosen = {(c, b.adjective, b.ratio) for c, b in best.iterrows()}
+
+    def better(r, n):                                                # chosen squeezenet setting: all correct
+        if (r.classifier, r.adjective, r.ratio) in chosen and r.classifier == "squeezenet1_1":
+            return np.ones(n, bool)
+        return noise[r.fold, :n]
+
+    t2 = table2(trials, _predictions(trials, better)).set_index("classifier")
+    sq, rn = t2.loc["squeezenet1_1"], t2.loc["resnet18"]
+    d = (1 - noise.mean(axis=1)).mean()                               # the real-only errors it fixed, in accuracy units
+    assert sq.boot_ci_low > 0 and sq.boot_ci_low < d < sq.boot_ci_high and sq.boot_p < 1e-3
+    assert sq.p_holm == pytest.approx(min(1.0, 2 * sq.boot_p)) and rn.p_holm == 1.0   # Holm over the 2 classifiers
+    assert not np.isnan(sq.p_value)                                  # the fold t-test stays beside it
+    no_pred = table2(trials)
+    assert no_pred["boot_p"].isna().all() and "predictions.parquet is absent" in no_pred.attrs["note"]
+    preds = _predictions(trials, same)
+    partial = table2(trials, preds[~preds.trial_id.str.startswith("resnet18__real")]).set_index("classifier")
+    assert np.isnan(partial.loc["resnet18", "boot_p"]) and partial.loc["squeezenet1_1", "boot_p"] == 1.0
+    assert "no paired bootstrap for resnet18" in partial.attrs["note"]
+
+
+def test_table3_states_used_and_excluded_and_the_full_set(trials):
+    t = trials.copy()
+    t["n_eval"] = np.where(t.eval_set == "external", 8, N_TEST)
+    overlap = t[t.eval_set == "external"].assign(eval_set="external_overlap", n_eval=2, accuracy=1.0)
+    t = pd.concat([t, overlap], ignore_index=True)
+    t3 = table3(t)
+    assert (t3.n_used == 8).all() and (t3.n_excluded == 2).all()
+    full = table3(t, full=True).set_index("classifier")
+    assert (full.n_used == 10).all() and (full.n_excluded == 0).all()
+    for clf, r in full.iterrows():
+        real = _sel(t, clf, None, 0.0, "external")["accuracy"].to_numpy()
+        assert r.real_accuracy == pytest.approx(((8 * real + 2 * 1.0) / 10).mean())   # weighted by images
+    preds = _predictions(t, lambda r, n: np.ones(n, bool))
+    full_b = table3(t, preds, full=True)
+    assert (full_b.n_test_images == N_TEST + 4).all() and (full_b.boot_p == 1.0).all()
+    assert (table3(t, preds).n_test_images == N_TEST).all()
+
+
+def test_report_states_selection_tests_warning_and_crn(tmp_path, trials):
+    from meddap.stages import report as stage
+
+    run_dir = str(tmp_path / "run")
+    lay = RunLayout(run_dir)
+    t = trials.assign(seed=0, n_eval=np.where(trials.eval_set == "test", N_TEST, 8))
+    t.loc[(t.classifier == "resnet18") & (t.fold == 1) & t.adjective.eq("dark").fillna(False), "seed"] = 5
+    t = pd.concat([t, t[t.eval_set == "external"].assign(eval_set="external_overlap", n_eval=2)], ignore_index=True)
+    storage.write_parquet(t, lay.summary("trials"))
+    storage.write_parquet(_predictions(t, lambda r, n: np.ones(n, bool)), lay.summary("predictions"))
+    cfg = load_config("demo", [f"run_dir={run_dir}", "diffusion.lora.per_fold=false"])
+    out = stage.run(cfg)
+    md = storage.read_text(lay.path("report.md"))
+    assert "**Warning: diffusion.lora.per_fold is false.**" in md
+    assert "chosen from 4 candidates" in md and "(best of 4)" in md
+    for words in ("**Fold t-test**", "not the test set's own sampling variance", "**Paired bootstrap over test images**",
+                  "10,000", "does not account for training variance", "**p Holm**",
+                  "Neither test nor Holm's correction accounts for the selection among the candidates",
+                  "**Common random numbers**"):
+        assert words in md, words
+    assert "| p (fold t-test) |" in md and "| p (bootstrap) |" in md and "| p Holm |" in md
+    assert any("resnet18 fold 1 repeat 0" in n and "different seeds" in n for n in out["notes"])
+    assert "n used = 8 images; 2 Dataset B images that copy a Dataset A image" in md
+    assert "### Table 3 on all of Dataset B (copies of Dataset A images included)" in md and "n = 10 images" in md
+    assert (storage.read_parquet(lay.summary("table3_full")).n_used == 10).all()
+
+# The first screen: question, answer per classifier with its interval, what it means
+# ---------------------------------------------------------------------------------------------
+def test_report_opens_with_the_answer_before_the_tables(report_run):
+    cfg, _ = report_run
+    lay = RunLayout(cfg.run_dir)
+    md = storage.read_text(lay.path("report.md"))
+    head = md[:md.index("## Table 1")]
+    assert head.index("## Summary") < head.index("**Question.**") < head.index("**Answer**")
+    t2 = storage.read_parquet(lay.summary("table2"))
+    for r in t2.to_dict("records"):  # each classifier, with Table 2's own difference and t-interval
+        line = next(ln for ln in head.splitlines() if ln.startswith(f"- **{r['classifier']}**, test set"))
+        assert f"{100 * r['mean_difference']:+.1f} pp [95 % CI {100 * r['ci_low']:+.1f}, " \
+               f"{100 * r['ci_high']:+.1f}]" in line
+    assert "- **squeezenet1_1**, external set" in head
+    assert "t-interval over folds" in head and "not clinical performance" in head
+    assert "phantom images" in head  # the demo config: the numbers say nothing about the method
+    html = storage.read_text(lay.path("report.html"))
+    assert html.index("<h2>Summary</h2>") < html.index("<h2>Table 1")
+
+
+def test_answer_uses_the_paired_bootstrap_when_the_tables_have_it(trials):
+    from meddap.answer import answer
+
+    t2 = table2(trials)
+    plain = answer(t2, None, n_folds=3, n_settings=4)
+    assert all("t-interval" not in a for a in plain.answers) and "t-interval over folds" in plain.meaning[0]
+    boot = t2.assign(boot_ci_low=0.01, boot_ci_high=0.04, boot_p=0.02, p_holm=0.04, n_settings_compared=4)
+    out = answer(boot, None, n_folds=3)
+    assert all("[95 % CI +1.0, +4.0], Holm-adjusted p = 0.04; higher with synthetic images." in a for a in out.answers)
+    assert "paired bootstrap, Holm-adjusted p" in out.meaning[0] and "among 4 settings" in out.meaning[1]
+    assert "p-values are Holm-adjusted" in out.meaning[1]
+    below = t2.assign(boot_ci_low=-0.05, boot_ci_high=-0.01, boot_p=float("nan"))
+    assert all(a.endswith("lower with synthetic images.") for a in answer(below, None, n_folds=3).answers)
+    none = t2.assign(ci_low=float("nan"), ci_high=float("nan"))   # one fold: no interval, no verdict
+    assert all("cannot tell" in a for a in answer(none, None, n_folds=1).answers)
+    assert [c.split(":")[0] for c in out.console] == list(t2["classifier"])

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -144,7 +145,7 @@ def test_whole_pipeline_with_s3_run_dir(s3_env):
     overrides = [f"run_dir={run_dir}", "data.phantom.per_class=8", "data.external.phantom.per_class=4",
                  "diffusion.lora.per_fold=false", "diffusion.train.epochs=1", "generate.adjectives=['']",
                  "generate.ratios=[0.5]", "generate.steps=2", "classify.models=[squeezenet1_1]",
-                 "classify.epochs=1", "classify.checkpoint_every=1", "report.gradcam_images=1"]
+                 "classify.epochs=1", "classify.checkpoint_seconds=0", "report.gradcam_images=1"]
     script = ("import sys; from meddap.config import load_config; from meddap.stages.pipeline import run; "
               "r = run(load_config('demo', sys.argv[1:])); "
               "print('ACTIONS', sorted((t['stage'], t['action']) for t in r['timings']))")
@@ -170,3 +171,55 @@ def test_whole_pipeline_with_s3_run_dir(s3_env):
     assert again.returncode == 0, again.stderr[-3000:]
     actions = again.stdout.split("ACTIONS", 1)[1]
     assert all(f"('{s}', 'skipped')" in actions for s in ("prepare", "finetune", "generate", "fid", "sweep", "report"))
+
+
+def test_run_dir_lock_on_s3(s3_env, tmp_path, capsys):
+    """One writer per s3:// run dir: a live owner refuses, a dead one (same host) is taken over with a
+    note, and two processes racing for the lock end with one owner (write, settle, read back)."""
+    from meddap.errors import MeddapError
+    from meddap.runlock import LOCK_FILE, _me, _pid_start, read_owner, run_lock
+
+    run_dir = f"s3://{BUCKET}/locked-run"
+    cfg = load_config("demo", [f"run_dir={run_dir}"])
+    lock = f"{run_dir}/{LOCK_FILE}"
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        storage.write_text(lock, json.dumps({**_me("python -m meddap run"), "pid": live.pid,
+                                             "pid_start": _pid_start(live.pid)}))
+        with pytest.raises(MeddapError, match=f"pid {live.pid} on host .*lock {lock}"):
+            with run_lock(cfg, "test"):
+                pass
+    finally:
+        live.kill()
+        live.wait()
+    with run_lock(cfg, "test"):  # its owner is gone now
+        assert read_owner(lock)["pid"] == os.getpid()
+        assert f"took over the lock {lock}: its owner (pid {live.pid} on this host) is not running" in capsys.readouterr().out
+    assert not storage.exists(lock)
+
+    racer = ("import sys, time; from meddap.config import load_config; from meddap.errors import MeddapError; "
+             "from meddap.runlock import run_lock; cfg = load_config('demo', ['run_dir=' + sys.argv[1]]); "
+             "[time.sleep(0.001) for _ in iter(lambda: time.time() < float(sys.argv[2]), False)]\n"
+             "try:\n  with run_lock(cfg, 'racer'): print('OWNER', flush=True); time.sleep(3)\n"
+             "except MeddapError as e: print('REFUSED', e, flush=True)")
+    env = dict(os.environ, **s3_env, PYTHONPATH=str(ROOT))
+    start = time.time() + 3
+    procs = [subprocess.Popen([sys.executable, "-c", racer, f"s3://{BUCKET}/raced-run", str(start)],
+                              stdout=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    outs = [p.communicate(timeout=60)[0] for p in procs]
+    assert sorted(o.split()[0] for o in outs) == ["OWNER", "REFUSED"], outs
+
+
+def test_damaged_output_on_s3_is_found_by_its_size(s3_env):
+    from meddap.stages import state
+
+    cfg = load_config("demo", [f"run_dir=s3://{BUCKET}/damaged"])
+    lay = RunLayout(cfg.run_dir)
+    storage.write_parquet(pd.DataFrame({"image_id": [f"x{i}" for i in range(50)]}), lay.manifest)
+    rec = state.write_record(cfg, "prepare", 0.1)
+    assert rec["outputs"]["data/manifest.parquet"][1] is None  # no sha256: it would download every file
+    assert state.check_stage(cfg, "prepare").state == "done"
+    storage.write_bytes(lay.manifest, storage.read_bytes(lay.manifest)[:64])  # cut short by an outside copy
+    st = state.check_stage(cfg, "prepare")
+    assert st.state == "damaged" and st.damaged[0].startswith("data/manifest.parquet: 64 bytes")
+    assert state.remove_damaged(cfg, st) == ["data/manifest.parquet"] and not storage.exists(lay.manifest)

@@ -1,10 +1,16 @@
 """Images for the classifier grid: decoded once into uint8 tensors, selected per trial, augmented in batches.
 
 Decoding happens once for the whole sweep (`load_sweep_images`): every real image of the manifest and
-every synthetic image any trial can use goes into (N, 1, S, S) uint8 arrays. A trial then only
+every synthetic image any trial can use goes into (N, C, S, S) uint8 arrays. A trial then only
 indexes into them (`trial_tensors`); nothing is decoded in the epoch loop. Batches are turned into
-model input on the trial's device (`model_input`): random flip, grey -> 3 channels, ImageNet
+model input on the trial's device (`model_input`): random flip, 1 -> 3 channels, ImageNet
 normalisation.
+
+Channels (classify.channels): "grey" decodes every image to grey (C = 1). "rgb" feeds images as the
+authors did: synthetic images keep the colour they were generated with (C = 3); real images are read
+in colour too, but when every one of them is grey content (BUSI stores grey scans as RGB) they are
+kept as one channel and replicated to three on the device, so the object store holds a third of the
+bytes and the network still sees exactly the RGB file.
 
 A trial (fold k, adjective a, ratio r) trains on
   - real: manifest rows with split == "train" and fold != k;
@@ -12,7 +18,11 @@ A trial (fold k, adjective a, ratio r) trains on
     in the synthetic manifest, where n_real(c) counts class c among those real rows; when the
     manifest holds no fold-k images for a, the shared adapter's (fold -1) images are used.
     (Python's round: halves go to the even number, e.g. round(0.5 * 5) = 2.)
-Validation = train rows with fold == k; test = split "test"; external = split "external".
+Validation = train rows with fold == k; test = split "test"; external = split "external", except that
+with data.external.exclude_overlap the B images that copy an A image (manifest `a_overlap`) form their
+own eval set "external_overlap" (scored too, so the report can give Table 3 on all of B as well).
+Trials of one (classifier, fold, repeat) share their seed (meddap.classify.trial.trial_seed), whatever
+the adjective and ratio; `repeat` > 0 adds `__rep<k>` to the trial id (repeat 0 keeps the plain id).
 """
 
 from __future__ import annotations
@@ -21,14 +31,18 @@ import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import numpy as np
-import pandas as pd
-import torch
 
 from meddap.errors import MeddapError
 from meddap.progress import Progress
+
+# torch and pandas are imported where tensors and frames are made: `python -m meddap status` reads
+# trial ids from here without torch's import (seconds), `bench gpu` runs the batch transform without pandas.
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
 
 __all__ = [
     "TrialSpec",
@@ -42,6 +56,7 @@ __all__ = [
     "select_training_rows",
     "load_sweep_images",
     "trial_tensors",
+    "imagenet_stats",
     "model_input",
 ]
 
@@ -49,6 +64,8 @@ __all__ = [
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _EVAL_SPLITS = ("test", "external")
+_EVAL_SETS = ("test", "external", "external_overlap")
+CHANNELS = {"grey": 1, "rgb": 3}
 
 
 @dataclass(frozen=True)
@@ -59,6 +76,7 @@ class TrialSpec:
     fold: int
     adjective: Optional[str] = None
     ratio: float = 0.0
+    repeat: int = 0
 
     def __post_init__(self):
         if (self.adjective is None) != (self.ratio == 0):
@@ -74,29 +92,30 @@ class TrialSpec:
         from meddap.layout import adjective_slug
 
         slug = "real" if self.real_only else adjective_slug(self.adjective)
-        return f"{self.classifier}__{slug}__r{self.ratio:g}__f{self.fold}"
+        tail = f"__rep{self.repeat}" if self.repeat else ""  # repeat 0 keeps the ids of earlier sweeps
+        return f"{self.classifier}__{slug}__r{self.ratio:g}__f{self.fold}{tail}"
 
     def to_dict(self) -> dict:
         return {"classifier": self.classifier, "fold": self.fold, "adjective": self.adjective,
-                "ratio": self.ratio, "trial_id": self.trial_id}
+                "ratio": self.ratio, "repeat": self.repeat, "trial_id": self.trial_id}
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrialSpec":
         return cls(classifier=d["classifier"], fold=int(d["fold"]), adjective=d["adjective"],
-                   ratio=float(d["ratio"]))
+                   ratio=float(d["ratio"]), repeat=int(d.get("repeat", 0)))
 
 
 @dataclass
 class EvalSet:
     name: str
-    images: torch.Tensor       # (N, 1, S, S) uint8
+    images: torch.Tensor       # (N, C, S, S) uint8, C = 1 or 3
     labels: torch.Tensor       # (N,) int64
     image_ids: list[str]
 
 
 @dataclass
 class TrialTensors:
-    train_images: torch.Tensor                       # (N, 1, S, S) uint8, real then synthetic
+    train_images: torch.Tensor                       # (N, C, S, S) uint8, real then synthetic
     train_labels: torch.Tensor                       # (N,) int64
     n_real: int
     n_synthetic: int
@@ -108,10 +127,10 @@ class TrialTensors:
 # ---------------------------------------------------------------------------------------------
 # Decoding
 # ---------------------------------------------------------------------------------------------
-def _default_decoder() -> Callable[[str, int], np.ndarray]:
-    from meddap.data.decode import read_grey
+def _default_decoder(channels: int = 1) -> Callable[[str, int], np.ndarray]:
+    from meddap.data.decode import read_grey, read_rgb
 
-    return read_grey
+    return read_rgb if channels == 3 else read_grey
 
 
 def _decode_any(decode: Callable, path: str, size: int) -> np.ndarray:
@@ -137,18 +156,20 @@ def _decode_any(decode: Callable, path: str, size: int) -> np.ndarray:
 
 
 def decode_images(paths: Sequence[str], size: int, decode: Optional[Callable] = None, what: str = "decode",
-                  workers: Optional[int] = None) -> np.ndarray:
-    """(N, 1, size, size) uint8 from image files (local paths or object-store URIs), decoded in a
-    thread pool (Pillow releases the GIL)."""
-    decode = decode or _default_decoder()
-    out = np.empty((len(paths), 1, size, size), dtype=np.uint8)
+                  workers: Optional[int] = None, channels: int = 1,
+                  progress: Optional[Progress] = None) -> np.ndarray:
+    """(N, channels, size, size) uint8 from image files (local paths or object-store URIs), decoded in a
+    thread pool (Pillow releases the GIL). With channels 3 the decoder returns (S, S, 3) arrays (a grey
+    (S, S) one is replicated). `progress`: a caller's Progress spanning several calls."""
+    decode = decode or _default_decoder(channels)
+    out = np.empty((len(paths), channels, size, size), dtype=np.uint8)
     if not len(paths):
         return out
-    progress = Progress(len(paths), what, "images", every_s=5.0)
+    progress = progress or Progress(len(paths), what, "images", every_s=5.0)
 
     def one(i: int) -> None:
-        grey = _decode_any(decode, paths[i], size)  # (S, S) uint8; ImageDecodeError names the file
-        out[i, 0] = grey
+        img = _decode_any(decode, paths[i], size)  # (S, S) or (S, S, 3) uint8; ImageDecodeError names the file
+        out[i] = img[None] if img.ndim == 2 else np.moveaxis(img, -1, 0)[:channels]
 
     with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
         for _ in pool.map(one, range(len(paths))):
@@ -187,6 +208,8 @@ def _synthetic_counts(real: pd.DataFrame, ratio: float, n_classes: int) -> dict[
 def select_training_rows(manifest: pd.DataFrame, synthetic: Optional[pd.DataFrame], spec: TrialSpec,
                          classes: Sequence[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(real rows, synthetic rows) of a trial's training set, as the module docstring defines them."""
+    import pandas as pd
+
     real = _real_train_rows(manifest, spec.fold)
     if spec.real_only:
         return real, (synthetic.iloc[:0] if synthetic is not None else pd.DataFrame())
@@ -223,7 +246,7 @@ class SweepImages:
     classes: list[str]
     image_size: int
     real_rows: pd.DataFrame
-    real_images: object                                   # (N, 1, S, S) uint8 array (or an object ref)
+    real_images: object                                   # (N, C, S, S) uint8 array (or an object ref)
     synthetic_rows: dict[tuple[int, str], pd.DataFrame] = field(default_factory=dict)
     synthetic_images: dict[tuple[int, str], object] = field(default_factory=dict)
 
@@ -232,11 +255,34 @@ class SweepImages:
         return int(sum(a.nbytes for a in arrays if isinstance(a, np.ndarray)))
 
 
+def _eval_set_of(rows: pd.DataFrame, exclude_overlap: bool) -> pd.Series:
+    """Per real row, the eval set it is scored in ("" for training rows)."""
+    out = rows["split"].where(rows["split"].isin(_EVAL_SPLITS), "").astype(object)
+    external = rows["split"] == "external"
+    if exclude_overlap and external.any():
+        if "a_overlap" not in rows:
+            raise MeddapError("the manifest has no a_overlap column (it was written before prepare checked Dataset B "
+                              "for copies of Dataset A images), so data.external.exclude_overlap cannot be applied. "
+                              "Rerun `python -m meddap prepare` (same config and run_dir), or set "
+                              "data.external.exclude_overlap=false.")
+        out[external & rows["a_overlap"].fillna(False).astype(bool)] = "external_overlap"
+    return out
+
+
+def _grey_content(images: np.ndarray) -> bool:
+    """True when every image of (N, 3, S, S) has three equal channels."""
+    return bool((images[:, 0] == images[:, 1]).all() and (images[:, 0] == images[:, 2]).all())
+
+
 def load_sweep_images(manifest: pd.DataFrame, synthetic: Optional[pd.DataFrame], specs: Sequence[TrialSpec],
-                      classes: Sequence[str], image_size: int, decode: Optional[Callable] = None) -> SweepImages:
+                      classes: Sequence[str], image_size: int, decode: Optional[Callable] = None,
+                      channels: str = "grey", exclude_overlap: bool = False) -> SweepImages:
     """Decode the real images and, per (source fold, adjective), the synthetic images the largest
-    ratio of any trial needs. Raises MeddapError before any training when the synthetic manifest
-    lacks a needed (fold, adjective) or holds too few images."""
+    ratio of any trial needs, with `channels` as the module docstring says. Raises MeddapError before
+    any training when the synthetic manifest lacks a needed (fold, adjective) or holds too few images."""
+    if channels not in CHANNELS:
+        raise MeddapError(f"classify.channels = {channels!r}: expected one of {sorted(CHANNELS)}.")
+    n_channels = CHANNELS[channels]
     # For each synthetic pool, the most images per class any trial draws from it.
     needed: dict[tuple[int, str], pd.DataFrame] = {}
     for spec in specs:
@@ -249,10 +295,18 @@ def load_sweep_images(manifest: pd.DataFrame, synthetic: Optional[pd.DataFrame],
     # Checked first (above), decoded second: a missing synthetic set fails before minutes of decoding.
     real_rows = manifest[manifest["split"].isin(("train", *_EVAL_SPLITS))].reset_index(drop=True).copy()
     real_rows["row"] = np.arange(len(real_rows))
+    real_rows["eval_set"] = _eval_set_of(real_rows, exclude_overlap)
     from meddap.data.decode import ImageDecodeError
 
+    # One progress line for every image the sweep decodes (real and each synthetic set).
+    n_images = len(real_rows) + sum(len(r) for r in needed.values())
+    progress = Progress(n_images, "sweep: decode", "images", every_s=5.0,
+                        note=f"{n_images * image_size ** 2 / 2 ** 20:.1f} MiB as uint8, for Ray's object store")
     try:
-        real_images = decode_images(real_rows["path"].tolist(), image_size, decode, "decode real")
+        real_images = decode_images(real_rows["path"].tolist(), image_size, decode, channels=n_channels,
+                                    progress=progress)
+        if n_channels == 3 and _grey_content(real_images):
+            real_images = np.ascontiguousarray(real_images[:, :1])  # replicated to 3 on the device
     except ImageDecodeError as e:
         raise MeddapError(f"{e}. It is listed in the data manifest: put it back, or rerun `python -m meddap prepare` "
                           f"(same config and run_dir; `run --force prepare` in the pipeline) to make a manifest "
@@ -263,8 +317,8 @@ def load_sweep_images(manifest: pd.DataFrame, synthetic: Optional[pd.DataFrame],
         rows["row"] = np.arange(len(rows))
         syn_rows[key] = rows
         try:
-            syn_images[key] = decode_images(rows["path"].tolist(), image_size, decode,
-                                            f"decode synthetic fold {key[0]} {key[1]!r}")
+            syn_images[key] = decode_images(rows["path"].tolist(), image_size, decode, channels=n_channels,
+                                            progress=progress)
         except ImageDecodeError as e:
             raise MeddapError(f"{e}. It is listed in the synthetic manifest: rerun `python -m meddap generate` "
                               f"(same config and run_dir), which regenerates missing or unreadable images, then "
@@ -273,11 +327,21 @@ def load_sweep_images(manifest: pd.DataFrame, synthetic: Optional[pd.DataFrame],
 
 
 def _take(images: object, rows: Sequence[int], get: Callable) -> torch.Tensor:
+    import torch
+
     arr = get(images) if not isinstance(images, np.ndarray) else images
     return torch.from_numpy(np.ascontiguousarray(arr[np.asarray(rows, dtype=np.int64)]))  # copy: writable
 
 
+def _same_channels(parts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Grey (B, 1, S, S) parts replicated to 3 channels when another part is in colour."""
+    c = max(p.shape[1] for p in parts)
+    return [p.expand(-1, c, -1, -1) if p.shape[1] != c else p for p in parts]
+
+
 def _eval_set(name: str, rows: pd.DataFrame, images: object, get: Callable) -> EvalSet:
+    import torch
+
     return EvalSet(name, _take(images, rows["row"], get), torch.tensor(rows["label"].to_numpy(), dtype=torch.int64),
                    rows["image_id"].astype(str).tolist())
 
@@ -293,6 +357,9 @@ def _pool_key(data: SweepImages, fold: int, adjective: str) -> tuple[int, str]:
 def trial_tensors(data: SweepImages, spec: TrialSpec, get: Callable = lambda x: x) -> TrialTensors:
     """The trial's training set, its validation/test/external sets and (real-only trials) the
     synthetic sets of its fold for every adjective, as uint8 tensors."""
+    import pandas as pd
+    import torch
+
     rows = data.real_rows
     real = rows[(rows["split"] == "train") & (rows["fold"] != spec.fold)]
     val = rows[(rows["split"] == "train") & (rows["fold"] == spec.fold)]
@@ -313,31 +380,45 @@ def trial_tensors(data: SweepImages, spec: TrialSpec, get: Callable = lambda x: 
         ids += chosen["image_id"].astype(str).tolist()
         n_syn = len(chosen)
     evals = {"val": _eval_set("val", val, data.real_images, get)}
-    for split in _EVAL_SPLITS:
-        part = rows[rows["split"] == split]
+    eval_of = rows["eval_set"] if "eval_set" in rows else rows["split"]
+    for name in _EVAL_SETS:
+        part = rows[eval_of == name]
         if len(part):
-            evals[split] = _eval_set(split, part, data.real_images, get)
+            evals[name] = _eval_set(name, part, data.real_images, get)
     synthetic_evals = {}
     if spec.real_only:
         for adjective in sorted({a for _, a in data.synthetic_rows}):
             key = _pool_key(data, spec.fold, adjective)
             synthetic_evals[adjective] = _eval_set(f"synthetic:{adjective}", data.synthetic_rows[key],
                                                    data.synthetic_images[key], get)
-    return TrialTensors(torch.cat(parts_x), torch.cat(parts_y), len(real), n_syn, evals, synthetic_evals, ids)
+    return TrialTensors(torch.cat(_same_channels(parts_x)), torch.cat(parts_y), len(real), n_syn, evals,
+                        synthetic_evals, ids)
 
 
 # ---------------------------------------------------------------------------------------------
 # Batch transform on the device
 # ---------------------------------------------------------------------------------------------
+def imagenet_stats(device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean and std as (1, 3, 1, 1) tensors on `device`: build once, pass to `model_input`."""
+    import torch
+
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    return mean, std
+
+
 def model_input(batch: torch.Tensor, *, flip: bool = False, generator: Optional[torch.Generator] = None,
-                channels_last: bool = False) -> torch.Tensor:
-    """(B, 1, S, S) uint8 -> (B, 3, S, S) float32 ImageNet-normalised, with a random horizontal flip
-    per image when `flip` (drawn from `generator`, on the batch's device)."""
-    x = batch.float().div_(255.0)                                           # (B, 1, S, S) in [0, 1]
+                channels_last: bool = False,
+                stats: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+    """(B, C, S, S) uint8, C = 1 (grey, replicated) or 3 -> (B, 3, S, S) float32 ImageNet-normalised, with a
+    random horizontal flip per image when `flip` (drawn from `generator`, on the batch's device). `stats`:
+    `imagenet_stats` on the batch's device, built once by a caller that runs many batches (else built here)."""
+    x = batch.float().div_(255.0)                                           # (B, C, S, S) in [0, 1]
+    import torch
+
     if flip:
         coin = torch.rand(x.shape[0], device=x.device, generator=generator) < 0.5  # (B,)
         x = torch.where(coin[:, None, None, None], x.flip(-1), x)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    mean, std = stats if stats is not None else imagenet_stats(x.device)
     x = (x.expand(-1, 3, -1, -1) - mean) / std                              # (B, 3, S, S)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x

@@ -1,8 +1,12 @@
 """Classifier builders: any torchvision classification model with its head sized for our classes.
 
 `build_classifier("resnet34", 3)` returns a randomly initialised network; `pretrained="imagenet"`
-loads torchvision's ImageNet weights first (from `weights_dir`, else torch hub's cache, else a
-download) and then replaces the head, so the new head is the only randomly initialised part.
+builds it the way torchvision does with its default ImageNet weights (`get_model(name, weights=...)`:
+torchvision's own loader, which also renames the pre-0.4 key layout of its published DenseNet files,
+`denselayerN.norm.1.weight`, and sets the architecture options the weights were trained with) from
+the file exactly as torchvision publishes it (`densenet121-a639ec97.pth`, ...) in `weights_dir`, else
+torch hub's cache (`$TORCH_HOME/hub/checkpoints/`), else a download into that cache; then it replaces
+the head, so the new head is the only randomly initialised part.
 The head is found generically: every Linear / Conv2d whose output size is ImageNet's class count
 (ResNet `fc`, DenseNet `classifier`, SqueezeNet's final 1x1 Conv2d, VGG/EfficientNet/MobileNet
 `classifier[-1]`, ViT `heads.head`, Inception/GoogLeNet auxiliary heads too) is replaced by the
@@ -11,8 +15,11 @@ same kind of layer with `num_classes` outputs.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -53,7 +60,24 @@ def imagenet_weights_file(name: str) -> str:
     return os.path.basename(tvm.get_model_weights(name).DEFAULT.url)
 
 
-def _imagenet_state_dict(name: str, weights_dir: Optional[str]) -> dict:
+@contextlib.contextmanager
+def _hub_checkpoints(folder: str):
+    """torch hub's checkpoint folder pointed at `folder` for the block (torchvision's loaders look in
+    `<hub dir>/checkpoints`, and take no folder argument through `get_model`)."""
+    tmp = tempfile.mkdtemp(prefix="meddap-hub-")
+    previous = torch.hub._hub_dir  # None: derived from $TORCH_HOME at each call; put back exactly that
+    try:
+        os.symlink(os.path.abspath(folder), os.path.join(tmp, "checkpoints"))
+        torch.hub.set_dir(tmp)
+        yield
+    finally:
+        torch.hub._hub_dir = previous
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _imagenet_model(name: str, weights_dir: Optional[str]) -> nn.Module:
+    """torchvision's `get_model(name, weights=DEFAULT)`, reading the published file from `weights_dir`
+    or torch hub's cache (downloading into the cache only when no weights_dir is given)."""
     import torchvision.models as tvm
 
     weights = tvm.get_model_weights(name).DEFAULT
@@ -61,17 +85,22 @@ def _imagenet_state_dict(name: str, weights_dir: Optional[str]) -> dict:
     hub_dir = Path(torch.hub.get_dir(), "checkpoints")
     where = (f"put it in classify.weights_dir ({weights_dir})" if weights_dir else
              f"put it in $TORCH_HOME/hub/checkpoints (here: {hub_dir}) or in a folder named by classify.weights_dir")
-    if weights_dir:
+    path = Path(os.path.expanduser(weights_dir), filename) if weights_dir else hub_dir / filename
+    if weights_dir and not path.is_file():
         # An explicit folder is a promise: never fall back to a download that would hide a typo.
-        path = Path(weights_dir, filename)
-        if not path.is_file():
-            raise MeddapError(
-                f"ImageNet weights for '{name}' not found: expected {path}. Download {weights.url} and {where}, "
-                f"or set classify.pretrained=none to train from random initialisation.")
-        return torch.load(path, map_location="cpu", weights_only=True)
+        raise MeddapError(
+            f"ImageNet weights for '{name}' not found: expected {path} (torchvision's file name). Download "
+            f"{weights.url} and {where}, or set classify.pretrained=none to train from random initialisation.")
     try:
-        return weights.get_state_dict(progress=False)  # hub cache first, else download into it
-    except Exception as e:  # offline machines: URLError, timeouts, proxies
+        with _hub_checkpoints(str(path.parent)) if weights_dir else contextlib.nullcontext():
+            return tvm.get_model(name, weights=weights, progress=False)
+    except Exception as e:
+        if path.is_file():  # truncated, another network's weights, not a checkpoint at all
+            raise MeddapError(
+                f"{path} could not be loaded as torchvision's ImageNet weights for '{name}' "
+                f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}). Replace it with {weights.url} "
+                f"(file {filename}, as published), or set classify.pretrained=none.") from None
+        # offline machines: URLError, timeouts, proxies
         raise MeddapError(
             f"ImageNet weights for '{name}' could not be fetched ({type(e).__name__}: {e}). Download "
             f"{weights.url} (file {filename}) and {where}, or set classify.pretrained=none.") from None
@@ -105,9 +134,10 @@ def build_classifier(name: str, num_classes: int, pretrained: str = "none",
         raise MeddapError(f"build_classifier('{name}'): num_classes must be >= 2, got {num_classes}.")
     if pretrained not in ("none", "imagenet"):
         raise MeddapError(f"classify.pretrained = {pretrained!r}: expected 'imagenet' or 'none'.")
-    model = tvm.get_model(name, weights=None)  # ImageNet-shaped, so pretrained weights load strictly
     if pretrained == "imagenet":
-        model.load_state_dict(_imagenet_state_dict(name, weights_dir))
+        model = _imagenet_model(name, weights_dir)
+    else:
+        model = tvm.get_model(name, weights=None)
     if _replace_heads(model, num_classes) == 0:
         raise MeddapError(f"classifier '{name}': no {_IMAGENET_CLASSES}-output head layer found to replace.")
     return model

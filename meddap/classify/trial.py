@@ -1,13 +1,20 @@
 """One classifier trial, plain PyTorch: tensors and settings in, metrics and predictions out.
 
-`train_trial` builds a FRESH model for every trial, seeded from `classify.seed` and the trial's
-settings (the authors' script kept training one network across adjectives; we never do), trains it
+`train_trial` builds a FRESH model for every trial (the authors' script kept training one network
+across adjectives; we never do), seeded from `classify.seed` and the trial's classifier, fold and
+repeat only: every adjective and ratio of one (classifier, fold, repeat) starts from the same initial
+weights and the same data-order/flip seed (common random numbers), so a paired difference measures the
+training data, not the luck of the draw. It trains it
 with Adam for `classify.epochs` epochs on in-memory uint8 tensors (augmented on the device), picks the
 epoch with the best validation accuracy (the earliest on ties), and evaluates that epoch's weights on
-every evaluation set. On CUDA it uses autocast (bf16 where supported, else fp16 with a grad scaler)
-and channels_last. Every `classify.checkpoint_every` epochs the `report` callback receives the full
-training state (model, optimizer, scaler, epoch, best state, RNG states), and `checkpoint=` resumes
-from such a state; a resumed trial computes exactly what an uninterrupted one does.
+every evaluation set. On CUDA it uses autocast (bf16 where the GPU has it natively, else fp16 with a
+grad scaler), channels_last and fused Adam (the scaler's inf check then stays on the device). Training
+and validation images stay on the device for the whole trial and the normalisation constants are built
+once, so a step does no host work; the epoch's losses and the validation accuracy are read once per
+epoch. When `classify.checkpoint_seconds` have passed since the last checkpoint (checked at each
+epoch's end) the `report` callback receives the full training state (model, optimizer, scaler, epoch,
+best state, RNG states), and `checkpoint=` resumes from such a state; a resumed trial computes exactly
+what an uninterrupted one does.
 Ray knows nothing of this module: `meddap.stages.sweep` wraps it in a Tune trainable, the
 benchmark calls it directly.
 """
@@ -18,19 +25,22 @@ import copy
 import time
 import zlib
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import nn
 
-from meddap.classify.data import EvalSet, TrialSpec, TrialTensors, model_input
+from meddap.classify.data import EvalSet, TrialSpec, TrialTensors, imagenet_stats, model_input
 from meddap.classify.metrics import classification_metrics
 from meddap.classify.models import build_classifier, logits_of
+from meddap.device import native_bf16
+
+if TYPE_CHECKING:  # pandas is imported where frames are made: `bench gpu` runs this module without it
+    import pandas as pd
 
 __all__ = ["TrialResult", "train_trial", "trial_seed", "build_trial_model", "autocast_dtype", "train_step",
-           "predict"]
+           "predict", "predict_on_device"]
 
 ReportFn = Callable[[int, dict, Optional[dict]], None]
 
@@ -55,9 +65,10 @@ class TrialResult:
 
 
 def trial_seed(base_seed: int, spec: TrialSpec) -> int:
-    """Seed of a trial: a stable hash of the base seed and the trial's settings (not Python's hash(),
-    which changes per process)."""
-    return zlib.crc32(f"{base_seed}:{spec.trial_id}".encode()) & 0x7FFFFFFF
+    """Seed of a trial: a stable hash (not Python's hash(), which changes per process) of the base seed,
+    the classifier, the fold and the repeat; deliberately NOT of the adjective or ratio (common random
+    numbers: the real-only baseline and every augmented trial of a cell start alike)."""
+    return zlib.crc32(f"{base_seed}:{spec.classifier}:f{spec.fold}:rep{spec.repeat}".encode()) & 0x7FFFFFFF
 
 
 def build_trial_model(spec: TrialSpec, num_classes: int, seed: int, pretrained: str = "none",
@@ -68,12 +79,19 @@ def build_trial_model(spec: TrialSpec, num_classes: int, seed: int, pretrained: 
 
 
 def autocast_dtype(mode: str, device: torch.device) -> Optional[torch.dtype]:
-    """None = full fp32. 'auto': bf16 on CUDA GPUs that support it, else fp16; fp32 on CPU."""
+    """None = full fp32. 'auto': bf16 on CUDA GPUs with native bf16 (Ampere and newer), else fp16 (with
+    a grad scaler, see train_trial); fp32 on CPU. 'bf16' where bf16 is only emulated (Turing) runs as
+    fp16 too, with a note: emulated bf16 is slower than fp16."""
     if mode == "no" or (mode == "auto" and device.type != "cuda"):
         return None
-    if mode == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}[mode]
+    if mode == "fp16":
+        return torch.float16
+    if native_bf16(device) or device.type != "cuda":
+        return torch.bfloat16
+    if mode == "bf16":
+        print(f"[sweep] classify.mixed_precision=bf16: {torch.cuda.get_device_name(device)} has no native bf16; "
+              "training in fp16 with loss scaling instead.", flush=True)
+    return torch.float16
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
@@ -89,19 +107,29 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device,
-            amp: Optional[torch.dtype] = None, channels_last: bool = False) -> np.ndarray:
-    """(N, 1, S, S) uint8 -> (N, K) float32 class probabilities, in eval mode."""
+def predict_on_device(model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device,
+                      amp: Optional[torch.dtype] = None, channels_last: bool = False,
+                      stats: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+    """(N, 1, S, S) uint8 -> (N, K) float32 class probabilities on `device`, in eval mode (no host sync)."""
     was_training = model.training
     model.eval()
     out = []
     for i in range(0, images.shape[0], batch_size):
-        x = model_input(images[i:i + batch_size].to(device, non_blocking=True), channels_last=channels_last)
+        x = model_input(images[i:i + batch_size].to(device, non_blocking=True), channels_last=channels_last,
+                        stats=stats)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             logits = logits_of(model(x))
-        out.append(torch.softmax(logits.float(), dim=1).cpu())          # (B, K)
+        out.append(torch.softmax(logits.float(), dim=1))                 # (B, K)
     model.train(was_training)
-    return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
+    return torch.cat(out) if out else torch.zeros((0, 0), device=device)
+
+
+def predict(model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device,
+            amp: Optional[torch.dtype] = None, channels_last: bool = False,
+            stats: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> np.ndarray:
+    """(N, 1, S, S) uint8 -> (N, K) float32 class probabilities as a numpy array, in eval mode."""
+    probs = predict_on_device(model, images, batch_size, device, amp, channels_last, stats)
+    return probs.cpu().numpy() if probs.numel() else np.zeros((0, 0), np.float32)
 
 
 def _cpu_copy(state: dict) -> dict:
@@ -123,6 +151,8 @@ def _set_rng_state(state: dict, generator: torch.Generator, device: torch.device
 
 
 def _predictions_frame(trial_id: str, ev: EvalSet, probs: np.ndarray, classes: Sequence[str]) -> pd.DataFrame:
+    import pandas as pd
+
     frame = pd.DataFrame({"trial_id": trial_id, "eval_set": ev.name, "image_id": ev.image_ids,
                           "label": ev.labels.numpy().astype(np.int64), "pred": probs.argmax(1).astype(np.int64)})
     for k, name in enumerate(classes):
@@ -135,7 +165,9 @@ def train_trial(spec: TrialSpec, tensors: TrialTensors, cfg_classify, classes: S
                 report: Optional[ReportFn] = None) -> TrialResult:
     """Train and evaluate one trial. `cfg_classify` is a ClassifyConfig; `checkpoint` a state the
     `report` callback was given earlier; `report(epoch, metrics, state_or_None)` runs after every
-    epoch, with the state every `checkpoint_every` epochs."""
+    epoch, with the state once `checkpoint_seconds` have passed since the last one."""
+    import pandas as pd
+
     device = torch.device(device)
     c = cfg_classify
     seed = trial_seed(c.seed, spec)
@@ -144,14 +176,17 @@ def train_trial(spec: TrialSpec, tensors: TrialTensors, cfg_classify, classes: S
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     amp = autocast_dtype(c.mixed_precision, device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=c.lr)
+    # Fused Adam on CUDA: one kernel per step, and the fp16 scaler's inf check stays on the device.
+    optimizer = torch.optim.Adam(model.parameters(), lr=c.lr, **({"fused": True} if device.type == "cuda" else {}))
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
+    stats = imagenet_stats(device)                                  # built once per trial
 
     train_x = tensors.train_images.to(device)                       # (N, 1, S, S) uint8, resident
     train_y = tensors.train_labels.to(device)                       # (N,)
     val = tensors.evals["val"]
+    val_x, val_y = val.images.to(device), val.labels.to(device)     # resident too: validated every epoch
     n = train_x.shape[0]
     if n < 2:
         raise ValueError(f"trial {spec.trial_id}: {n} training images; need at least 2")
@@ -169,6 +204,7 @@ def train_trial(spec: TrialSpec, tensors: TrialTensors, cfg_classify, classes: S
         _set_rng_state(checkpoint["rng"], generator, device)
 
     model.train()
+    last_checkpoint = time.monotonic()
     for epoch in range(start_epoch, c.epochs):
         t_epoch = time.perf_counter()
         order = torch.randperm(n, device=device, generator=generator)
@@ -177,25 +213,30 @@ def train_trial(spec: TrialSpec, tensors: TrialTensors, cfg_classify, classes: S
             idx = order[i:i + c.batch_size]
             if idx.numel() < 2:
                 break  # a lone last image breaks BatchNorm's batch statistics; it is reshuffled next epoch
-            x = model_input(train_x[idx], flip=c.random_flip, generator=generator, channels_last=channels_last)
+            x = model_input(train_x[idx], flip=c.random_flip, generator=generator, channels_last=channels_last,
+                            stats=stats)
             losses.append(train_step(model, optimizer, scaler, x, train_y[idx], amp))   # x: (B, 3, S, S)
             images_seen += idx.numel()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         step_seconds += time.perf_counter() - t_epoch
-        probs = predict(model, val.images, c.batch_size, device, amp, channels_last)     # (n_val, K)
-        val_acc = float((probs.argmax(1) == val.labels.numpy()).mean())
+        probs = predict_on_device(model, val_x, c.batch_size, device, amp, channels_last, stats)  # (n_val, K)
+        hits = (probs.argmax(1) == val_y).sum()
+        mean_loss = torch.stack(losses).mean() if losses else torch.full((), float("nan"), device=device)
+        hits, mean_loss = torch.stack([hits.double(), mean_loss.double()]).tolist()      # the epoch's one sync
+        val_acc = float(hits / val_y.numel())
         if val_acc > best_acc:
             best_epoch, best_acc = epoch + 1, val_acc
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         train_seconds += time.perf_counter() - t_epoch
-        record = {"epoch": epoch + 1, "loss": float(torch.stack(losses).mean()) if losses else float("nan"),
+        record = {"epoch": epoch + 1, "loss": mean_loss,
                   "val_accuracy": val_acc, "best_val_accuracy": best_acc, "best_epoch": best_epoch}
         history.append(record)
         if report is not None:
-            due = (epoch + 1) % c.checkpoint_every == 0 and epoch + 1 < c.epochs
+            due = time.monotonic() - last_checkpoint >= c.checkpoint_seconds and epoch + 1 < c.epochs
             state = None
             if due:
+                last_checkpoint = time.monotonic()
                 state = {"epoch": epoch + 1, "model": _cpu_copy(model.state_dict()),
                          "optimizer": copy.deepcopy(optimizer.state_dict()), "scaler": scaler.state_dict(),
                          "best_epoch": best_epoch, "best_val_accuracy": best_acc, "best_state": _cpu_copy(best_state),
@@ -207,12 +248,12 @@ def train_trial(spec: TrialSpec, tensors: TrialTensors, cfg_classify, classes: S
     model.load_state_dict(best_state)
     metrics, frames = {}, []
     for name, ev in tensors.evals.items():
-        probs = predict(model, ev.images, c.batch_size, device, amp, channels_last)
+        probs = predict(model, val_x if name == "val" else ev.images, c.batch_size, device, amp, channels_last, stats)
         metrics[name] = classification_metrics(ev.labels.numpy(), probs.argmax(1), classes)
         frames.append(_predictions_frame(spec.trial_id, ev, probs, classes))
     synthetic_eval = {}
     for adjective, ev in tensors.synthetic_evals.items():
-        probs = predict(model, ev.images, c.batch_size, device, amp, channels_last)
+        probs = predict(model, ev.images, c.batch_size, device, amp, channels_last, stats)
         synthetic_eval[adjective] = {"accuracy": float((probs.argmax(1) == ev.labels.numpy()).mean()),
                                      "n": int(ev.labels.numel())}
     return TrialResult(

@@ -15,7 +15,10 @@ when the source has one) or else of its file-name key: the file stem with mask a
 removed (`benign (36)-rotated1-sharpened` -> `benign (36)`; the `(n)` numbering stays, it names the
 source image), inside its folder. Groups joined by an exact or near duplicate pair are merged
 (union-find), so copies of one image never straddle train/test or two folds. Dataset B is audited
-against Dataset A (exact and near matches are reported as overlap) but never merged with it.
+against Dataset A but never merged with it. Across datasets only content decides (Kaggle's numbering is
+not BUSI's): a B image overlaps A when it is an exact or near duplicate as above, or, with
+`aligned_min_correlation`, a rotated (90/180/270 or a small angle), mirrored, rescaled or sharpened copy
+(meddap.data.match).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from meddap.data.decode import hamming_matrix, thumbnail_correlation
+from meddap.data.match import find_aligned_copies, transform_label
 
 __all__ = [
     "group_key",
@@ -74,9 +78,10 @@ class DuplicatePair:
     i: int            # row index (into the frame(s) given)
     j: int
     exact: bool
-    distance: int     # hash bits apart (0 for exact)
+    distance: Optional[int]  # hash bits apart (0 for exact; None for a match found by alignment)
     mirrored: bool    # the near match is with one image mirrored
     correlation: Optional[float] = None  # thumbnail correlation that confirmed a near pair
+    transform: Optional[str] = None      # how an aligned copy was aligned ("rotated 90, +7.0 deg")
 
 
 def _near_distances(h1: np.ndarray, m1: np.ndarray, h2: np.ndarray, m2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -144,11 +149,15 @@ def find_duplicates(frame: pd.DataFrame, near_bits: int,
 
 
 def find_overlap(ext: pd.DataFrame, base: pd.DataFrame, near_bits: int,
-                 min_correlation: Optional[float] = None) -> list[DuplicatePair]:
-    """Pairs (i in `ext`, j in `base`) that are exact or near duplicates across two datasets."""
-    pairs: list[DuplicatePair] = []
+                 min_correlation: Optional[float] = None, aligned_min_correlation: Optional[float] = None,
+                 max_angle: float = 15.0) -> list[DuplicatePair]:
+    """Pairs (i in `ext`, j in `base`) that are exact or near duplicates across two datasets and, with
+    `aligned_min_correlation` (needs the `thumb` column), copies under any dihedral transform, a rotation
+    up to `max_angle` degrees and a zoom (meddap.data.match). One pair per (i, j): exact first, then a
+    near duplicate by hash, then an aligned copy."""
+    pairs: dict[tuple[int, int], DuplicatePair] = {}
     if len(ext) == 0 or len(base) == 0:
-        return pairs
+        return []
     base_sha = base["sha256"].to_numpy()
     ext_sha = ext["sha256"].to_numpy()
     hb, mb = _hash_arrays(base)
@@ -164,8 +173,13 @@ def find_overlap(ext: pd.DataFrame, base: pd.DataFrame, near_bits: int,
             p = _confirm(DuplicatePair(start + a, j, is_exact, 0 if is_exact else int(dist[a, j]),
                                        False if is_exact else bool(mirrored[a, j])), t_ext, t_base, min_correlation)
             if p is not None:
-                pairs.append(p)
-    return pairs
+                pairs[(p.i, p.j)] = p
+    if aligned_min_correlation is not None and t_ext is not None and t_base is not None:
+        for m in find_aligned_copies(t_ext, t_base, aligned_min_correlation, max_angle=max_angle):
+            if (m.i, m.j) not in pairs:
+                pairs[(m.i, m.j)] = DuplicatePair(m.i, m.j, False, None, m.dihedral >= 4, m.correlation,
+                                                  transform_label(m))
+    return [pairs[k] for k in sorted(pairs)]
 
 
 class _UnionFind:
@@ -224,6 +238,9 @@ def pair_reason(p: DuplicatePair, near_bits: int, other_dataset: Optional[str] =
     where = f" with a Dataset {other_dataset} image" if other_dataset else ""
     if p.exact:
         return f"identical decoded pixels{where}"
+    if p.transform is not None:
+        return (f"aligned copy{where}: thumbnail correlation {p.correlation:.3f} after aligning it "
+                f"({p.transform})")
     how = " (one mirrored)" if p.mirrored else ""
     corr = f", thumbnail correlation {p.correlation:.3f}" if p.correlation is not None else ""
     return f"perceptual hashes {p.distance} of 64 bits apart{how} <= {near_bits}{corr}{where}"

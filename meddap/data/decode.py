@@ -13,6 +13,11 @@ Every stage sees an image the same way: `read_grey(path)` returns an (H, W) uint
 
 With `size`, the grey image is resized to (size, size) with Pillow's antialiased bilinear filter.
 Unreadable, truncated and non-image files raise `ImageDecodeError(path, reason)`.
+
+`read_rgb(path)` is the colour twin, for classifiers and FID fed in colour (classify.channels=rgb):
+(H, W, 3) uint8 by the same rules, except that colour stays colour (alpha still composited over black)
+and grey modes are replicated to three equal channels; so a grey-content image gives three copies of
+exactly what `read_grey` gives.
 """
 
 from __future__ import annotations
@@ -23,14 +28,16 @@ import warnings
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
-from scipy.fft import dctn
 
 from meddap.errors import MeddapError
 
 __all__ = [
     "ImageDecodeError",
     "read_grey",
+    "read_rgb",
     "to_grey",
+    "to_rgb",
+    "read_image",
     "pixel_sha256",
     "phash",
     "phash_pair",
@@ -105,8 +112,39 @@ def to_grey(img: Image.Image) -> np.ndarray:
     raise _UnsupportedMode(f"unsupported pixel mode {mode!r} (supported: grey, RGB, RGBA, palette, 16-bit grey)")
 
 
+def to_rgb(img: Image.Image) -> np.ndarray:
+    """A loaded Pillow image -> (H, W, 3) uint8: grey modes replicated, alpha composited over black."""
+    mode = img.mode
+    if mode in ("P", "PA"):
+        img = img.convert("RGBA" if mode == "PA" or "transparency" in img.info else "RGB")
+        mode = img.mode
+    if mode in ("RGBA", "RGBa"):
+        arr = np.array(img.convert("RGBA"), dtype=np.uint8)  # (H, W, 4)
+        return np.clip(np.rint(_composite_over_black(arr[..., :3], arr[..., 3])), 0, 255).astype(np.uint8)
+    if mode in ("RGB", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"):
+        return np.array(img.convert("RGB"), dtype=np.uint8)
+    grey = to_grey(img)                                      # (H, W): every grey mode by read_grey's rules
+    return np.repeat(grey[..., None], 3, axis=2)
+
+
 def read_grey(path: str, size: int | None = None) -> np.ndarray:
     """Decode `path` into the canonical (H, W) uint8 grey form; (size, size) when `size` is given."""
+    return _read(path, size, to_grey)  # (H, W) uint8
+
+
+def read_rgb(path: str, size: int | None = None) -> np.ndarray:
+    """Decode `path` into (H, W, 3) uint8 colour; (size, size, 3) when `size` is given."""
+    return _read(path, size, to_rgb)   # (H, W, 3) uint8
+
+
+def read_image(path: str, size: int | None = None, channels: str = "grey") -> np.ndarray:
+    """`read_grey` for channels 'grey', `read_rgb` for 'rgb' (classify.channels)."""
+    if channels not in ("grey", "rgb"):
+        raise ValueError(f"channels {channels!r}: expected 'grey' or 'rgb'")
+    return read_rgb(path, size) if channels == "rgb" else read_grey(path, size)
+
+
+def _read(path: str, size: int | None, convert) -> np.ndarray:
     path = str(path)
     try:
         with warnings.catch_warnings():
@@ -116,7 +154,7 @@ def read_grey(path: str, size: int | None = None) -> np.ndarray:
             with Image.open(path) as img:
                 img.load()  # forces a full decode: truncated files fail here, not later
                 img = ImageOps.exif_transpose(img)
-                grey = to_grey(img)
+                grey = convert(img)
     except FileNotFoundError:
         raise ImageDecodeError(path, "file not found") from None
     except IsADirectoryError:
@@ -138,7 +176,7 @@ def read_grey(path: str, size: int | None = None) -> np.ndarray:
         raise ImageDecodeError(path, "image has no pixels")
     if size is not None:
         grey = np.array(Image.fromarray(grey).resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
-    return grey  # (H, W) uint8
+    return grey  # (H, W) or (H, W, 3) uint8
 
 
 def pixel_sha256(arr: np.ndarray) -> str:
@@ -173,6 +211,8 @@ def thumbnail_correlation(a: np.ndarray, b: np.ndarray) -> float:
 
 def _low_dct(grey: np.ndarray) -> np.ndarray:
     """(H, W) uint8 -> (8, 8) lowest-frequency orthonormal DCT-II coefficients of the 32 x 32 thumbnail."""
+    from scipy.fft import dctn  # here, not at the top: image decoding (and `bench gpu`) runs without scipy
+
     coeffs = dctn(thumbnail(grey).astype(np.float64), type=2, norm="ortho")  # (32, 32)
     return coeffs[:_PHASH_SIDE, :_PHASH_SIDE]
 

@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
-from meddap import storage
+from meddap import logs, storage
 from meddap.errors import MeddapError
 
 __all__ = [
@@ -680,13 +680,14 @@ def _remove_surplus(out: Path, class_name: str, keep: int) -> int:
 
 
 def write_phantom(out_dir, per_class: int = 60, variant: str = "standard", size: int = 128, seed: int = 0,
-                  classes=("benign", "malignant", "normal")) -> dict:
+                  classes=("benign", "malignant", "normal"), say: bool = True) -> dict:
     """Write the phantom in BUSI's layout: out_dir/<class>/<class> (i).png and <class> (i)_mask.png,
     i = 1..per_class, RGB PNGs with grey content, plus out_dir/phantom.json (the plan).
 
     Deterministic for (seed, variant, size); a rerun skips files already written under the same plan,
     so an interrupted run resumes and a larger per_class only adds images; files are written atomically
     (temp + rename). Returns {class: count, ..., "out_dir": str}.
+    `say`: print a line of what was written (the prepare stage, which reports the images itself, does not).
     """
     classes = tuple(classes)
     for c in classes:
@@ -728,10 +729,11 @@ def write_phantom(out_dir, per_class: int = 60, variant: str = "standard", size:
                 removed += _remove_surplus(out, class_name, 0)
     elapsed = time.perf_counter() - t0
     rate = f" ({written / elapsed:.0f} images/s)" if written and elapsed > 0 else ""
-    print(f"[phantom] {out}: {variant}, {size} px, seed {seed}: "
-          + ", ".join(f"{c} {per_class}" for c in classes)
-          + f"; wrote {written}{rate}, kept {skipped} already there"
-          + (f", removed {removed} surplus files" if removed else ""), flush=True)
+    if say:
+        logs.say(f"[phantom] {out}: {variant}, {size} px, seed {seed}: "
+                 + ", ".join(f"{c} {per_class}" for c in classes)
+                 + f"; wrote {written}{rate}, kept {skipped} already there"
+                 + (f", removed {removed} surplus files" if removed else ""))
     return {**{c: int(per_class) for c in classes}, "out_dir": str(out)}
 
 

@@ -13,6 +13,7 @@ must hold every configured class; Dataset B (external) may hold a subset.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import tempfile
 from dataclasses import dataclass, field
@@ -145,7 +146,7 @@ def _read_class_folders(listing: SourceListing, class_root: Path, classes: list[
             if not is_mask(p) and not _is_system_file(p):
                 listing.findings.append(Finding(
                     "unknown_class", str(p.absolute()), dataset,
-                    f"class folder '{d.name}' is not in data.classes {classes}"))
+                    f"class folder '{d.name}' is not in data.classes {classes}", class_name=d.name))
     for cls in classes:
         if cls not in found:
             continue
@@ -243,11 +244,30 @@ def _clean(value) -> Optional[str]:
     return text or None
 
 
+def _confine(raw: str, base: Path, images_root: Path | None) -> tuple[Path | None, str]:
+    """(absolute path, '') of a manifest row's path, or (None, why) when it leaves its root: with
+    `images_root`, every path must lie in it; without, relative paths must stay in the manifest's
+    folder (`base`). Checked on the path as written (.. resolved, links not followed), so a dataset
+    folder made of symlinks still works."""
+    p = Path(raw).expanduser()
+    root = images_root or base
+    if p.is_absolute() and images_root is None:
+        return Path(os.path.normpath(p)), ""
+    full = Path(os.path.normpath(p if p.is_absolute() else root / p))
+    if full != root and root not in full.parents:
+        what = "absolute path" if p.is_absolute() else "relative path"
+        return None, f"{what} {raw!r} leaves {root}"
+    return full, ""
+
+
 def list_manifest(path: str, classes: list[str], split: str | None = None, dataset: str = "A",
                   key: str = "data.root", split_key: str = "data.split",
-                  require_all: bool = True) -> SourceListing:
-    """Rows of a CSV/Parquet manifest: `path` (absolute, or relative to the manifest's folder),
-    `class_name`, optional `patient_id` and `split`. With `split` set, only rows of that split."""
+                  require_all: bool = True, images_root: str | None = None,
+                  images_root_key: str = "data.images_root") -> SourceListing:
+    """Rows of a CSV/Parquet manifest: `path` (absolute, or relative to the manifest's folder or to
+    `images_root`), `class_name`, optional `patient_id` and `split`. With `split` set, only rows of that
+    split. Paths that leave their root (see _confine) are refused: a manifest from elsewhere cannot make
+    the run read (or list in its outputs) files outside the dataset."""
     if not path:
         raise MeddapError(f"Dataset {dataset}: {key} is not set; give the manifest file ({key}=/path/x.csv).")
     mpath = Path(path).expanduser()
@@ -271,7 +291,13 @@ def list_manifest(path: str, classes: list[str], split: str | None = None, datas
                               f"values present: {sorted(set(v for v in values if v))}.")
         table = table[values == split]
     by_lower = {c.lower(): c for c in classes}
-    base = mpath.parent
+    base = Path(os.path.normpath(mpath.parent))
+    confine = None
+    if images_root:
+        confine = Path(os.path.normpath(Path(images_root).expanduser().absolute()))
+        if not confine.is_dir():
+            raise MeddapError(f"Dataset {dataset}: {images_root_key} {confine} does not exist or is not a folder.")
+    escaping = []
     for i, row in enumerate(table.itertuples(index=False)):
         row = row._asdict()
         raw_path = _clean(row["path"])
@@ -279,12 +305,15 @@ def list_manifest(path: str, classes: list[str], split: str | None = None, datas
         if raw_path is None:
             listing.findings.append(Finding("skipped", f"{mpath}#row{i}", dataset, "empty path in manifest row"))
             continue
-        p = Path(raw_path).expanduser()
-        p = (p if p.is_absolute() else base / p).absolute()
+        p, why = _confine(raw_path, base, confine)
+        if p is None:
+            escaping.append(f"row {i}: {why}")
+            continue
         cls = by_lower.get((cls_raw or "").lower())
         if cls is None:
             listing.findings.append(Finding("unknown_class", str(p), dataset,
-                                            f"class_name {cls_raw!r} is not in data.classes {classes}"))
+                                            f"class_name {cls_raw!r} is not in data.classes {classes}",
+                                            class_name=cls_raw or ""))
             continue
         if is_mask(p):
             listing.masks += 1
@@ -294,11 +323,18 @@ def list_manifest(path: str, classes: list[str], split: str | None = None, datas
             raise MeddapError(f"manifest {mpath}: split value {src_split!r} (row {i}) is not one of "
                               f"{list(SPLIT_VALUES)}; the test split comes from it, folds are made from 'train'.")
         try:
-            rel = p.relative_to(base).as_posix()
+            rel = p.relative_to(confine or base).as_posix()
         except ValueError:
             rel = p.as_posix()
         listing.records.append(ImageRecord(str(p), cls, dataset, rel,
                                            patient_id=_clean(row.get("patient_id")), source_split=src_split))
+    if escaping:
+        root = confine or base
+        raise MeddapError(
+            f"manifest {mpath}: {len(escaping)} path(s) leave {'the images root' if confine else 'its folder'} "
+            f"{root} ({'; '.join(escaping[:3])}{' ...' if len(escaping) > 3 else ''}). Refused: a manifest may "
+            f"only list images inside its root. Fix the paths, or set {images_root_key} to the folder that holds "
+            f"every image (relative paths are then read from it).")
     present = {r.class_name for r in listing.records}
     missing_cls = [c for c in classes if c not in present]
     if not present:
@@ -326,7 +362,7 @@ def write_phantom_dataset(run_dir: str, dataset: str, phantom_cfg, classes: list
 
     out = _phantom_dir(run_dir, dataset)
     write_phantom(str(out), per_class=phantom_cfg.per_class, variant=phantom_cfg.variant, size=phantom_cfg.size,
-                  seed=phantom_cfg.seed, classes=tuple(classes))
+                  seed=phantom_cfg.seed, classes=tuple(classes), say=False)  # prepare's summary reports the images
     return out
 
 
@@ -350,7 +386,8 @@ def list_source(cfg, dataset: str) -> SourceListing:
     if sec.source == "imagefolder":
         return list_imagefolder(sec.root, classes, sec.split, dataset, key, split_key, require_all)
     if sec.source == "manifest":
-        return list_manifest(sec.root, classes, sec.split, dataset, key, split_key, require_all)
+        return list_manifest(sec.root, classes, sec.split, dataset, key, split_key, require_all,
+                             images_root=sec.images_root, images_root_key=f"{prefix}.images_root")
     if sec.source == "phantom":
         ph_classes = classes if dataset == "A" else _external_phantom_classes(classes)
         folder = write_phantom_dataset(cfg.run_dir, dataset, sec.phantom, ph_classes)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -33,7 +34,6 @@ from typing import Any
 import torch
 
 from meddap.errors import MeddapError
-from meddap.storage import is_uri
 
 __all__ = [
     "TINY_MODEL",
@@ -47,6 +47,10 @@ __all__ = [
     "load_pipeline",
     "check_base_model",
     "load_components",
+    "is_single_file",
+    "unet_config",
+    "count_unet_parameters",
+    "SD14_REPO",
     "sd14_config",
     "build_sd14_unet",
     "build_sd14_vae",
@@ -209,6 +213,7 @@ def resolve_base_model(cfg) -> str:
     is the package's own folder, the same on every node.
     """
     from meddap.layout import RunLayout
+    from meddap.storage import is_uri  # pyarrow: imported here so `bench gpu` loads this module without it
 
     model = cfg.diffusion.base_model
     if model == TINY_MODEL:
@@ -263,16 +268,20 @@ def _how_to_provide(model: str) -> str:
 
 def _check_local(model: str) -> None:
     if _looks_like_path(model):
-        p = Path(model)
+        p = Path(os.path.expanduser(model))
+        if p.is_file():
+            return  # a single-file checkpoint: checked where it is loaded
         if not p.is_dir():
-            raise MeddapError(f"base model folder {model!r} does not exist (diffusion.base_model). Set "
+            raise MeddapError(f"base model {model!r} does not exist (diffusion.base_model). Set "
                               f"diffusion.base_model to an existing diffusers folder (saved with `save_pretrained`, "
-                              f"e.g. a download of CompVis/stable-diffusion-v1-4), to a hub id with its weights in "
-                              f"HF_HOME's cache (HF_HUB_OFFLINE=1 offline), or to {TINY_MODEL} for the tiny model.")
-        if not (p / "model_index.json").is_file() and not (p / "unet").is_dir():
+                              f"e.g. a download of CompVis/stable-diffusion-v1-4), a single-file checkpoint "
+                              f"(sd-v1-4.ckpt / .safetensors), a hub id with its weights in HF_HOME's cache "
+                              f"(HF_HUB_OFFLINE=1 offline), or {TINY_MODEL} for the tiny model.")
+        if not (p / "model_index.json").is_file():
             raise MeddapError(f"base model folder {model!r} is not a diffusers folder (no model_index.json). "
                               "Point diffusion.base_model at a folder saved with `save_pretrained` "
-                              "(holding unet/, vae/, text_encoder/, tokenizer/, scheduler/).")
+                              "(holding unet/, vae/, text_encoder/, tokenizer/, scheduler/), a hub id, or a "
+                              "single-file checkpoint (.ckpt / .safetensors).")
 
 
 def _wrap_load_error(model: str, err: Exception) -> MeddapError:
@@ -298,55 +307,230 @@ def _load_errors() -> tuple[type[BaseException], ...]:
     return tuple(errs)
 
 
-def check_base_model(model: str) -> None:
-    """Fail early (before starting workers) when `model` cannot be found: reads only its index file."""
-    from diffusers import DiffusionPipeline
+# ---------------------------------------------------------------------------------------------
+# Weights as their publishers ship them: a diffusers folder, the Hugging Face hub cache
+# (models--<org>--<name>/snapshots/<rev>/ with symlinks into blobs/, often without the safety checker
+# and feature extractor, sometimes with only the fp16 `variant` files), or one original checkpoint file.
+# ---------------------------------------------------------------------------------------------
+SD14_REPO = "CompVis/stable-diffusion-v1-4"
+SINGLE_FILE_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth", ".bin")
+# Components fine-tuning and generation need; the safety checker and feature extractor are never loaded.
+_REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+_WEIGHTED = ("unet", "vae", "text_encoder")
+_STEMS = r"(diffusion_pytorch_model|model|pytorch_model)"
+_DEFAULT_WEIGHTS = re.compile(rf"^{_STEMS}(-\d+-of-\d+)?\.(safetensors|bin)$|^{_STEMS}\.(safetensors|bin)\.index\.json$")
+_FP16_WEIGHTS = re.compile(rf"^{_STEMS}(-\d+-of-\d+)?\.fp16\.(safetensors|bin)$|^{_STEMS}\.(safetensors|bin)\.index\.fp16\.json$")
+_OFF = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
-    _check_local(model)
+
+def is_single_file(model: str) -> bool:
+    """True for a path to one checkpoint file (e.g. sd-v1-4.ckpt) rather than a folder or hub id."""
+    return _looks_like_path(model) and Path(os.path.expanduser(model)).is_file()
+
+
+def _cached_snapshot(repo_id: str) -> Path | None:
+    """The Hugging Face cache's snapshot folder of `repo_id` (refs/main), when it holds model_index.json."""
+    from huggingface_hub import try_to_load_from_cache
+
     try:
-        DiffusionPipeline.load_config(model, local_files_only=_local_only())
+        found = try_to_load_from_cache(repo_id, "model_index.json")
+    except Exception:  # not a valid repo id
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def _local_folder(model: str) -> Path | None:
+    """Where `model`'s files are on this machine: the folder itself, or the hub cache's snapshot."""
+    if _looks_like_path(model):
+        return Path(os.path.expanduser(model))
+    return _cached_snapshot(model)
+
+
+def _weights_variant(folder: Path, dtype: torch.dtype | None = None) -> str | None:
+    """None (the default weight files) or "fp16" (only `*.fp16.*` files, e.g. a download made with
+    variant="fp16"). With both present, fp16 loads for an fp16 pipeline (half the bytes)."""
+    default, fp16, missing = [], [], []
+    for part in _WEIGHTED:
+        names = os.listdir(folder / part) if (folder / part).is_dir() else []
+        has_default = any(_DEFAULT_WEIGHTS.match(n) for n in names)
+        has_fp16 = any(_FP16_WEIGHTS.match(n) for n in names)
+        if has_default:
+            default.append(part)
+        if has_fp16:
+            fp16.append(part)
+        if not (has_default or has_fp16):
+            missing.append(part)
+    if missing:
+        raise MeddapError(
+            f"base model {folder} has no weights for {', '.join(missing)} (expected e.g. "
+            f"{missing[0]}/diffusion_pytorch_model.safetensors, .bin, or the fp16 variant "
+            f"diffusion_pytorch_model.fp16.safetensors; text_encoder/model.safetensors). An interrupted download? "
+            f"Download the model again (`huggingface-cli download {SD14_REPO}`, optionally --include for fp16 files).")
+    if len(fp16) == len(_WEIGHTED) and (dtype == torch.float16 or len(default) < len(_WEIGHTED)):
+        return "fp16"
+    if len(default) == len(_WEIGHTED):
+        return None
+    raise MeddapError(f"base model {folder} mixes weight variants: default files for {default}, only fp16 "
+                      f"files for {sorted(set(_WEIGHTED) - set(default))}. Download one complete variant.")
+
+
+def _check_folder(folder: Path, model: str) -> None:
+    if not (folder / "model_index.json").is_file():
+        raise MeddapError(f"base model folder {model!r} is not a diffusers folder (no model_index.json). "
+                          "Point diffusion.base_model at a folder saved with `save_pretrained` "
+                          "(holding unet/, vae/, text_encoder/, tokenizer/, scheduler/), a hub id, or a "
+                          "single-file checkpoint (.ckpt / .safetensors).")
+    absent = [p for p in _REQUIRED if not (folder / p).is_dir()]
+    if absent:
+        raise MeddapError(f"base model {model!r} ({folder}) lacks {', '.join(p + '/' for p in absent)}; "
+                          f"meddap needs {', '.join(_REQUIRED)} (safety_checker/ and feature_extractor/ may be "
+                          f"absent). Download the model again (`huggingface-cli download {SD14_REPO}`).")
+    _weights_variant(folder)
+
+
+def _source(model: str, dtype: torch.dtype | None = None) -> tuple[str, dict]:
+    """(what `from_pretrained` should load, its keyword arguments) for a folder or hub id.
+
+    A folder, or a hub id whose snapshot is in the local cache, loads from disk with no hub call, in
+    the weight variant that is there. A cached snapshot that is incomplete is an error offline; online
+    the hub id is loaded instead, so the download completes."""
+    folder = _local_folder(model)
+    if folder is not None:
+        try:
+            _check_folder(folder, model)
+            return str(folder), dict(local_files_only=True, variant=_weights_variant(folder, dtype))
+        except MeddapError:
+            if _looks_like_path(model) or _local_only():
+                raise
+    return model, dict(local_files_only=_local_only())
+
+
+def _single_file_config(config: str | None) -> tuple[str, bool]:
+    """(diffusers folder or hub id holding the configs and tokenizer a single-file checkpoint needs,
+    local-only?). A checkpoint holds neither; SD-1.4's come from the Hugging Face cache by default."""
+    source = config or SD14_REPO
+    key = "diffusion.single_file_config"
+    if _looks_like_path(source):
+        folder = Path(os.path.expanduser(source))
+        if not (folder / "model_index.json").is_file() or not (folder / "tokenizer").is_dir():
+            raise MeddapError(f"{key} = {source!r} is not a diffusers folder with model_index.json and tokenizer/; "
+                              f"point it at a download of {SD14_REPO}'s configs (see below) or a saved pipeline.")
+        return str(folder), True
+    snapshot = _cached_snapshot(source)
+    if snapshot is not None and (snapshot / "tokenizer").is_dir():
+        return str(snapshot), True
+    if not _local_only():
+        return source, False  # diffusers downloads the configs and tokenizer only (~2 MB, no weights)
+    raise MeddapError(
+        f"a single-file checkpoint needs the configs and tokenizer of {source!r}, which are not in the local "
+        f"Hugging Face cache and cannot be downloaded here. Fetch them once where the hub is reachable (2 MB, no "
+        f"weights): `huggingface-cli download {source} model_index.json --include '*/config.json' "
+        f"'scheduler/*' 'tokenizer/*'`, and copy the cache (HF_HOME) here; or set {key} to a diffusers folder.")
+
+
+def _wrap(model: str, fn):
+    try:
+        return fn()
+    except MeddapError:
+        raise
     except _load_errors() as e:
         raise _wrap_load_error(model, e) from None
 
 
-def load_pipeline(model: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-    """`StableDiffusionPipeline.from_pretrained(model)` with the safety checker off, on `device`.
+def check_base_model(model: str, single_file_config: str | None = None) -> None:
+    """Fail early (before starting workers) when `model` cannot be loaded: reads only small files."""
+    from diffusers import DiffusionPipeline
 
-    `model` is what `resolve_base_model` returns. Missing weights raise MeddapError saying how to
-    provide them (a local folder, or HF_HOME + HF_HUB_OFFLINE=1).
+    _check_local(model)
+    if is_single_file(model):
+        if not model.lower().endswith(SINGLE_FILE_SUFFIXES):
+            raise MeddapError(f"diffusion.base_model = {model!r} is a file but not a checkpoint "
+                              f"({', '.join(SINGLE_FILE_SUFFIXES)}).")
+        _single_file_config(single_file_config)
+        return
+    where, kw = _source(model)
+    _wrap(model, lambda: DiffusionPipeline.load_config(where, local_files_only=kw["local_files_only"]))
+
+
+def unet_config(model: str, single_file_config: str | None = None) -> dict:
+    """The UNet's config (no weights read): for parameter counts and GPU decisions."""
+    from diffusers import UNet2DConditionModel
+
+    if is_single_file(model):
+        source, local = _single_file_config(single_file_config)
+        return dict(_wrap(source, lambda: UNet2DConditionModel.load_config(source, subfolder="unet",
+                                                                          local_files_only=local)))
+    where, kw = _source(model)
+    return dict(_wrap(model, lambda: UNet2DConditionModel.load_config(where, subfolder="unet",
+                                                                     local_files_only=kw["local_files_only"])))
+
+
+def count_unet_parameters(model: str, single_file_config: str | None = None) -> int:
+    """Parameters of `model`'s UNet, counted on the meta device (nothing allocated)."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(unet_config(model, single_file_config))
+    return sum(p.numel() for p in unet.parameters())
+
+
+def _load_single_file(path: str, dtype: torch.dtype, single_file_config: str | None):
+    """diffusers' `from_single_file` on an original (LDM-layout) checkpoint, configs from a local folder."""
+    from diffusers import StableDiffusionPipeline
+
+    config, local = _single_file_config(single_file_config)
+    return _wrap(path, lambda: StableDiffusionPipeline.from_single_file(
+        os.path.expanduser(path), config=config, dtype=dtype, local_files_only=local or _local_only(), **_OFF))
+
+
+def load_pipeline(model: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                  single_file_config: str | None = None):
+    """A StableDiffusionPipeline of `model` on `device`, without safety checker or feature extractor.
+
+    `model` is what `resolve_base_model` returns: a diffusers folder, a hub id (its cached snapshot is
+    loaded offline when present; the fp16 variant when only that was downloaded), or a single-file
+    checkpoint. Missing weights raise MeddapError saying how to provide them.
     """
     from diffusers import StableDiffusionPipeline
 
     _check_local(model)
-    try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            model, dtype=dtype, safety_checker=None, requires_safety_checker=False,
-            local_files_only=_local_only())
-    except _load_errors() as e:
-        raise _wrap_load_error(model, e) from None
+    if is_single_file(model):
+        pipe = _load_single_file(model, dtype, single_file_config)
+    else:
+        where, kw = _source(model, dtype)
+        pipe = _wrap(model, lambda: StableDiffusionPipeline.from_pretrained(where, dtype=dtype, **kw, **_OFF))
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
 
-def load_components(model: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+def load_components(model: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                    single_file_config: str | None = None) -> dict[str, Any]:
     """The parts fine-tuning needs, without a pipeline: unet, vae, text_encoder (on `device`, `dtype`),
     tokenizer, and `noise_scheduler` (a DDPMScheduler from the model's scheduler config, as in SD's
-    own training: same betas and prediction_type)."""
+    own training: same betas and prediction_type). Same sources as `load_pipeline`."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     _check_local(model)
-    kw = dict(local_files_only=_local_only())
-    try:
-        tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer", **kw)
-        text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", dtype=dtype, **kw)
-        vae = AutoencoderKL.from_pretrained(model, subfolder="vae", dtype=dtype, **kw)
-        unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", dtype=dtype, **kw)
-        noise_scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler", **kw)
-    except _load_errors() as e:
-        raise _wrap_load_error(model, e) from None
-    return dict(unet=unet.to(device), vae=vae.to(device), text_encoder=text_encoder.to(device),
-                tokenizer=tokenizer, noise_scheduler=noise_scheduler)
+    if is_single_file(model):
+        pipe = _load_single_file(model, dtype, single_file_config)
+        parts = dict(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                     noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config))
+    else:
+        where, kw = _source(model, dtype)
+        plain = dict(local_files_only=kw["local_files_only"])
+
+        def load():
+            return dict(
+                tokenizer=CLIPTokenizer.from_pretrained(where, subfolder="tokenizer", **plain),
+                text_encoder=CLIPTextModel.from_pretrained(where, subfolder="text_encoder", dtype=dtype, **kw),
+                vae=AutoencoderKL.from_pretrained(where, subfolder="vae", dtype=dtype, **kw),
+                unet=UNet2DConditionModel.from_pretrained(where, subfolder="unet", dtype=dtype, **kw),
+                noise_scheduler=DDPMScheduler.from_pretrained(where, subfolder="scheduler", **plain))
+        parts = _wrap(model, load)
+    for name in ("unet", "vae", "text_encoder"):
+        parts[name] = parts[name].to(device)
+    return parts
 
 
 # ---------------------------------------------------------------------------------------------

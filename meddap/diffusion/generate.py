@@ -6,6 +6,11 @@ runs one pipeline call per run of same-adapter requests. Each image has its own 
 CPU `torch.Generator`, so its starting noise does not depend on which batch, actor or device it
 lands in; the Ray stage (`meddap.stages.generate`) and the benchmark both call this class.
 
+A request with an `init_image` (img2img) goes through a `StableDiffusionImg2ImgPipeline` made with
+`from_pipe` from the loaded pipeline: the same UNet (and its LoRA adapters), VAE, text encoder and
+scheduler objects, no second load. It noises the source's latents to `strength` and denoises
+int(steps x strength) steps; the noise again comes from the image's own generator.
+
 Images are returned as the pipeline makes them, (H, W, 3) uint8 RGB, and saved as RGB PNGs:
 the prompts ask for "colorful" and "solarized" images and a person looking at a contact sheet
 should see what the model made; consumers read every image, real or synthetic, through
@@ -31,13 +36,15 @@ __all__ = ["ImageRequest", "SyntheticGenerator", "resolve_device_dtype", "check_
 PNG_META_KEY = "meddap"  # PNG tEXt key holding the image's provenance (JSON)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ImageRequest:
-    """One image to make: its prompt, its seed, and the named adapter (None = the base model)."""
+    """One image to make: its prompt, its seed, the named adapter (None = the base model), and for
+    img2img the source image, (H, W) grey or (H, W, 3) RGB uint8 at the generation resolution."""
 
     prompt: str
     seed: int
     adapter: str | None = None
+    init_image: np.ndarray | None = None
 
 
 def resolve_device_dtype(precision: str = "auto", device: str | None = None) -> tuple[str, torch.dtype]:
@@ -78,14 +85,22 @@ class SyntheticGenerator:
     adapters: {name: adapter folder holding pytorch_lora_weights.safetensors} (local or URI).
     """
 
-    def __init__(self, model: str, adapters: dict[str, str] | None = None, *, steps: int = 30,
+    def __init__(self, model: str | None, adapters: dict[str, str] | None = None, *, steps: int = 30,
                  guidance_scale: float = 7.5, resolution: int = 224, scheduler: str | None = None,
-                 precision: str = "auto", device: str | None = None):
+                 precision: str = "auto", device: str | None = None, single_file_config: str | None = None,
+                 pipeline=None, strength: float = 0.75):
         from meddap.diffusion.base import load_pipeline
 
         self.device, self.dtype = resolve_device_dtype(precision, device)
         self.steps, self.guidance_scale, self.resolution = steps, float(guidance_scale), resolution
-        self.pipe = load_pipeline(model, device=self.device, dtype=self.dtype)  # safety checker off
+        self.strength = float(strength)  # img2img requests only
+        self._img2img = None
+        if pipeline is not None:  # built in memory (the GPU benchmark's SD-1.4-shaped random model)
+            self.pipe = pipeline.to(self.device, self.dtype)
+            self.pipe.set_progress_bar_config(disable=True)
+        else:
+            self.pipe = load_pipeline(model, device=self.device, dtype=self.dtype,  # safety checker off
+                                      single_file_config=single_file_config)
         if scheduler:
             self.pipe.scheduler = _make_scheduler(scheduler, self.pipe.scheduler.config)
         self.scheduler_name = type(self.pipe.scheduler).__name__
@@ -101,20 +116,16 @@ class SyntheticGenerator:
         g = cfg.generate
         return cls(model, adapters, steps=g.steps, guidance_scale=g.guidance_scale,
                    resolution=cfg.generate_resolution, scheduler=g.scheduler, precision=g.precision,
-                   device=device)
+                   device=device, single_file_config=cfg.diffusion.single_file_config, strength=g.strength)
 
     def _load_adapter(self, name: str, folder: str) -> None:
         import os
 
-        from meddap import storage
-        from meddap.diffusion.plan import ADAPTER_FILE
-
-        # local_path: the file itself for a local run_dir, a cached download for s3:// / gs://.
+        weights, info = _adapter_files(folder)
         # Loading from a file (not a state dict) keeps diffusers' LoRA metadata (alpha) in effect.
-        local = storage.local_path(storage.join(folder, ADAPTER_FILE))
-        self.pipe.load_lora_weights(os.path.dirname(local), weight_name=os.path.basename(local),
+        self.pipe.load_lora_weights(os.path.dirname(weights), weight_name=os.path.basename(weights),
                                     adapter_name=name)
-        self._scales[name] = _alpha_scale(folder, local)
+        self._scales[name] = _alpha_scale(weights, info)
 
     def _activate(self, adapter: str | None) -> None:
         if adapter == self._active:
@@ -129,38 +140,88 @@ class SyntheticGenerator:
             self.pipe.set_adapters([adapter], adapter_weights=[self._scales.get(adapter, 1.0)])
         self._active = adapter
 
+    @property
+    def img2img(self):
+        """The img2img pipeline over this generator's own components (built once, on first use)."""
+        if self._img2img is None:
+            from diffusers import StableDiffusionImg2ImgPipeline
+
+            self._img2img = StableDiffusionImg2ImgPipeline.from_pipe(self.pipe)
+            self._img2img.set_progress_bar_config(disable=True)
+        return self._img2img
+
+    def _init_batch(self, images: list[np.ndarray]) -> np.ndarray:
+        """(B, S, S, 3) float32 in [0, 1] from (S, S) grey or (S, S, 3) uint8 sources at the resolution."""
+        out = []
+        for im in images:
+            im = np.asarray(im)
+            if im.ndim == 2:
+                im = np.repeat(im[:, :, None], 3, axis=2)                  # grey -> (S, S, 3)
+            if im.dtype != np.uint8 or im.ndim != 3 or im.shape != (self.resolution, self.resolution, 3):
+                raise ValueError(f"an img2img source must be a {self.resolution}x{self.resolution} uint8 grey or "
+                                 f"RGB image, got dtype {im.dtype} shape {im.shape}")
+            out.append(im.astype(np.float32) / 255.0)
+        return np.stack(out)
+
     @torch.inference_mode()
-    def _run(self, prompts: list[str], seeds: list[int]) -> list[np.ndarray]:
+    def _run(self, prompts: list[str], seeds: list[int], init: list[np.ndarray] | None = None) -> list[np.ndarray]:
         # One CPU generator per image: the image's (1, 4, H/8, W/8) starting latents depend only on
         # its seed, whatever else is in the batch and whichever device runs the UNet.
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-        out = self.pipe(prompt=prompts, height=self.resolution, width=self.resolution,
-                        num_inference_steps=self.steps, guidance_scale=self.guidance_scale,
-                        generator=generators, output_type="np")
+        common = dict(prompt=prompts, num_inference_steps=self.steps, guidance_scale=self.guidance_scale,
+                      generator=generators, output_type="np")
+        if init is None:
+            out = self.pipe(height=self.resolution, width=self.resolution, **common)
+        else:  # the output has the source's size, the resolution
+            out = self.img2img(image=self._init_batch(init), strength=self.strength, **common)
         images = out.images  # (B, H, W, 3) float in [0, 1]
         return [np.asarray((im * 255).round().clip(0, 255), dtype=np.uint8) for im in images]
 
     def generate_batch(self, requests: Sequence[ImageRequest]) -> list[np.ndarray]:
-        """(H, W, 3) uint8 images in request order; one pipeline call per run of same-adapter requests."""
+        """(H, W, 3) uint8 images in request order; one pipeline call per run of requests with the same
+        adapter and kind (txt2img, or img2img with a source)."""
         results: list[np.ndarray | None] = [None] * len(requests)
+
+        def kind(r: ImageRequest) -> tuple:
+            return r.adapter, r.init_image is None
+
         start = 0
         while start < len(requests):
-            adapter = requests[start].adapter
             end = start
-            while end < len(requests) and requests[end].adapter == adapter:
+            while end < len(requests) and kind(requests[end]) == kind(requests[start]):
                 end += 1
-            self._activate(adapter)
+            self._activate(requests[start].adapter)
             chunk = requests[start:end]
-            for i, im in enumerate(self._run([r.prompt for r in chunk], [r.seed for r in chunk])):
+            init = None if chunk[0].init_image is None else [r.init_image for r in chunk]
+            for i, im in enumerate(self._run([r.prompt for r in chunk], [r.seed for r in chunk], init)):
                 results[start + i] = im
             start = end
         return results  # type: ignore[return-value]
 
-    def generate_one(self, prompt: str, seed: int, adapter: str | None = None) -> np.ndarray:
-        return self.generate_batch([ImageRequest(prompt, seed, adapter)])[0]
+    def generate_one(self, prompt: str, seed: int, adapter: str | None = None,
+                     init_image: np.ndarray | None = None) -> np.ndarray:
+        return self.generate_batch([ImageRequest(prompt, seed, adapter, init_image)])[0]
 
 
-def _alpha_scale(folder: str, weights_file: str) -> float:
+def _adapter_files(folder: str) -> tuple[str, str | None]:
+    """(local path of the adapter's weights file, text of its adapter.json or None) for an adapter
+    folder: a local folder as it is (no object-store layer needed, e.g. in `bench gpu`), an s3:// or
+    gs:// one through meddap.storage (the weights as a cached download)."""
+    import os
+
+    from meddap.diffusion.lora import LORA_WEIGHTS_NAME
+
+    if os.path.isdir(folder):
+        info = os.path.join(folder, "adapter.json")
+        return os.path.join(folder, LORA_WEIGHTS_NAME), (open(info).read() if os.path.isfile(info) else None)
+    from meddap import storage
+
+    info = storage.join(folder, "adapter.json")
+    return (storage.local_path(storage.join(folder, LORA_WEIGHTS_NAME)),
+            storage.read_text(info) if storage.exists(info) else None)
+
+
+def _alpha_scale(weights_file: str, adapter_json: str | None) -> float:
     """alpha / rank from adapter.json when the weights file does not carry peft's LoRA config itself.
 
     diffusers' LoRA format stores no alpha unless saved with `unet_lora_adapter_metadata`; loading
@@ -168,15 +229,12 @@ def _alpha_scale(folder: str, weights_file: str) -> float:
     """
     from safetensors import safe_open
 
-    from meddap import storage
-
     with safe_open(weights_file, "pt") as f:
         if "lora_adapter_metadata" in (f.metadata() or {}):
             return 1.0  # diffusers applied the saved alpha already
-    info_path = storage.join(folder, "adapter.json")
-    if not storage.exists(info_path):
+    if adapter_json is None:
         return 1.0
-    info = json.loads(storage.read_text(info_path))
+    info = json.loads(adapter_json)
     rank, alpha = info.get("rank"), info.get("alpha")
     return float(alpha) / float(rank) if rank and alpha else 1.0
 

@@ -17,14 +17,33 @@ be regenerated alone.
 
 With a shared adapter (diffusion.lora.per_fold: false, fold -1) one set serves every fold; it is as
 large as the largest fold needs, and fold k uses its first `synthetic_count(n_k, r)` images.
+
+Spares for a label-fidelity filter (`generate.filter_overgenerate` = s > 0): each (fold, adjective,
+class) gets ceil(s x n_top) more images after the largest ratio's n_top, indexes n_top, n_top + 1, ...
+Trials without a filter take the first images by index and so never see them; a filter that drops
+images tops the counts up from them (`meddap.classify.fidelity.filter_synthetic`).
+
+img2img sources (`generate.mode: img2img`): image i of (fold k, class c) starts from the real image
+`source_sequence(pool, n, generate.seed, k, c)[i]`, where the pool is fold k's training images of
+class c (train rows with fold != k): never its validation rows (fold == k) nor test/external rows. The
+sequence is successive seeded permutations of the pool (sorted by image_id), so any prefix uses each
+training image floor(n/m) or ceil(n/m) times, and it does not depend on the adjective: image i of every
+adjective starts from the same real image, so adjectives differ by their prompt (and noise seed) only.
+The classical controls (`meddap.classify.controls`) draw their real images from the same sequence.
+Shared adapter (fold -1): the pool is every train row of the class. That keeps the test split out,
+but fold k's images may then start from its own validation images, so fold k's model selection is
+not leakage-free; the shared adapter itself was trained on those images too (per_fold: true is the
+leakage-safe setting).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 
 from meddap import storage
@@ -37,7 +56,11 @@ __all__ = [
     "GenerationPlan",
     "build_plan",
     "image_seed",
+    "hash_seed",
     "synthetic_count",
+    "extra_count",
+    "source_pool",
+    "source_sequence",
     "synthetic_counts",
     "real_train_counts",
     "select_synthetic",
@@ -52,7 +75,10 @@ ADAPTER_DONE = "adapter.json"  # written last by finetune: its presence marks a 
 _SEED_MASK = (1 << 63) - 1  # torch.Generator.manual_seed and int64 Parquet columns both take it
 
 PLAN_COLUMNS = ["image_id", "file", "path", "fold", "adapter_name", "adjective", "class_name", "label",
-                "index", "seed", "prompt", "spec"]
+                "index", "seed", "prompt", "spec", "source_image_id", "source_path"]
+# Settings that only img2img has: left out of a txt2img image's spec, so txt2img specs (and the
+# resume of runs made before img2img existed) stay as they were.
+_IMG2IMG_SETTINGS = ("mode", "strength")
 
 
 def synthetic_count(n_real: int, ratio: float) -> int:
@@ -63,10 +89,48 @@ def synthetic_count(n_real: int, ratio: float) -> int:
     return int(round(ratio * n_real))
 
 
+def extra_count(n_top: int, share: float) -> int:
+    """Spare images for a label-fidelity filter: ceil(share x n_top), 0 when share is 0."""
+    if share <= 0 or n_top <= 0:
+        return 0
+    return int(math.ceil(round(share * n_top, 9)))  # round first: 0.3 x 10 is 3.0000000000000004
+
+
+def hash_seed(kind: str, *parts) -> int:
+    """Stable seed in [0, 2**63) from SHA-256 of 'meddap-<kind>|part|part|...': identical in every
+    process, machine and Python version (never Python's salted hash())."""
+    key = "|".join([f"meddap-{kind}", *(str(p) for p in parts)]).encode("utf-8")
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") & _SEED_MASK
+
+
 def image_seed(run_seed: int, fold: int, adjective: str, class_name: str, index: int) -> int:
     """Stable per-image seed in [0, 2**63): identical in every process, machine and Python version."""
-    key = f"meddap-synthetic|{run_seed}|{fold}|{adjective}|{class_name}|{index}".encode("utf-8")
-    return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") & _SEED_MASK
+    return hash_seed("synthetic", run_seed, fold, adjective, class_name, index)
+
+
+def source_pool(manifest: pd.DataFrame, fold: int) -> pd.DataFrame:
+    """Real images a fold-`fold` image may start from (img2img) or a control may redraw: the fold's
+    training rows (split train, fold != k); every train row for the shared adapter (fold -1). Never
+    validation rows of a per-fold set, never test or external rows."""
+    train = manifest[manifest["split"] == "train"]
+    return train if fold < 0 else train[train["fold"] != fold]
+
+
+def source_sequence(candidates, n: int, run_seed: int, fold: int, class_name: str) -> list[str]:
+    """`n` ids from `candidates` (image ids of one class): round j is a permutation of the sorted ids
+    seeded by (run_seed, fold, class, j), so every prefix is balanced (each id floor(n/m) or ceil(n/m)
+    times) and a longer sequence extends a shorter one (nested ratios keep their sources)."""
+    ids = sorted(str(c) for c in candidates)
+    if n <= 0:
+        return []
+    if not ids:
+        raise MeddapError(f"fold {fold} has no training images of class {class_name!r} to start img2img images "
+                          f"or controls from, yet {n} are needed; check the data manifest (rerun prepare).")
+    out: list[str] = []
+    for j in range(math.ceil(n / len(ids))):
+        rng = np.random.default_rng(hash_seed("sources", run_seed, fold, class_name, j))
+        out += [ids[i] for i in rng.permutation(len(ids))]
+    return out[:n]
 
 
 def image_file(adapter: str, adjective: str, class_name: str, index: int) -> str:
@@ -174,13 +238,25 @@ def generation_settings(cfg) -> dict:
     g = cfg.generate
     res = cfg.generate_resolution
     return {"steps": g.steps, "guidance": float(g.guidance_scale), "width": res, "height": res,
-            "scheduler": g.scheduler or "", "base_model": cfg.diffusion.base_model}
+            "scheduler": g.scheduler or "", "base_model": cfg.diffusion.base_model,
+            "mode": g.mode, "strength": float(g.strength) if g.mode == "img2img" else None}
 
 
-def _spec(settings: dict, adapter_sha: str, seed: int, prompt: str) -> str:
-    blob = json.dumps({**settings, "adapter_sha256": adapter_sha, "seed": seed, "prompt": prompt},
-                      sort_keys=True)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+def _spec(settings: dict, adapter_sha: str, seed: int, prompt: str, source: str | None = None) -> str:
+    """Hash of everything that decides an image's pixels. `source`: img2img's source image (id and the
+    pixel hash prepare recorded), so a changed or re-drawn source regenerates the image."""
+    blob = {k: v for k, v in settings.items() if k not in _IMG2IMG_SETTINGS}
+    blob.update({"adapter_sha256": adapter_sha, "seed": seed, "prompt": prompt})
+    if settings.get("mode") == "img2img":
+        blob.update(mode="img2img", strength=settings["strength"], source=source)
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+
+
+def _source_info(pool: pd.DataFrame) -> dict[str, dict]:
+    """image_id -> {image_id, path, key}; key adds prepare's pixel hash, so a changed file changes the spec."""
+    pixels = pool["sha256"].astype(str) if "sha256" in pool.columns else pd.Series("", index=pool.index)
+    return {str(i): {"image_id": str(i), "path": str(p), "key": f"{i}:{h}"}
+            for i, p, h in zip(pool["image_id"], pool["path"], pixels)}
 
 
 def build_plan(cfg, manifest: pd.DataFrame | None = None, check_adapters: bool = True) -> GenerationPlan:
@@ -193,11 +269,14 @@ def build_plan(cfg, manifest: pd.DataFrame | None = None, check_adapters: bool =
     top = max(cfg.generate.ratios)
     layout = RunLayout(cfg.run_dir)
 
-    # (fold the images belong to, {class: how many})
+    # (fold the images belong to, {class: how many}): the largest ratio's count plus the filter's spares
     if cfg.diffusion.lora.per_fold:
         targets = [(k, {c: synthetic_count(counts[(k, c)], top) for c in classes}) for k in folds]
     else:
         targets = [(-1, {c: max(synthetic_count(counts[(k, c)], top) for k in folds) for c in classes})]
+    spare = cfg.generate.filter_overgenerate
+    targets = [(fold, {c: n + extra_count(n, spare) for c, n in per_class.items()}) for fold, per_class in targets]
+    img2img = cfg.generate.mode == "img2img"
 
     adapters, shas = {}, {}
     for fold, _ in targets:
@@ -214,6 +293,13 @@ def build_plan(cfg, manifest: pd.DataFrame | None = None, check_adapters: bool =
     rows = []
     for fold, per_class in targets:
         name = adapter_name(fold)
+        sources: dict[str, list] = {c: [None] * n for c, n in per_class.items()}
+        if img2img:
+            pool = source_pool(manifest, fold)
+            info = _source_info(pool)
+            for c, n in per_class.items():
+                ids = source_sequence(pool.loc[pool["class_name"] == c, "image_id"], n, cfg.generate.seed, fold, c)
+                sources[c] = [info[i] for i in ids]
         for adjective in cfg.generate.adjectives:
             for c, n in per_class.items():
                 prompt = class_prompt(cfg, adjective, c)
@@ -221,13 +307,15 @@ def build_plan(cfg, manifest: pd.DataFrame | None = None, check_adapters: bool =
                 for i in range(n):
                     seed = image_seed(cfg.generate.seed, fold, adjective, c, i)
                     rel = image_file(name, adjective, c, i)
+                    src = sources[c][i]
                     rows.append({
                         "image_id": f"syn-{name}-{adjective_slug(adjective)}-{c}-{i:05d}",
                         "file": rel,
                         "path": storage.join(local_root or cfg.run_dir, *rel.split("/")),
                         "fold": fold, "adapter_name": name, "adjective": adjective, "class_name": c,
                         "label": label, "index": i, "seed": seed, "prompt": prompt,
-                        "spec": _spec(settings, shas[name], seed, prompt),
+                        "spec": _spec(settings, shas[name], seed, prompt, src and src["key"]),
+                        "source_image_id": src and src["image_id"], "source_path": src and src["path"],
                     })
     images = pd.DataFrame(rows, columns=PLAN_COLUMNS)
     images = images.astype({"fold": "int64", "label": "int64", "index": "int64", "seed": "int64"})

@@ -10,6 +10,14 @@ benchmark can time steps without Ray.
 Data parallelism is plain `torch.distributed`: when a process group is up (Ray Train sets one), each
 rank takes its share of every step's global batch and the LoRA gradients (~0.4 M numbers on SD-1.4,
 not the 860 M frozen weights) are averaged with one all_reduce per step.
+
+No host work per step: the images (or their cached latents), the prompts' token ids or embeddings,
+the epoch's index order and the random stream (flips, VAE posterior samples, noise, timesteps) all
+live on the training device; the stream is a device generator reseeded from (seed, rank, epoch). Each
+step's loss stays on the device and the epoch's losses are read once at its end (one host sync per
+epoch, not one per step). On CUDA the optimizer is fused AdamW, which applies the fp16 loss scaler's
+inf/nan check on the device instead of reading it back each step. On the CPU the stream, the order of
+draws and the arithmetic are the same as the step-by-step host version this replaced.
 """
 
 from __future__ import annotations
@@ -23,7 +31,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from meddap import logs
 from meddap.config import ConfigError
+from meddap.device import native_bf16
 from meddap.diffusion.lora import add_uslora, count_trainable, load_lora_state, lora_parameters, lora_state
 
 __all__ = [
@@ -128,19 +138,25 @@ def load_image(path: str, resolution: int) -> torch.Tensor:
 def resolve_precision(mixed_precision: str, device: torch.device) -> tuple[torch.dtype, torch.dtype | None, bool]:
     """(dtype of frozen weights, autocast dtype or None, use a GradScaler).
 
-    CUDA: auto/fp16 -> fp16 with loss scaling (the paper), bf16 -> bf16, no -> fp32.
+    CUDA: auto -> bf16 with no loss scaling where the GPU has bf16 in hardware (Ampere and newer), else
+    fp16 with loss scaling (the paper's setting on its 2080 Ti); fp16 -> fp16 with loss scaling;
+    bf16 -> bf16 where native, else fp16 with loss scaling and a note (emulated bf16 is slower than
+    fp16); no -> fp32.
     CPU: always fp32 (CPU half-precision kernels are slow or missing); asking otherwise is noted.
     """
     if mixed_precision not in ("auto", "no", "fp16", "bf16"):
         raise ConfigError(f"config key 'diffusion.train.mixed_precision' = {mixed_precision!r}: expected auto, no, fp16 or bf16.")
     if device.type != "cuda":
         if mixed_precision in ("fp16", "bf16"):
-            print(f"[finetune] mixed_precision={mixed_precision} applies on CUDA only; training in fp32 on {device}.")
+            logs.say(f"[finetune] mixed_precision={mixed_precision} applies on CUDA only; training in fp32 on {device}.")
         return torch.float32, None, False
     if mixed_precision == "no":
         return torch.float32, None, False
-    if mixed_precision == "bf16":
+    if mixed_precision in ("auto", "bf16") and native_bf16(device):
         return torch.bfloat16, torch.bfloat16, False
+    if mixed_precision == "bf16":
+        print(f"[finetune] mixed_precision=bf16: {torch.cuda.get_device_name(device)} has no native bf16 (only "
+              "emulated, slower than fp16); training in fp16 with loss scaling instead.", flush=True)
     return torch.float16, torch.float16, True
 
 
@@ -217,9 +233,12 @@ class LoraFinetuner:
             for p in self.params:
                 dist.broadcast(p.data, src=0)
 
-        self.optimizer = torch.optim.AdamW(self.params, lr=settings.lr)
+        # Fused AdamW on CUDA: one kernel, and the loss scaler's inf/nan check stays on the device
+        # (the unfused step reads it back to the host every step).
+        fused = {"fused": True} if self.device.type == "cuda" else {}
+        self.optimizer = torch.optim.AdamW(self.params, lr=settings.lr, **fused)
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
-        self.generator = torch.Generator()
+        self.generator = torch.Generator(device=self.device)
         self._reseed(0)
         self.step = 0
         self.epoch = 0  # completed epochs
@@ -232,10 +251,11 @@ class LoraFinetuner:
         s = self.settings
         prompts = sorted({e.prompt for e in self.examples})
         self._prompt_index = {p: i for i, p in enumerate(prompts)}
-        self.prompt_ids = torch.tensor([self._prompt_index[e.prompt] for e in self.examples])
+        self.prompt_ids = torch.tensor([self._prompt_index[e.prompt] for e in self.examples],
+                                       device=self.device)  # (N,)
         self.prompts = prompts
         self.tokens = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                                     truncation=True, return_tensors="pt").input_ids  # (P, 77)
+                                     truncation=True, return_tensors="pt").input_ids.to(self.device)  # (P, 77)
         # Decode every image once: the set is small (545 x 224^2 bytes for the paper) and reading files
         # every epoch is waste.
         from meddap.data.decode import read_grey
@@ -260,10 +280,12 @@ class LoraFinetuner:
                 # Encoders have done their work: free their GPU memory for the UNet.
                 self.vae.to("cpu"), self.text_encoder.to("cpu")
                 torch.cuda.empty_cache()
+        else:
+            self.pixels = self.pixels.to(self.device)  # encoded every step: keep the uint8 images on the device
 
     def _pixel_batch(self, idx: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
-        grey = self.pixels[idx]  # (B, R, R) uint8
-        grey = torch.where(flips.view(-1, 1, 1), grey.flip(-1), grey)
+        grey = self.pixels[idx.to(self.pixels.device)]  # (B, R, R) uint8
+        grey = torch.where(flips.to(grey.device).view(-1, 1, 1), grey.flip(-1), grey)
         return to_sd_pixels(grey)  # (B, 3, R, R) in [-1, 1]
 
     @torch.no_grad()
@@ -276,7 +298,7 @@ class LoraFinetuner:
 
     @torch.no_grad()
     def _encode_text(self, prompt_idx: torch.Tensor) -> torch.Tensor:
-        ids = self.tokens[prompt_idx].to(self.device)
+        ids = self.tokens[prompt_idx.to(self.device)]
         return self.text_encoder(ids)[0].to(self.weight_dtype)  # (B, 77, D) last hidden state
 
     # -- schedule -----------------------------------------------------------------------------
@@ -301,25 +323,25 @@ class LoraFinetuner:
         self.generator.manual_seed(int(np.random.default_rng([self.settings.seed, self.rank, epoch]).integers(2**62)))
 
     def _latents(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx: (B,) example indices on the device. Every draw comes from the device generator."""
         b = len(idx)
         if self.settings.random_flip:
-            flips = torch.rand(b, generator=self.generator) < 0.5
+            flips = torch.rand(b, generator=self.generator, device=self.device) < 0.5
         else:
-            flips = torch.zeros(b, dtype=torch.bool)
+            flips = torch.zeros(b, dtype=torch.bool, device=self.device)
         if self.latent_mean is not None:
             f = flips.long()
-            mean = self.latent_mean[idx.to(self.latent_mean.device), f.to(self.latent_mean.device)]
-            std = self.latent_std[idx.to(self.latent_std.device), f.to(self.latent_std.device)]
+            mean, std = self.latent_mean[idx, f], self.latent_std[idx, f]
         else:
             mean, std = self._encode_images(idx, flips)
-        eps = torch.randn(mean.shape, generator=self.generator).to(self.device)
+        eps = torch.randn(mean.shape, generator=self.generator, device=self.device)
         latents = mean + std * eps  # a sample of the VAE posterior, as without caching
         return (latents - self.shift_factor) * self.scaling_factor  # (B, 4, R/8, R/8)
 
     def _text(self, idx: torch.Tensor) -> torch.Tensor:
         pid = self.prompt_ids[idx]
         if self.settings.cache_latents:
-            return self.cached_text[pid.to(self.cached_text.device)]
+            return self.cached_text[pid]
         return self._encode_text(pid)
 
     def target(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -330,9 +352,10 @@ class LoraFinetuner:
 
     def loss_on(self, idx: torch.Tensor) -> torch.Tensor:
         """Equation (1) on the examples `idx`: || target - unet(z_t, t, c) ||^2, mean over elements."""
+        idx = idx.to(self.device)
         latents = self._latents(idx)  # (B, 4, h, w)
-        noise = torch.randn(latents.shape, generator=self.generator).to(self.device)
-        t = torch.randint(0, self.num_train_timesteps, (len(idx),), generator=self.generator).to(self.device)
+        noise = torch.randn(latents.shape, generator=self.generator, device=self.device)
+        t = torch.randint(0, self.num_train_timesteps, (len(idx),), generator=self.generator, device=self.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         target = self.target(latents, noise, t)
         cond = self._text(idx)  # (B, 77, D)
@@ -347,13 +370,10 @@ class LoraFinetuner:
         a comparable number before and after training (the training loss itself is noisy)."""
         saved = self.generator.get_state()
         self.generator.manual_seed(seed)
-        total, n = 0.0, 0
-        for _ in range(repeats):
-            for i in range(len(self.examples)):
-                total += float(self.loss_on(torch.tensor([i])).item())
-                n += 1
+        losses = [self.loss_on(torch.tensor([i], device=self.device))
+                  for _ in range(repeats) for i in range(len(self.examples))]
         self.generator.set_state(saved)
-        return total / n
+        return float(torch.stack(losses).double().mean().item())
 
     def _sync_grads(self) -> None:
         dist = _dist()
@@ -369,15 +389,18 @@ class LoraFinetuner:
             p.grad = flat[off:off + n].view_as(p).clone()
             off += n
 
-    def _mean_over_ranks(self, value: float) -> float:
+    def _mean_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        """(S,) per-step losses of this rank -> their mean over ranks, in one all_reduce."""
         dist = _dist()
         if not dist or self.world_size == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
+            return values
+        t = values.double()
         dist.all_reduce(t)
-        return float(t.item()) / self.world_size
+        return t / self.world_size
 
-    def train_step(self, idx: torch.Tensor) -> float:
+    def train_step(self, idx: torch.Tensor) -> torch.Tensor:
+        """One optimizer step on examples `idx`; returns the loss as a detached device tensor (reading
+        it would cost a host sync: `train_epoch` reads an epoch's losses at once)."""
         loss = self.loss_on(idx)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -393,24 +416,28 @@ class LoraFinetuner:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return float(loss.detach().item())
+        return loss.detach()
 
     def train_epoch(self, epoch: int | None = None, max_steps: int | None = None,
-                    on_step: Callable[[int, float], None] | None = None) -> list[tuple[int, int, float]]:
-        """Run one epoch (or its first `max_steps` steps, for benchmarks). Returns (epoch, step, loss) rows."""
+                    on_step: Callable[[int], None] | None = None) -> list[tuple[int, int, float]]:
+        """Run one epoch (or its first `max_steps` steps, for benchmarks). Returns (epoch, step, loss)
+        rows, the loss averaged over ranks. `on_step(step)` runs after each step (progress); the
+        losses are read from the device once, at the end."""
         epoch = self.epoch if epoch is None else epoch
-        order = self._epoch_order(epoch)
+        # One copy of the epoch's order to the device; each step slices it there.
+        order = torch.from_numpy(self._epoch_order(epoch)).to(self.device)  # (steps * B * world,)
         self._reseed(epoch)
         b, w = self.settings.batch_size, self.world_size
-        rows = []
+        first_step = self.step
+        losses = []
         n_steps = self.steps_per_epoch if max_steps is None else min(max_steps, self.steps_per_epoch)
         for s in range(n_steps):
-            glob = order[s * b * w:(s + 1) * b * w]
-            mine = torch.from_numpy(glob[self.rank * b:(self.rank + 1) * b].copy())
-            loss = self._mean_over_ranks(self.train_step(mine))
-            rows.append((epoch, self.step, loss))
+            mine = order[(s * w + self.rank) * b:(s * w + self.rank + 1) * b]
+            losses.append(self.train_step(mine))
             if on_step is not None:
-                on_step(self.step, loss)
+                on_step(self.step)
+        values = self._mean_over_ranks(torch.stack(losses)).tolist() if losses else []  # the epoch's one sync
+        rows = [(epoch, first_step + i + 1, float(v)) for i, v in enumerate(values)]
         self.losses.extend(rows)
         if max_steps is None:
             self.epoch = epoch + 1

@@ -4,9 +4,22 @@ and a memorisation check (nearest real training image of each synthetic image).
 For each (fold or shared adapter, adjective) in the synthetic manifest, every generated image (the
 largest ratio's set; smaller ratios are its prefixes) is compared with the real training images of the
 same fold (fold k's training images are the train rows with fold != k; a shared adapter, fold -1, saw
-every train row), per class and over all classes ("all"). Outputs:
-  summary/fid.parquet           fold, adjective, class_name, fid, kid, kid_std, features, dims, n_real, n_synthetic,
-                                status, settings (what the numbers were made with: a rerun keeps only matching sets)
+every train row), per class and over all classes ("all"). Fair comparisons:
+  - equal N: per class, the larger side is subsampled (seeded by fid.seed, fold, adjective and class) to
+    the smaller side's count; "all" is the union of those, so both sides also share one class mix. Rows
+    hold n_real == n_synthetic (the N compared) and n_real_available / n_synthetic_available;
+  - one resize path: both sides are read at the generation resolution with one Pillow filter (the
+    synthetic images are already that size) before the extractor (which resizes to its own input);
+  - the images the classifiers see: grey or colour as classify.channels says;
+  - no per-class FID where N < the feature dimension (its covariance would be singular and the value
+    mostly the eps regulariser's): fid null, status "fid_not_computed: ..." saying so, KID still given;
+  - fid.dims, plus each of fid.extra_dims (the paper config adds 64, the magnitude the paper's FIDs
+    suggest), each row labelled with its dims.
+Outputs:
+  summary/fid.parquet           fold, adjective, class_name, fid, kid, kid_std, features, dims, n_real, n_synthetic, status,
+                                n_real_available, n_synthetic_available,
+                                settings and made_from (what the numbers were made with and from: sha256 of
+                                the compared images; a rerun keeps only sets whose both match)
   summary/memorization.parquet  image_id, fold, adjective, class_name, nearest_real_id, nearest_real_class,
                                 distance, reference_distance, threshold_distance, flagged, features, dims
   summary/fidelity.parquet      (only with fid.judge) image_id, fold, adjective, class_name, predicted,
@@ -24,14 +37,17 @@ settings and image counts, are kept; each finished set is written at once.
 
 from __future__ import annotations
 
+import functools
+import zlib
 from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from meddap import storage
+from meddap import logs, storage
 from meddap.errors import MeddapError
 from meddap.fid import (
     INCEPTION_INPUT_SIZE,
@@ -40,17 +56,22 @@ from meddap.fid import (
     extract_features,
     fid_from_features,
     kernel_inception_distance,
+    load_inception,
     memorization,
+    source_distance,
 )
 from meddap.layout import RunLayout, adapter_name
 from meddap.progress import Progress
 
-__all__ = ["run", "fid_for_sets", "score_fidelity", "FID_COLUMNS", "MEMORIZATION_COLUMNS", "FIDELITY_COLUMNS"]
+__all__ = ["run", "fid_for_sets", "equal_n", "score_fidelity", "FID_COLUMNS", "MEMORIZATION_COLUMNS",
+           "FIDELITY_COLUMNS"]
 
 FID_COLUMNS = ["fold", "adjective", "class_name", "fid", "kid", "kid_std", "features", "dims", "n_real", "n_synthetic",
-               "status"]
+               "status", "n_real_available", "n_synthetic_available"]
 MEMORIZATION_COLUMNS = ["image_id", "fold", "adjective", "class_name", "nearest_real_id", "nearest_real_class",
-                        "distance", "reference_distance", "threshold_distance", "flagged", "features", "dims"]
+                        "distance", "reference_distance", "threshold_distance", "flagged", "features", "dims",
+                        # img2img: the image's own source (null / NaN / NA for txt2img images)
+                        "source_image_id", "source_distance", "source_flagged"]
 FIDELITY_COLUMNS = ["image_id", "fold", "adjective", "class_name", "predicted", "correct", "confidence",
                     "mean_intensity", "judge"]
 ALL_CLASSES = "all"
@@ -60,11 +81,11 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _reader(path: str, size: int) -> np.ndarray:
-    from meddap.data.decode import read_grey
+def _reader(path: str, size: int, channels: str = "grey") -> np.ndarray:
+    from meddap.data.decode import read_image
 
     # Synthetic images live under run_dir, which may be an object store.
-    return read_grey(storage.local_path(path), size)
+    return read_image(storage.local_path(path), size, channels)   # (S, S) or (S, S, 3) uint8
 
 
 class _FeatureCache:
@@ -87,21 +108,44 @@ class _FeatureCache:
         return np.stack([self._feats[p] for p in paths])        # (N, D)
 
 
-def _distances(real: np.ndarray, synth: np.ndarray, cfg_fid) -> dict:
-    """fid / kid / kid_std of two feature sets, or a status saying why not."""
+def _distances(real: np.ndarray, synth: np.ndarray, cfg_fid, fid_needs_n_dims: bool = False) -> dict:
+    """fid / kid / kid_std of two feature sets, or a status saying why not. With `fid_needs_n_dims`
+    (per-class rows) FID is left out when N < the feature dimension; KID stands."""
     n_real, n_synth = len(real), len(synth)
     if n_real < 2 or n_synth < 2:
         return {"fid": None, "kid": None, "kid_std": None,
                 "status": f"too_few_images: n_real={n_real}, n_synthetic={n_synth} (need >= 2 each)"}
     kid, kid_std = kernel_inception_distance(real, synth, cfg_fid.kid_subset_size, cfg_fid.kid_subsets,
                                              seed=cfg_fid.seed)
-    return {"fid": fid_from_features(real, synth, method=cfg_fid.method), "kid": kid,
-            "kid_std": None if np.isnan(kid_std) else kid_std, "status": "ok"}
+    out = {"kid": kid, "kid_std": None if np.isnan(kid_std) else kid_std}
+    dims = real.shape[1]
+    if fid_needs_n_dims and min(n_real, n_synth) < dims:
+        return {**out, "fid": None,
+                "status": f"fid_not_computed: N={min(n_real, n_synth)} < dims={dims} (the covariance is singular, "
+                          f"so FID would mostly measure the regulariser); KID given"}
+    return {**out, "fid": fid_from_features(real, synth, method=cfg_fid.method), "status": "ok"}
+
+
+def equal_n(real_df: pd.DataFrame, synth_df: pd.DataFrame, classes: Sequence[str], seed: int, fold: int,
+            adjective: str) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted row positions (real, synthetic) with, per class, min(n_real, n_synthetic) images on each side:
+    the larger side subsampled without replacement, seeded by (seed, fold, adjective, class)."""
+    keep_r, keep_s = [], []
+    for c, cls in enumerate(classes):
+        r = np.flatnonzero((real_df["class_name"] == cls).to_numpy())
+        s = np.flatnonzero((synth_df["class_name"] == cls).to_numpy())
+        n = min(len(r), len(s))
+        rng = np.random.default_rng([seed, fold + 1, zlib.crc32(adjective.encode()), c])
+        keep_r.append(np.sort(rng.choice(r, n, replace=False)) if len(r) > n else r)
+        keep_s.append(np.sort(rng.choice(s, n, replace=False)) if len(s) > n else s)
+    cat = lambda parts: np.sort(np.concatenate(parts)).astype(np.int64) if parts else np.zeros(0, np.int64)
+    return cat(keep_r), cat(keep_s)
 
 
 def fid_for_sets(real_paths: Sequence[str], synth_paths: Sequence[str], cfg_fid, device: str | None = None,
                  extractor: nn.Module | None = None, image_size: int = INCEPTION_INPUT_SIZE) -> dict:
-    """FID and KID between two lists of image files (the rank selection's call).
+    """FID and KID between two lists of image files (the rank selection's call); pass the generation
+    resolution as `image_size` so both sides take one resize path.
 
     Returns {fid, kid, kid_std, dims, n_real, n_synthetic, status}; fid/kid are None and status is
     "missing_weights: ..." when pytorch-fid's Inception weights are absent (and `extractor` is None).
@@ -136,12 +180,12 @@ def _read_input(path: str, what: str, stage: str) -> pd.DataFrame:
     return storage.read_parquet(path)
 
 
-def _group_rows(fold: int, adjective: str, real_df: pd.DataFrame, synth_df: pd.DataFrame, classes: list[str],
-                cfg_fid, cache: _FeatureCache | None, missing: MissingWeightsError | None,
-                progress: Progress | None, features: str = "inception",
-                dims: int | None = None) -> tuple[list[dict], pd.DataFrame]:
-    """fid.parquet rows (one per class and 'all') and memorisation rows of one synthetic set; every row
-    names the extractor (`features`) and its `dims`."""
+def _group_rows(fold: int, adjective: str, dims: int, real_df: pd.DataFrame, synth_df: pd.DataFrame,
+                classes: list[str], cfg_fid, cache: _FeatureCache | None, missing: MissingWeightsError | None,
+                progress: Progress | None, memorize: bool, features: str = "inception") -> tuple[list[dict], pd.DataFrame]:
+    """fid.parquet rows (one per class and 'all', equal N on both sides) and, with `memorize`, the
+    memorisation rows (every synthetic image against every real training image) of one synthetic set; every
+    row names the extractor (`features`) and its `dims`."""
     rows: list[dict] = []
     mem = pd.DataFrame(columns=MEMORIZATION_COLUMNS)
     real_feats = synth_feats = None
@@ -149,20 +193,24 @@ def _group_rows(fold: int, adjective: str, real_df: pd.DataFrame, synth_df: pd.D
     if cache is not None:
         real_feats = cache.get(real_df["path"].tolist(), progress)      # (Nr, D)
         synth_feats = cache.get(synth_df["path"].tolist(), progress)    # (Ns, D)
-        dims = int(real_feats.shape[1]) if real_feats.size else dims
+    keep_r, keep_s = equal_n(real_df, synth_df, classes, cfg_fid.seed, fold, adjective)
+    r_cls, s_cls = real_df["class_name"].to_numpy(), synth_df["class_name"].to_numpy()
     for cls in [*classes, ALL_CLASSES]:
-        r_mask = np.ones(len(real_df), bool) if cls == ALL_CLASSES else (real_df["class_name"] == cls).to_numpy()
-        s_mask = np.ones(len(synth_df), bool) if cls == ALL_CLASSES else (synth_df["class_name"] == cls).to_numpy()
+        r_sel = keep_r if cls == ALL_CLASSES else keep_r[r_cls[keep_r] == cls]
+        s_sel = keep_s if cls == ALL_CLASSES else keep_s[s_cls[keep_s] == cls]
         row = {"fold": fold, "adjective": adjective, "class_name": cls, "features": features, "dims": dims,
-               "n_real": int(r_mask.sum()), "n_synthetic": int(s_mask.sum())}
+               "n_real": len(r_sel), "n_synthetic": len(s_sel),
+               "n_real_available": len(r_cls) if cls == ALL_CLASSES else int((r_cls == cls).sum()),
+               "n_synthetic_available": len(s_cls) if cls == ALL_CLASSES else int((s_cls == cls).sum())}
         if missing is not None:
             row.update(fid=None, kid=None, kid_std=None, status=missing.status)
         else:
-            row.update(_distances(real_feats[r_mask], synth_feats[s_mask], cfg_fid))
+            row.update(_distances(real_feats[r_sel], synth_feats[s_sel], cfg_fid, fid_needs_n_dims=cls != ALL_CLASSES))
         rows.append(row)
-    if cache is not None and len(real_df) >= 2 and len(synth_df):
+    if memorize and cache is not None and len(real_df) >= 2 and len(synth_df):
         m = memorization(synth_feats, real_feats, cfg_fid.memorization_threshold)
         nearest = real_df.iloc[m["nearest"]]
+        src_ids, src_dist, src_flag = _source_check(synth_df, cache, progress, m["threshold_distance"])
         mem = pd.DataFrame({
             "image_id": synth_df["image_id"].astype(str).to_numpy(), "fold": fold, "adjective": adjective,
             "class_name": synth_df["class_name"].to_numpy(),
@@ -170,37 +218,93 @@ def _group_rows(fold: int, adjective: str, real_df: pd.DataFrame, synth_df: pd.D
             "nearest_real_class": nearest["class_name"].to_numpy(),
             "distance": m["distance"], "reference_distance": m["reference"],
             "threshold_distance": m["threshold_distance"], "flagged": m["flagged"], "features": features, "dims": dims,
+            "source_image_id": src_ids, "source_distance": src_dist, "source_flagged": src_flag,
         })
     return rows, mem
 
 
-def _settings(cfg_fid, image_size: int, extractor_name: str) -> str:
+def _source_check(synth_df: pd.DataFrame, cache: _FeatureCache, progress: Progress | None,
+                  threshold_distance: float) -> tuple[pd.Series, np.ndarray, pd.Series]:
+    """(source_image_id, source_distance, source_flagged) per synthetic row: img2img images against the
+    real image each started from (`source_path`, joined from the data manifest by `_with_sources`),
+    flagged with the nearest-real check's own threshold; null for txt2img rows."""
+    n = len(synth_df)
+    ids = (synth_df["source_image_id"] if "source_image_id" in synth_df else pd.Series([None] * n)).astype("string")
+    dist = np.full(n, np.nan)
+    flag = pd.Series([pd.NA] * n, dtype="boolean")
+    paths = synth_df["source_path"] if "source_path" in synth_df else pd.Series([None] * n)
+    has = paths.notna().to_numpy()
+    if has.any():
+        own = cache.get(synth_df.loc[has, "path"].tolist(), progress)            # (n_src, D)
+        src = cache.get(paths[has].astype(str).tolist(), progress)               # (n_src, D)
+        dist[has] = source_distance(own, src)
+        flag[has] = dist[has] < threshold_distance
+    return ids.reset_index(drop=True), dist, flag
+
+
+def _with_sources(synth: pd.DataFrame, manifest: pd.DataFrame) -> pd.DataFrame:
+    """`source_path` per synthetic row from the data manifest (null for txt2img rows); a source id the
+    manifest no longer lists (prepare was rerun) is reported and left unchecked."""
+    if "source_image_id" not in synth.columns or synth["source_image_id"].isna().all():
+        return synth.assign(source_path=None)
+    where = dict(zip(manifest["image_id"].astype(str), manifest["path"].astype(str)))
+    ids = synth["source_image_id"]
+    paths = ids.map(lambda i: where.get(str(i)) if pd.notna(i) else None)
+    lost = int((ids.notna() & paths.isna()).sum())
+    if lost:
+        logs.say(f"[fid] {lost} img2img image(s) name a source the data manifest no longer lists; their source "
+                 f"check is left empty. Rerun `python -m meddap generate` (same config) to remake them from today's "
+                 f"manifest.")
+    return synth.assign(source_path=paths)
+
+
+def _settings(cfg_fid, image_size: int, extractor_name: str, dims: int | None = None, channels: str = "grey") -> str:
     """Everything that changes a row's numbers: a kept row must have been made with the same."""
-    return (f"{extractor_name};dims={cfg_fid.dims};size={image_size};method={cfg_fid.method};"
+    return (f"{extractor_name};dims={cfg_fid.dims if dims is None else dims};size={image_size};channels={channels};"
+            f"equal_n=stratified;method={cfg_fid.method};"
             f"kid={cfg_fid.kid_subset_size}x{cfg_fid.kid_subsets};seed={cfg_fid.seed};"
             f"memorization_threshold={cfg_fid.memorization_threshold}")
 
 
-def _finished_groups(lay: RunLayout, settings: str, current: dict) -> tuple[pd.DataFrame, pd.DataFrame, set]:
-    """Rows of earlier runs worth keeping: sets computed (not missing weights) with the same settings and
-    the same image counts as now (`current`: (fold, adjective) -> (n_real, n_synthetic))."""
+def _made_from(real_df: pd.DataFrame, synth_df: pd.DataFrame) -> str:
+    """sha256 of the images a set's rows compare: real (image_id, pixel sha256) and synthetic (image_id,
+    generation spec, which hashes the adapter's weights). Rows made from other images are never kept."""
+    import hashlib
+
+    h = hashlib.sha256()
+    pixels = real_df["sha256"] if "sha256" in real_df else real_df["path"]
+    for i, d in sorted(zip(real_df["image_id"].astype(str), pixels.astype(str))):
+        h.update(f"r {i} {d}\n".encode())
+    spec = synth_df["spec"].astype(str) if "spec" in synth_df else synth_df["path"].astype(str)
+    for i, d in sorted(zip(synth_df["image_id"].astype(str), spec)):
+        h.update(f"s {i} {d}\n".encode())
+    return h.hexdigest()
+
+
+def _finished_groups(lay: RunLayout, settings: dict[int, str], current: dict,
+                     primary: int) -> tuple[pd.DataFrame, pd.DataFrame, set]:
+    """Rows of earlier runs worth keeping: sets computed (not missing weights) with the same settings (per
+    dims) and made from the same images as now (`current`: (fold, adjective) -> made_from).
+    Returns the rows, the memorisation rows of sets kept at the `primary` dims, and {(fold, adjective, dims)}."""
+    empty = pd.DataFrame(columns=FID_COLUMNS), pd.DataFrame(columns=MEMORIZATION_COLUMNS), set()
     if not storage.exists(lay.summary("fid")):
-        return pd.DataFrame(columns=FID_COLUMNS), pd.DataFrame(columns=MEMORIZATION_COLUMNS), set()
+        return empty
     old = storage.read_parquet(lay.summary("fid"))
     old_mem = (storage.read_parquet(lay.summary("memorization")) if storage.exists(lay.summary("memorization"))
                else pd.DataFrame(columns=MEMORIZATION_COLUMNS))
-    if "settings" not in old.columns:
-        return pd.DataFrame(columns=FID_COLUMNS), pd.DataFrame(columns=MEMORIZATION_COLUMNS), set()
+    if not {"settings", "made_from", "dims"} <= set(old.columns):
+        return empty
     done = set()
-    for (fold, adj), g in old.groupby(["fold", "adjective"]):
+    for (fold, adj, dims), g in old.groupby(["fold", "adjective", "dims"]):
         key = (int(fold), str(adj))
         overall = g[g["class_name"] == ALL_CLASSES]
-        if (key in current and len(overall) == 1 and (g["settings"] == settings).all()
+        if (key in current and int(dims) in settings and len(overall) == 1
+                and (g["settings"] == settings[int(dims)]).all()
                 and not g["status"].str.startswith("missing_weights").any()
-                and (int(overall["n_real"].iloc[0]), int(overall["n_synthetic"].iloc[0])) == current[key]):
-            done.add(key)
-    keep = old[[(int(f), str(a)) in done for f, a in zip(old["fold"], old["adjective"])]]
-    keep_mem = old_mem[[(int(f), str(a)) in done for f, a in zip(old_mem["fold"], old_mem["adjective"])]] \
+                and (g["made_from"] == current[key]).all()):
+            done.add((*key, int(dims)))
+    keep = old[[(int(f), str(a), int(d)) in done for f, a, d in zip(old["fold"], old["adjective"], old["dims"])]]
+    keep_mem = old_mem[[(int(f), str(a), primary) in done for f, a in zip(old_mem["fold"], old_mem["adjective"])]] \
         if len(old_mem) else old_mem
     return keep, keep_mem, done
 
@@ -211,10 +315,13 @@ def _write(lay: RunLayout, rows: list[pd.DataFrame], mems: list[pd.DataFrame]) -
     mem = pd.concat([m for m in mems if len(m)], ignore_index=True) if any(len(m) for m in mems) \
         else pd.DataFrame(columns=MEMORIZATION_COLUMNS)
     fid = fid.astype({"fid": "float64", "kid": "float64", "kid_std": "float64", "fold": "int64", "dims": "int64",
-                      "n_real": "int64", "n_synthetic": "int64", "features": "str"})
+                      "n_real": "int64", "n_synthetic": "int64", "n_real_available": "int64",
+                      "n_synthetic_available": "int64", "features": "str"})
+    mem = mem.reindex(columns=MEMORIZATION_COLUMNS)  # rows kept from a run before the source columns: nulls
     mem = mem.astype({"distance": "float64", "reference_distance": "float64", "threshold_distance": "float64",
-                      "flagged": "bool", "fold": "int64", "dims": "int64"})
-    storage.write_parquet(fid.sort_values(["fold", "adjective", "class_name"]).reset_index(drop=True),
+                      "flagged": "bool", "fold": "int64", "dims": "int64", "source_image_id": "string",
+                      "source_distance": "float64", "source_flagged": "boolean"})
+    storage.write_parquet(fid.sort_values(["fold", "adjective", "dims", "class_name"]).reset_index(drop=True),
                           lay.summary("fid"))
     storage.write_parquet(mem.reset_index(drop=True), lay.summary("memorization"))
 
@@ -223,15 +330,13 @@ def _gpu_elsewhere(cfg) -> bool:
     """True when this process has no CUDA but the Ray cluster it runs in (or is told of) has a GPU."""
     if torch.cuda.is_available():
         return False
-    import os
-
     import ray
 
-    if not ray.is_initialized():
-        if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
-            return False   # no cluster to use: starting a local Ray would not add a GPU
-        from meddap.raytools import ensure_ray
+    from meddap.raytools import ensure_ray, ray_address
 
+    if not ray.is_initialized():
+        if ray_address(cfg)[0] == "local":
+            return False   # no cluster to use: starting a local Ray would not add a GPU
         ensure_ray(cfg)
     return ray.cluster_resources().get("GPU", 0) >= 1
 
@@ -242,74 +347,117 @@ def _run_on_worker(cfg_dict: dict) -> dict:
     return run(Config.from_dict(cfg_dict), _remote=False)
 
 
+def _extractors(cfg, extractor: nn.Module | None, device: str) -> tuple[dict[int, tuple], str]:
+    """({dims: (extractor or None, MissingWeightsError or None)}, features name), primary dims first.
+    inception: fid.dims and fid.extra_dims; another fid.features: its one encoder (its own dims); an injected
+    `extractor` (tests): fid.dims."""
+    if extractor is not None:
+        return {cfg.fid.dims: (extractor, None)}, type(extractor).__name__
+    name = cfg.fid.features
+    if name != "inception":
+        fe = build_feature_extractor(cfg.fid, device)  # MeddapError naming fid.features when it cannot be built
+        if cfg.fid.extra_dims:
+            logs.say(f"[fid] fid.extra_dims {cfg.fid.extra_dims} apply to inception features only; "
+                     f"{fe.name} has {fe.dims} dims")
+        logs.say(f"[fid] features: {fe.label}")
+        return {fe.dims: (_AtInputSize(fe.module, fe.image_size), None)}, fe.name
+    out = {}
+    for dims in [cfg.fid.dims, *cfg.fid.extra_dims]:
+        try:
+            out[dims] = (load_inception(dims, cfg.fid.weights, device), None)
+        except MissingWeightsError as e:
+            out[dims] = (None, e)
+    return out, "inception"
+
+
+class _AtInputSize(nn.Module):
+    """An encoder fed at its own input side: images are read at the generation resolution for every
+    extractor (one resize path); pytorch-fid's Inception resizes inside, this does the same for others."""
+
+    def __init__(self, module: nn.Module, size: int):
+        super().__init__()
+        self.module, self.size = module, size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:   # (B, 3, H, W) in [0, 1]
+        if x.shape[-1] != self.size or x.shape[-2] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
+        return self.module(x)
+
+
 def run(cfg, *, extractor: nn.Module | None = None, image_size: int | None = None, _remote: bool | None = None) -> dict:
-    """Compute fid.parquet and memorization.parquet. `extractor`/`image_size` replace pytorch-fid's
-    Inception (tests use a small feature extractor); the stage itself always uses Inception.
+    """Compute fid.parquet and memorization.parquet. `extractor` replaces pytorch-fid's Inception (tests use
+    a small feature extractor; then only fid.dims is computed) and `image_size` the generation resolution
+    images are read at; the stage itself always uses Inception.
     `_remote` (None = decide) runs the stage in a Ray task with one GPU when this process has none."""
     if extractor is None and (_remote if _remote is not None else _gpu_elsewhere(cfg)):
         import ray
 
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-        print(f"[fid] computing in a Ray task with {gpus} GPU(s) (this process has no CUDA).", flush=True)
+        logs.say(f"[fid] computing in a Ray task with {gpus} GPU(s) (this process has no CUDA).")
         task = ray.remote(num_gpus=gpus, num_cpus=1, max_retries=1)(_run_on_worker)
         return ray.get(task.remote(cfg.to_dict()))
     lay = RunLayout(cfg.run_dir)
     manifest = _read_input(lay.manifest, "the manifest", "prepare")
     synth = _read_input(lay.synthetic_manifest, "the synthetic manifest", "generate")
-    synth = synth.assign(adjective=synth["adjective"].fillna("").astype(str))
+    synth = _with_sources(synth.assign(adjective=synth["adjective"].fillna("").astype(str)), manifest)
     device = _device()
+    # One resize path: both sides read at the generation resolution with one filter (synthetic images are
+    # already that size); the extractor then resizes both alike to its own input.
+    image_size = image_size or cfg.generate_resolution
+    channels = cfg.classify.channels
+    primary = cfg.fid.dims
 
-    missing: MissingWeightsError | None = None
-    features, dims = (type(extractor).__name__, None) if extractor is not None else (cfg.fid.features, cfg.fid.dims)
-    if extractor is None:
-        try:
-            fe = build_feature_extractor(cfg.fid, device)
-            extractor, image_size, features, dims = fe.module, fe.image_size, fe.name, fe.dims
-            print(f"[fid] features: {fe.label}, images read at {fe.image_size} px", flush=True)
-        except MissingWeightsError as e:
-            missing = e
-            print(f"[fid] FID/KID cannot be computed: {e.reason}.\n[fid] Rows are written with fid/kid null and "
-                  f"status 'missing_weights'; the report says so. Rerun `python -m meddap fid` once the "
-                  f"weights are in place.", flush=True)
-    image_size = image_size or INCEPTION_INPUT_SIZE
-    cache = None if missing is not None else _FeatureCache(extractor, cfg.fid.batch_size, image_size, device)
+    extractors, features = _extractors(cfg, extractor, device)
+    primary = next(iter(extractors))
+    missing = extractors[primary][1]
+    if missing is not None:
+        logs.say(f"[fid] FID/KID cannot be computed: {missing.reason}.\n[fid] Rows are written with fid/kid null "
+                 f"and status 'missing_weights'; the report says so. Rerun `python -m meddap fid` once the "
+                 f"weights are in place.")
+    reader = functools.partial(_reader, channels=channels)
+    caches = {d: (_FeatureCache(ex, cfg.fid.batch_size, image_size, device, reader) if ex is not None else None)
+              for d, (ex, _) in extractors.items()}
 
     groups = [(int(f), str(a)) for f, a in synth[["fold", "adjective"]].drop_duplicates().itertuples(index=False)]
     groups = sorted(groups)
-    current = {(f, a): (len(_real_training(manifest, f)), int(((synth["fold"] == f) & (synth["adjective"] == a)).sum()))
+    current = {(f, a): _made_from(_real_training(manifest, f), synth[(synth["fold"] == f) & (synth["adjective"] == a)])
                for f, a in groups}
-    settings = _settings(cfg.fid, image_size, features if extractor is not None else "none")
-    kept, kept_mem, done = _finished_groups(lay, settings, current)
-    todo = [g for g in groups if g not in done]
+    settings = {d: _settings(cfg.fid, image_size, features if ex is not None else "none", d, channels)
+                for d, (ex, _) in extractors.items()}
+    kept, kept_mem, done = _finished_groups(lay, settings, current, primary)
+    todo = [(f, a, d) for f, a in groups for d in extractors if (f, a, d) not in done]
     if done:
-        print(f"[fid] {len(groups) - len(todo)} of {len(groups)} synthetic sets already done; computing {len(todo)}.")
-    n_images = 0
-    if cache is not None:
-        paths = set()
-        for fold, adj in todo:
+        logs.say(f"[fid] {len(done)} of {len(groups) * len(extractors)} (synthetic set, dims) already done; "
+                 f"computing {len(todo)}.")
+    paths: set = set()
+    for fold, adj, dims in todo:
+        if caches[dims] is not None:
             paths.update(_real_training(manifest, fold)["path"])
             paths.update(synth[(synth["fold"] == fold) & (synth["adjective"] == adj)]["path"])
-        n_images = len(paths)
-    progress = Progress(n_images, "fid features", "images") if n_images else None
+    n_passes = sum(c is not None for c in caches.values())
+    progress = Progress(len(paths) * n_passes, "fid features", "images") if paths else None
 
     rows, mems = [kept], [kept_mem]
-    for fold, adj in todo:
+    for fold, adj, dims in todo:
         real_df = _real_training(manifest, fold).reset_index(drop=True)
         synth_df = synth[(synth["fold"] == fold) & (synth["adjective"] == adj)].reset_index(drop=True)
-        group_rows, mem = _group_rows(fold, adj, real_df, synth_df, list(cfg.data.classes), cfg.fid, cache,
-                                      missing, progress, features, dims)
-        rows.append(pd.DataFrame(group_rows, columns=FID_COLUMNS).assign(settings=settings))
+        group_rows, mem = _group_rows(fold, adj, dims, real_df, synth_df, list(cfg.data.classes), cfg.fid,
+                                      caches[dims], extractors[dims][1], progress, memorize=dims == primary,
+                                      features=features)
+        rows.append(pd.DataFrame(group_rows, columns=FID_COLUMNS).assign(settings=settings[dims],
+                                                                         made_from=current[(fold, adj)]))
         mems.append(mem)
         _write(lay, rows, mems)   # after every set, so a crash loses no finished set
         overall = group_rows[-1]
-        shown = (f"fid={overall['fid']:.3f} kid={overall['kid']:.4f}" if overall["fid"] is not None
-                 else "not computed: " + overall["status"].split(":")[0])
-        print(f"[fid] {adapter_name(fold)} adjective={adj or '(none)'}: {shown}", flush=True)
+        if extractors[dims][1] is None:  # with missing weights every set says the same: one line after the loop
+            shown = (f"fid={overall['fid']:.3f} kid={overall['kid']:.4f} (N={overall['n_real']} each)"
+                     if overall["fid"] is not None else "not computed: " + overall["status"].split(":")[0])
+            logs.say(f"[fid] {adapter_name(fold)} adjective={adj or '(none)'} dims={dims}: {shown}")
     if not todo:
         _write(lay, rows, mems)
     n_flagged = int(sum(int(m["flagged"].sum()) for m in mems if len(m)))
     fidelity = score_fidelity(cfg, synth, device) if cfg.fid.judge else None
-    return {"groups": len(groups), "computed": len(todo), "missing_weights": missing is not None,
+    return {"groups": len(groups), "computed": len({(f, a) for f, a, _ in todo}), "missing_weights": missing is not None,
             "flagged": n_flagged, "fidelity": fidelity}
 
 
@@ -345,6 +493,5 @@ def score_fidelity(cfg, synth: pd.DataFrame, device: str = "cpu") -> float | Non
     for adj, g in summary.groupby("adjective"):
         per_class = ", ".join(f"{r.class_name} {r.fidelity:.0%}" for r in g.itertuples() if r.class_name != "all")
         overall = g[g["class_name"] == "all"]["fidelity"].iloc[0]
-        print(f"[fid] label fidelity ({cfg.fid.judge}) adjective={adj or '(none)'}: {overall:.0%} ({per_class})",
-              flush=True)
+        logs.say(f"[fid] label fidelity ({cfg.fid.judge}) adjective={adj or '(none)'}: {overall:.0%} ({per_class})")
     return float(plain["fidelity"].iloc[0]) if len(plain) else None

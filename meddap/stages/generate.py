@@ -10,12 +10,21 @@
    everything else (deleted files, stale settings) is generated.
 3. Generate what is missing: a Ray Dataset of requests, one block per batch, ordered by adapter so an
    actor switches adapters at most at a boundary; `map_batches` with `_GenerateActor` on an
-   `ActorPoolStrategy` pool. Each actor loads the base model and every adapter once (peft named
-   adapters, switched with `set_adapters`), writes each PNG atomically and returns manifest rows.
+   `ActorPoolStrategy` pool. With `generate.use_gpu` resolved to true (`auto`: the cluster has GPUs or
+   its autoscaler can add them, meddap.placement) every actor asks for `generate.num_gpus_per_worker`
+   GPUs whatever the cluster holds at that moment: the pool starts at one actor and grows to what
+   the cluster can hold, so an autoscaler adds GPU nodes instead of the work landing on CPUs. Each
+   actor loads the base model and every adapter once (peft named adapters, switched with
+   `set_adapters`), writes each PNG atomically and returns manifest rows.
    The driver consumes results as they come (`iter_batches`) and rewrites
    `synthetic/manifest.parquet` atomically every few seconds, so a kill loses at most the batches
    in flight.
 4. A contact sheet per adapter: `synthetic/contact-<adapter>.png`, adjective rows x class columns.
+
+img2img (`generate.mode: img2img`): the plan names each image's source (a training image of its fold,
+`meddap.diffusion.plan.source_sequence`); the actor reads it with `read_grey` at the generation
+resolution (the grey form every consumer sees) and passes it with the request. The manifest records
+`source_image_id` (null for txt2img); mode, strength and the source are part of each image's spec.
 """
 
 from __future__ import annotations
@@ -29,7 +38,7 @@ import time
 import numpy as np
 import pandas as pd
 
-from meddap import storage
+from meddap import logs, storage
 from meddap.diffusion.generate import PNG_META_KEY, check_scheduler_name
 from meddap.diffusion.plan import GenerationPlan, build_plan
 from meddap.errors import MeddapError
@@ -41,7 +50,8 @@ __all__ = ["run", "reconcile", "pool_size", "manifest_rows", "contact_sheet", "M
 # The contract's columns first, then provenance extras.
 MANIFEST_COLUMNS = ["image_id", "path", "fold", "adjective", "class_name", "label", "index", "seed", "prompt",
                     "adapter", "steps", "guidance", "width", "height",
-                    "file", "adapter_name", "adapter_sha256", "scheduler", "base_model", "spec"]
+                    "file", "adapter_name", "adapter_sha256", "scheduler", "base_model", "spec",
+                    "mode", "strength", "source_image_id"]
 _INT_COLUMNS = ["fold", "label", "index", "seed", "steps", "width", "height"]
 _FLUSH_EVERY_S = 5.0  # manifest rewrite period: bounds what a kill can lose to the batches in flight
 
@@ -53,7 +63,8 @@ def manifest_rows(plan: GenerationPlan, images: pd.DataFrame) -> pd.DataFrame:
     """Manifest rows (MANIFEST_COLUMNS) for plan rows `images`."""
     s = plan.settings
     out = images[["image_id", "path", "fold", "adjective", "class_name", "label", "index", "seed", "prompt",
-                  "file", "adapter_name", "spec"]].copy()
+                  "file", "adapter_name", "spec", "source_image_id"]].copy()
+    out["mode"], out["strength"] = s.get("mode", "txt2img"), s.get("strength")
     out["adapter"] = out["adapter_name"].map(plan.adapters)
     out["adapter_sha256"] = out["adapter_name"].map(plan.adapter_sha256)
     out["steps"], out["guidance"] = s["steps"], float(s["guidance"])
@@ -65,9 +76,11 @@ def manifest_rows(plan: GenerationPlan, images: pd.DataFrame) -> pd.DataFrame:
 def _typed(df: pd.DataFrame) -> pd.DataFrame:
     df = df[MANIFEST_COLUMNS].astype({c: "int64" for c in _INT_COLUMNS})
     df["guidance"] = df["guidance"].astype("float64")
+    df["strength"] = pd.to_numeric(df["strength"], errors="coerce").astype("float64")   # NaN for txt2img
     for c in ("image_id", "path", "adjective", "class_name", "prompt", "adapter", "file", "adapter_name",
-              "adapter_sha256", "scheduler", "base_model", "spec"):
+              "adapter_sha256", "scheduler", "base_model", "spec", "mode"):
         df[c] = df[c].astype(str)
+    df["source_image_id"] = df["source_image_id"].astype("string")                        # null for txt2img
     return df.reset_index(drop=True)
 
 
@@ -123,23 +136,32 @@ def _write_manifest(plan: GenerationPlan, rows: pd.DataFrame, path: str) -> None
 # ---------------------------------------------------------------------------------------------
 # Ray Data
 # ---------------------------------------------------------------------------------------------
-def pool_size(cfg, resources: dict) -> dict:
-    """{workers, num_cpus, num_gpus, threads} of the actor pool for the cluster's `resources`.
+def pool_size(cfg, resources: dict, use_gpu: bool | None = None, most_gpus: float | None = None) -> dict:
+    """{workers, min_workers, num_cpus, num_gpus, threads} of the actor pool for the cluster's `resources`.
 
-    GPUs: one actor per `generate.num_gpus_per_worker` GPUs (or `generate.workers`). CPU only:
-    actors of `generate.cpus_per_worker` CPUs, never claiming every CPU: a pool that does starves
-    Ray Data's other tasks and hangs forever (ray#44687; seen here on 2 CPUs).
+    `use_gpu`: the resolved generate.use_gpu (None: GPUs when `resources` has them). `most_gpus`: the
+    most GPUs the cluster can have (its autoscaler's node types; default: those it has now).
+    GPUs: one actor per `generate.num_gpus_per_worker` GPUs (or `generate.workers`), at least one even
+    while the cluster has none: the pool starts with the actors that fit now (at least one) and
+    grows to `workers` as GPU nodes join. CPU only: actors of `generate.cpus_per_worker` CPUs, never
+    claiming every CPU: a pool that does starves Ray Data's other tasks and hangs forever (ray#44687;
+    seen here on 2 CPUs).
     """
     g = cfg.generate
     cpus = float(resources.get("CPU", 1.0))
     gpus = float(resources.get("GPU", 0.0))
     free = max(cpus - 1.0, 0.0)  # CPUs the pool may claim: at least one stays free
-    if gpus > 0:
-        n = g.workers or max(1, int(gpus // g.num_gpus_per_worker))
-        n = min(n, max(1, int(gpus // g.num_gpus_per_worker)))
-        num_cpus = min(1.0, free / n) if free > 0 else cpus / (2 * n)
-        return {"workers": n, "num_cpus": num_cpus, "num_gpus": g.num_gpus_per_worker, "threads": 1,
-                "note": f"{n} actor(s) x {g.num_gpus_per_worker:g} GPU"}
+    if use_gpu is None:
+        use_gpu = gpus > 0
+    if use_gpu:
+        per = g.num_gpus_per_worker
+        most = max(gpus, most_gpus or 0.0)
+        n = g.workers or max(1, int(most // per))
+        now = max(1, min(n, int(gpus // per)))
+        # GPU nodes bring their own CPUs: one CPU per actor, less only when the cluster is that small now.
+        num_cpus = min(1.0, free / now) if free > 0 else cpus / (2 * now)
+        return {"workers": n, "min_workers": now, "num_cpus": num_cpus, "num_gpus": per, "threads": 1,
+                "note": f"{now} to {n} actor(s) x {per:g} GPU" if now < n else f"{n} actor(s) x {per:g} GPU"}
     per = g.cpus_per_worker
     most = int(math.floor(free / per + 1e-9))
     note = ""
@@ -150,36 +172,64 @@ def pool_size(cfg, resources: dict) -> dict:
     if n > most:
         note = f"; generate.workers={n} lowered to {most} to leave >= 1 of {cpus:g} CPUs free"
         n = most
-    return {"workers": n, "num_cpus": per, "num_gpus": 0.0, "threads": max(1, int(round(per))),
+    return {"workers": n, "min_workers": n, "num_cpus": per, "num_gpus": 0.0, "threads": max(1, int(round(per))),
             "note": f"{n} actor(s) x {per:g} CPU{note}"}
+
+
+# Columns of a request block; the source columns are "" for txt2img.
+_REQUEST_COLUMNS = ["image_id", "path", "adapter_name", "prompt", "seed", "spec", "source_image_id", "source_path"]
+
+
+def _requests(todo: pd.DataFrame) -> pd.DataFrame:
+    out = todo.reindex(columns=_REQUEST_COLUMNS)
+    for c in ("source_image_id", "source_path"):
+        out[c] = out[c].fillna("").astype(str)
+    return out
 
 
 class _GenerateActor:
     """Ray Data callable class: loads the model and adapters once, then makes batches of images."""
 
-    def __init__(self, cfg: dict, model: str | None, adapters: dict[str, str], settings: dict, threads: int):
+    def __init__(self, cfg: dict, model: str | None, adapters: dict[str, str], settings: dict, threads: int,
+                 use_gpu: bool | None = None):
         import torch
 
         from meddap.config import Config
+        from meddap.device import compute_device
         from meddap.diffusion.base import resolve_base_model
         from meddap.diffusion.generate import SyntheticGenerator
 
-        if not torch.cuda.is_available():
+        # use_gpu: Ray gave this actor a GPU (None, in-process: whatever this process has).
+        device = compute_device(torch.cuda.is_available() if use_gpu is None else use_gpu, "generation actor")
+        if device.type == "cpu":
             torch.set_num_threads(threads)
         self.cfg = Config.from_dict(cfg)
         # None: resolve on this node. builtin:tiny with an s3:// run_dir lives in a node-local cache,
         # so a path from the driver's node would not exist here (the build is seeded and atomic).
         model = model or resolve_base_model(self.cfg)
         self.settings = settings
-        self.gen = SyntheticGenerator.from_config(self.cfg, model, adapters)
+        self.gen = SyntheticGenerator.from_config(self.cfg, model, adapters, device=str(device))
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
+
+    def _source(self, path: str) -> np.ndarray | None:
+        """img2img's source as (S, S) grey uint8 at the generation resolution; None for txt2img ("")."""
+        if not path:
+            return None
+        from meddap.data.decode import ImageDecodeError, read_grey
+
+        try:
+            return read_grey(storage.local_path(path), self.settings["height"])
+        except ImageDecodeError as e:
+            raise MeddapError(f"img2img source {e}. It is listed in the data manifest: put it back, or rerun "
+                              "`python -m meddap prepare` (same config and run_dir), then generate.") from None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from meddap.diffusion.generate import ImageRequest, png_bytes, png_metadata
 
         t0 = time.perf_counter()
-        requests = [ImageRequest(str(p), int(s), str(a))
-                    for p, s, a in zip(batch["prompt"], batch["seed"], batch["adapter_name"])]
+        sources = [self._source(str(p)) for p in batch["source_path"]]
+        requests = [ImageRequest(str(p), int(s), str(a), src)
+                    for p, s, a, src in zip(batch["prompt"], batch["seed"], batch["adapter_name"], sources)]
         images = self.gen.generate_batch(requests)  # (H, W, 3) uint8 each
         widths, heights = [], []
         for i, im in enumerate(images):
@@ -189,7 +239,8 @@ class _GenerateActor:
                                   "must be a multiple of the VAE scale factor times the UNet's downsampling).")
             meta = png_metadata(spec=str(batch["spec"][i]), image_id=str(batch["image_id"][i]),
                                 seed=int(batch["seed"][i]), prompt=str(batch["prompt"][i]),
-                                adapter=str(batch["adapter_name"][i]), **self.settings)
+                                adapter=str(batch["adapter_name"][i]), **self.settings,
+                                source_image_id=str(batch["source_image_id"][i]) if sources[i] is not None else None)
             with storage.open_output(str(batch["path"][i])) as f:  # atomic: no half-written PNG
                 f.write(png_bytes(im, meta))
             heights.append(im.shape[0])
@@ -230,24 +281,24 @@ def _generate_on_ray(cfg, plan: GenerationPlan, todo: pd.DataFrame, model: str |
     from meddap.raytools import ensure_ray
 
     ensure_ray(cfg)
-    pool = pool_size(cfg, dict(ray.cluster_resources()))
+    use_gpu, outlook = resolve_gpu(cfg)
+    pool = pool_size(cfg, dict(ray.cluster_resources()), use_gpu, outlook.most)
     bs = cfg.generate.batch_size
     # One block per batch, each within one adapter: the plan is ordered by adapter, so an actor
     # switches adapters only where one adapter's images end.
-    cols = ["image_id", "path", "adapter_name", "prompt", "seed", "spec"]
     blocks = []
-    for _, group in todo[cols].groupby("adapter_name", sort=False):
+    for _, group in _requests(todo).groupby("adapter_name", sort=False):
         blocks += [group.iloc[i:i + bs] for i in range(0, len(group), bs)]
-    print(f"[generate] {len(todo)} images in {len(blocks)} batches of <= {bs} on {pool['note']}", flush=True)
+    logs.say(f"[generate] {len(todo)} images in {len(blocks)} batches of <= {bs} on {pool['note']}")
     ds = ray.data.from_pandas(blocks).map_batches(
         _GenerateActor,
         batch_size=bs,
-        compute=ray.data.ActorPoolStrategy(size=pool["workers"]),
+        compute=ray.data.ActorPoolStrategy(min_size=pool["min_workers"], max_size=pool["workers"]),
         num_cpus=pool["num_cpus"],
         num_gpus=pool["num_gpus"] or None,
         fn_constructor_kwargs={"cfg": cfg.to_dict(), "model": model,
                                "adapters": plan.adapters,
-                               "settings": plan.settings, "threads": pool["threads"]},
+                               "settings": plan.settings, "threads": pool["threads"], "use_gpu": use_gpu},
         batch_format="numpy",
     )
     try:
@@ -260,6 +311,21 @@ def _generate_on_ray(cfg, plan: GenerationPlan, todo: pd.DataFrame, model: str |
         raise
 
 
+def resolve_gpu(cfg):
+    """(generate.use_gpu resolved for this cluster and base model, the cluster's GpuOutlook); Ray must be up."""
+    from meddap.diffusion.base import count_unet_parameters, resolve_base_model
+    from meddap.placement import gpu_outlook, resolve_use_gpu
+
+    outlook = gpu_outlook(cfg)
+    params = count_unet_parameters(resolve_base_model(cfg), cfg.diffusion.single_file_config)
+    use = resolve_use_gpu(cfg.generate.use_gpu, "generate.use_gpu", outlook, what="generation",
+                          unet_parameters=params)
+    if use or outlook.most > 0:  # on a CPU-only cluster there is nothing to say
+        logs.say(f"[generate] generate.use_gpu={cfg.generate.use_gpu}: actors {'ask for GPUs' if use else 'use CPUs'} "
+                 f"({outlook})")
+    return use, outlook
+
+
 def _generate_in_process(cfg, plan: GenerationPlan, todo: pd.DataFrame, model: str | None, on_done) -> None:
     """The same actor code called directly, batch by batch, in this process (no Ray): for the
     benchmark's core-only figure and for tests of resume logic that need no actor start-up."""
@@ -267,10 +333,9 @@ def _generate_in_process(cfg, plan: GenerationPlan, todo: pd.DataFrame, model: s
 
     actor = _GenerateActor(cfg.to_dict(), model, plan.adapters, plan.settings, threads=torch.get_num_threads())
     bs = cfg.generate.batch_size
-    cols = ["image_id", "path", "adapter_name", "prompt", "seed", "spec"]
-    for _, group in todo[cols].groupby("adapter_name", sort=False):
+    for _, group in _requests(todo).groupby("adapter_name", sort=False):
         for i in range(0, len(group), bs):
-            batch = {c: group[c].to_numpy()[i:i + bs] for c in cols}
+            batch = {c: group[c].to_numpy()[i:i + bs] for c in _REQUEST_COLUMNS}
             on_done(pd.DataFrame(actor(batch)))
 
 
@@ -340,14 +405,20 @@ def run(cfg, *, in_process: bool = False) -> dict:
     if cfg.generate.scheduler:
         check_scheduler_name(cfg.generate.scheduler)
     kept, todo, counts = reconcile(plan, cfg.run_dir)
-    print(f"[generate] plan: {counts['planned']} images "
+    logs.say(f"[generate] plan: {counts['planned']} images "
           f"({len(plan.adapters)} adapter(s) x {len(cfg.generate.adjectives)} adjective(s) x "
-          f"{len(cfg.data.classes)} classes, largest ratio {max(cfg.generate.ratios):g}); "
-          f"on disk: {counts['kept']} listed + {counts['relisted']} re-listed from PNG provenance; "
-          f"to generate: {counts['to_generate']}", flush=True)
+             f"{len(cfg.data.classes)} classes, largest ratio {max(cfg.generate.ratios):g}); "
+             f"on disk: {counts['kept']} listed + {counts['relisted']} re-listed from PNG provenance; "
+             f"to generate: {counts['to_generate']}")
+    if cfg.generate.mode == "img2img":
+        logs.say(f"[generate] img2img, strength {cfg.generate.strength:g}: each image starts from a training image of "
+                 "its fold (balanced, seeded; never a validation or test image)" if cfg.diffusion.lora.per_fold else
+                 f"[generate] img2img, strength {cfg.generate.strength:g}, shared adapter: images start from any "
+                 "training image, so fold k's images may come from fold k's validation images (never from test "
+                 "images); diffusion.lora.per_fold: true keeps validation clean")
     if counts["dropped_rows"]:
-        print(f"[generate] {counts['dropped_rows']} manifest row(s) dropped: file missing, other settings, "
-              "or not in this plan (regenerated if planned)", flush=True)
+        logs.say(f"[generate] {counts['dropped_rows']} manifest row(s) dropped: file missing, other settings, "
+                 "or not in this plan (regenerated if planned)")
 
     done = [kept]
     _write_manifest(plan, kept, layout.synthetic_manifest)
@@ -389,7 +460,7 @@ def run(cfg, *, in_process: bool = False) -> dict:
     result = {**counts, "generated": n_new, "seconds": round(time.perf_counter() - t0, 2),
               "images_per_second": round(n_new / gen_seconds, 3) if gen_seconds > 0 else None,
               "workers_used": len(workers), "contact_sheets": sheets}
-    print(f"[generate] {len(manifest)} images listed in {layout.synthetic_manifest}; generated {n_new}"
-          + (f" at {n_new / gen_seconds:.2f} images/s" if gen_seconds > 0 else "")
-          + f"; contact sheets: {', '.join(sheets)}", flush=True)
+    logs.say(f"[generate] {len(manifest)} images listed in {layout.synthetic_manifest}; generated {n_new}"
+             + (f" at {n_new / gen_seconds:.2f} images/s" if gen_seconds > 0 else "")
+             + f"; contact sheets: {', '.join(sheets)}")
     return result

@@ -21,7 +21,7 @@ import math
 import time
 from typing import Callable, Iterable
 
-from meddap import storage
+from meddap import logs, storage
 from meddap.config import Config
 from meddap.errors import MeddapError
 from meddap.layout import RunLayout
@@ -32,7 +32,7 @@ __all__ = ["run", "run_stages", "select_rank", "choose_rank", "stage_function"]
 
 
 def _log(msg: str) -> None:
-    print(f"[pipeline] {msg}", flush=True)
+    logs.say(f"[pipeline] {msg}")
 
 
 def stage_function(stage: str) -> Callable:
@@ -71,14 +71,37 @@ def _with(cfg: Config, **dotted) -> Config:
     return Config.from_dict(d, source="pipeline override")
 
 
+def _mark_stopped(cfg: Config, stage: str, status: str, error: str | None = None) -> None:
+    try:
+        state.write_stopped(cfg, stage, status, error)
+    except (OSError, MeddapError):  # a full disk or lost bucket must not hide why the stage stopped
+        pass
+
+
+def _command() -> str:
+    import sys
+
+    return " ".join(["python", *sys.argv]) if sys.argv and sys.argv[0] else "python (interactive)"
+
+
 def run_stages(cfg: Config, stages: Iterable[str], force: Iterable[str] = (), *,
                timings: dict | None = None, label: str = "") -> dict[str, dict]:
     """Run `stages` (in pipeline order) under `cfg`, skipping done ones; returns per-stage timings.
 
     Every forced stage and every stage downstream of it has its outputs deleted first, then runs.
     A stage invalidated by changed settings is refused (MeddapError) unless forced. A stage whose
-    inputs changed because an upstream stage ran again in this call is redone (outputs deleted).
+    inputs changed because an upstream stage ran again in this call is redone (outputs deleted). A
+    done stage whose outputs were damaged since has those files removed and is resumed to remake them.
+    The run_dir's lock (meddap.runlock) is held throughout: another process writing it is refused.
     """
+    from meddap.runlock import run_lock
+
+    with run_lock(cfg, _command()):
+        return _run_stages(cfg, stages, force, timings=timings, label=label)
+
+
+def _run_stages(cfg: Config, stages: Iterable[str], force: Iterable[str] = (), *,
+                timings: dict | None = None, label: str = "") -> dict[str, dict]:
     stages = [s for s in STAGES if s in set(stages)]
     redo: set[str] = set()
     for f in _check_force(force):
@@ -108,11 +131,26 @@ def run_stages(cfg: Config, stages: Iterable[str], force: Iterable[str] = (), *,
             removed = state.clear_stage(cfg, stage)
             _log(f"{name}: inputs changed since it ran ({', '.join(upstream_ran)} ran again): redoing; "
                  f"removed {len(removed)} earlier output(s)")
+        elif status.state == "damaged":
+            removed = state.remove_damaged(cfg, status)
+            shown = "; ".join(status.damaged[:5]) + (f"; ... {len(status.damaged) - 5} more" if len(status.damaged) > 5 else "")
+            _log(f"{name}: {len(status.damaged)} output(s) damaged or missing since it finished ({shown}); "
+                 f"removed {len(removed)} file(s), remaking them")
         else:
-            _log(f"{name}: running" + (" (resuming partial outputs)" if status.record else ""))
+            how = {"running": "was killed", "interrupted": "was interrupted", "failed": "failed"}
+            _log(f"{name}: running" + (f" (resuming: its last run {how.get(status.record.get('status'), 'stopped')})"
+                                       if status.record else ""))
         state.write_started(cfg, stage)
         t0 = time.perf_counter()
-        stage_function(stage)(cfg)
+        try:
+            stage_function(stage)(cfg)
+        except KeyboardInterrupt:
+            _mark_stopped(cfg, stage, "interrupted")
+            raise
+        except Exception as e:
+            lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+            _mark_stopped(cfg, stage, "failed", f"{type(e).__name__}: {lines[0] if lines else ''}")
+            raise
         seconds = time.perf_counter() - t0
         state.write_record(cfg, stage, seconds)
         ran.add(stage)
@@ -188,7 +226,7 @@ def select_rank(cfg: Config, force: Iterable[str] = (), timings: dict | None = N
         run_stages(sub, ("finetune", "generate", "fid"), force=["finetune"] if redo else (),
                    timings=timings, label=f"rank-{rank}/")
         fid = storage.read_parquet(RunLayout(sub.run_dir).summary("fid"))
-        hit = fid[(fid["adjective"] == "") & (fid["class_name"] == "all")]
+        hit = fid[(fid["adjective"] == "") & (fid["class_name"] == "all") & (fid["dims"] == cfg.fid.dims)]
         if hit.empty:
             raise MeddapError(f"rank selection: {RunLayout(sub.run_dir).summary('fid')} has no overall "
                               f"(class_name 'all') row for the no-adjective set; the fid stage's output "
@@ -215,6 +253,11 @@ def select_rank(cfg: Config, force: Iterable[str] = (), timings: dict | None = N
 # ---------------------------------------------------------------------------------------------
 # The study.
 # ---------------------------------------------------------------------------------------------
+def _timing(t: dict, total: float) -> str:
+    share = f" ({100 * t['seconds'] / total:.0f} %)" if total > 0 and t["seconds"] >= 0.05 * total else ""
+    return f"{t['stage']} {t['seconds']:.1f}s{share}"
+
+
 def _preflight(cfg: Config, force: list[str]) -> None:
     """Settings only a late stage uses, checked before any work: the sweep's classifier names and
     ImageNet weights would otherwise fail only after fine-tuning and generation (hours on the paper)."""
@@ -228,13 +271,22 @@ def _preflight(cfg: Config, force: list[str]) -> None:
 
 def run(cfg: Config, force: Iterable[str] = ()) -> dict:
     """Run every stage that is not done; returns {"timings": [...], "report": path, "rank": int}."""
-    from meddap.raytools import ensure_ray
+    from meddap.runlock import run_lock
 
     force = _check_force(force)
     _preflight(cfg, force)
+    with run_lock(cfg, _command()):
+        return _run(cfg, force)
+
+
+def _run(cfg: Config, force: list[str]) -> dict:
+    from meddap.raytools import ensure_ray
+
     t_all = time.perf_counter()
     timings: dict[str, dict] = {}
-    _log(f"run_dir {cfg.run_dir} (config '{cfg.name}')" + (f"; forced: {', '.join(force)}" if force else ""))
+    log_dir = logs.active_log_dir()
+    _log(f"run_dir {cfg.run_dir} (config '{cfg.name}')" + (f"; forced: {', '.join(force)}" if force else "")
+         + (f"; Ray's own messages go to {log_dir}" if log_dir else ""))
 
     import ray
 
@@ -255,11 +307,9 @@ def run(cfg: Config, force: Iterable[str] = ()) -> dict:
     run_stages(cfg, STAGES[1:], force, timings=timings)
 
     total = time.perf_counter() - t_all
-    _log("timings:")
-    for t in timings.values():
-        share = 100 * t["seconds"] / total if total > 0 else 0.0
-        _log(f"  {t['stage']:<28} {t['seconds']:8.1f}s {share:5.1f}%  {t['action']}")
-    _log(f"  {'total':<28} {total:8.1f}s")
+    ran = [t for t in timings.values() if t["action"] == "ran"]
+    skipped = [t["stage"] for t in timings.values() if t["action"] == "skipped"]
     report = RunLayout(cfg.run_dir).path("report.md")
-    _log(f"report: {report}")
+    _log(f"report: {report} | timings: {', '.join(_timing(t, total) for t in ran) or 'nothing ran'}; "
+         f"total {total:.1f}s" + (f" (skipped: {', '.join(skipped)})" if skipped else ""))
     return {"timings": list(timings.values()), "total_seconds": total, "report": report, "rank": rank}

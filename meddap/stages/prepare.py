@@ -3,8 +3,12 @@
 Reads Dataset A (`data.*`) and optionally Dataset B (`data.external.*`), decodes every candidate
 image once into the canonical grey form (meddap.data.decode), audits duplicates and A/B overlap
 (meddap.data.audit), splits A into a held-out test split and K folds (meddap.data.splits) and writes
-  run_dir/data/manifest.parquet   one row per usable image (the contract every later stage reads)
-  run_dir/data/audit.parquet      skipped files and duplicate / overlap findings (AUDIT_COLUMNS)
+  run_dir/data/manifest.parquet   one row per usable image (the contract every later stage reads);
+                                  `a_overlap` is true on Dataset B rows that copy a Dataset A image
+                                  (matched by content, or in one B group with such a copy), else false
+  run_dir/data/audit.parquet      skipped files and duplicate / overlap findings (AUDIT_COLUMNS): every
+                                  A/B pair (kind ab_overlap) and every B image flagged through its group
+                                  (kind ab_overlap_group)
   run_dir/data/decode_cache.parquet  hashes and sizes per (path, size, mtime): a rerun decodes only
                                   new or changed files
 A rerun with the same inputs rewrites nothing (byte-identical outputs are left in place).
@@ -23,7 +27,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from meddap import storage
+from meddap import logs, storage
 from meddap.data.audit import (DuplicatePair, assign_groups, find_duplicates, find_overlap,
                                findings_frame, pair_reason)
 from meddap.data.decode import ImageDecodeError, phash_pair, pixel_sha256, read_grey, thumbnail
@@ -35,12 +39,13 @@ from meddap.progress import Progress
 
 __all__ = ["run", "MANIFEST_COLUMNS", "decode_records"]
 
-# The contract (see README): later stages rely on these; patient_id and phash are extras.
+# The contract (see docs/data.md): later stages rely on these; patient_id and phash are extras.
 MANIFEST_COLUMNS = ["image_id", "path", "dataset", "class_name", "label", "split", "fold", "group_id",
-                    "sha256", "width", "height", "patient_id", "phash"]
+                    "sha256", "width", "height", "patient_id", "phash", "a_overlap"]
 _CACHE_COLUMNS = ["path", "file_size", "mtime_ns", "sha256", "phash", "phash_mirror", "thumb", "width", "height",
                   "error"]
 _MAX_LISTED = 10       # skipped files / pairs printed in the summary (all of them are in audit.parquet)
+_MAX_IN_ERROR = 5      # skipped files an error quotes (with their reasons)
 _DECODE_THREADS = 8    # Pillow releases the GIL while decoding; more threads than cores hides file I/O
 
 
@@ -150,15 +155,30 @@ def _listing_frame(listing: SourceListing) -> pd.DataFrame:
     })
 
 
-def _check_classes_usable(frame: pd.DataFrame, listing: SourceListing) -> None:
+def _relative_note(listing: SourceListing) -> str:
+    """How a manifest's relative paths were resolved (the usual cause of 'file not found')."""
+    if listing.source != "manifest":
+        return ""
+    return (f"Relative paths in a manifest are resolved against the manifest's own folder, "
+            f"{os.path.dirname(listing.root)}: write them relative to that folder, or absolute.")
+
+
+def _check_classes_usable(frame: pd.DataFrame, listing: SourceListing, audit_rows: list[dict]) -> None:
     """Every class the source holds must keep at least one decodable image."""
     listed = sorted(set(r.class_name for r in listing.records))
     usable = set(frame["class_name"])
     for cls in listed:
         if cls not in usable:
-            where = listing.class_dirs.get(cls, listing.root)
+            where = (f"manifest {listing.root}" if listing.source == "manifest"
+                     else listing.class_dirs.get(cls, listing.root))
+            bad = [r for r in audit_rows if r["kind"] == "skipped" and r["dataset"] == listing.dataset
+                   and r["class_name"] == cls]
+            shown = "\n".join(f"  {r['path']}: {r['reason']}" for r in bad[:_MAX_IN_ERROR])
+            more = f"\n  ... and {len(bad) - _MAX_IN_ERROR} more" if len(bad) > _MAX_IN_ERROR else ""
+            note = _relative_note(listing)
             raise MeddapError(f"Dataset {listing.dataset}: no image of class '{cls}' in {where} could be "
-                              f"decoded (all skipped; see the list above). Fix or replace the files.")
+                              f"decoded; all {len(bad)} were skipped:\n{shown}{more}\n"
+                              + (f"{note}\n" if note else "") + "Fix or replace the files.")
 
 
 def _pair_rows(kind: str, dataset: str, pairs: list[DuplicatePair], left: pd.DataFrame, right: pd.DataFrame,
@@ -236,7 +256,7 @@ def _decode_usable(listings: list[SourceListing], layout: RunLayout, strict: boo
                           f"Remove or repair them, or set data.strict=false to skip them (they are then "
                           f"listed in {layout.audit}).")
     for lst, frame in zip(listings, usable):
-        _check_classes_usable(frame, lst)
+        _check_classes_usable(frame, lst, audit_rows)
     return usable
 
 
@@ -276,19 +296,51 @@ def _audit_external(b: pd.DataFrame, a: pd.DataFrame, cfg, audit_rows: list[dict
     b["group_id"] = assign_groups(b, b_pairs, "B")
     b["label"] = [data.classes.index(c) for c in b["class_name"]]
     b["split"], b["fold"] = "external", -1
-    overlap = find_overlap(b, a, near, min_corr)
+    ext = data.external
+    overlap = find_overlap(b, a, near, min_corr, aligned_min_correlation=ext.match_min_correlation,
+                           max_angle=ext.match_max_angle)
     rows = _pair_rows("ab_overlap", "B", overlap, b, a, near, other_dataset="A")
     for row, p in zip(rows, overlap):
         ar = a.iloc[p.j]
         row["other_split"] = ar["split"]
-        row["reason"] += (f" (A image is in train, fold {int(ar['fold'])})" if ar["split"] == "train"
-                          else " (A image is in test)")
+        row["reason"] += _a_where(ar)
     audit_rows += rows
+    b["a_overlap"] = _overlap_with_groups(b, a, overlap, audit_rows)
     return overlap
+
+
+def _a_where(ar) -> str:
+    return f" (A image is in train, fold {int(ar['fold'])})" if ar["split"] == "train" else " (A image is in test)"
+
+
+def _overlap_with_groups(b: pd.DataFrame, a: pd.DataFrame, overlap: list[DuplicatePair],
+                         audit_rows: list[dict]) -> np.ndarray:
+    """(n_b,) bool: B rows that copy an A image, directly or through their B group (file-name stem or a
+    duplicate within B: `benign (36)-rotated2` is the same source image as a matched `benign (36)-sharpened`).
+    Each B row flagged only through its group gets an `ab_overlap_group` audit row naming the match."""
+    flag = np.zeros(len(b), bool)
+    via: dict[str, DuplicatePair] = {}
+    for p in overlap:
+        flag[p.i] = True
+        via.setdefault(b.iloc[p.i]["group_id"], p)
+    for i, gid in enumerate(b["group_id"]):
+        if flag[i] or gid not in via:
+            continue
+        flag[i] = True
+        p = via[gid]
+        sibling, ar = b.iloc[p.i], a.iloc[p.j]
+        audit_rows.append({"kind": "ab_overlap_group", "dataset": "B", "path": b.iloc[i]["path"],
+                           "other_path": ar["path"], "class_name": b.iloc[i]["class_name"],
+                           "other_class": ar["class_name"], "other_split": ar["split"],
+                           "reason": f"in B group {gid} with {sibling['path']}, which copies this A image"
+                                     + _a_where(ar)})
+    return flag
 
 
 def _manifest_frame(parts: list[pd.DataFrame]) -> pd.DataFrame:
     manifest = pd.concat(parts, ignore_index=True)
+    overlap = manifest["a_overlap"] if "a_overlap" in manifest else pd.Series(False, index=manifest.index)
+    manifest["a_overlap"] = overlap.fillna(False).astype(bool)  # Dataset A rows: always false
     manifest["image_id"] = manifest["dataset"] + "/" + manifest["rel_path"]
     manifest["phash"] = [f"{int(v):016x}" for v in manifest["phash"]]
     manifest["patient_id"] = pd.array([v if isinstance(v, str) else None for v in manifest["patient_id"]],
@@ -305,7 +357,7 @@ def _summary(cfg, listings, manifest: pd.DataFrame, audit: pd.DataFrame, a_pairs
     K = cfg.data.folds
 
     def say(line: str) -> None:
-        print(f"[prepare] {line}", flush=True)
+        logs.say(f"[prepare] {line}")
 
     for lst in listings:
         n = int((manifest["dataset"] == lst.dataset).sum())
@@ -318,16 +370,16 @@ def _summary(cfg, listings, manifest: pd.DataFrame, audit: pd.DataFrame, a_pairs
     a = manifest[manifest["dataset"] == "A"]
     header = f"  {'class':<12}{'train':>7}{'test':>7}{'external':>10}   train per fold (0..{K - 1})"
     say("images per class and split:")
-    print(header)
+    logs.say(header)
     counts: dict[str, dict] = {}
     for cls in classes:
         m = manifest[manifest["class_name"] == cls]
         tr, te, ex = (int((m["split"] == s).sum()) for s in ("train", "test", "external"))
         per_fold = [int(((m["split"] == "train") & (m["fold"] == k)).sum()) for k in range(K)]
         counts[cls] = {"train": tr, "test": te, "external": ex, "folds": per_fold}
-        print(f"  {cls:<12}{tr:>7}{te:>7}{ex:>10}   {'/'.join(map(str, per_fold))}")
+        logs.say(f"  {cls:<12}{tr:>7}{te:>7}{ex:>10}   {'/'.join(map(str, per_fold))}")
     tot = {s: int((manifest["split"] == s).sum()) for s in ("train", "test", "external")}
-    print(f"  {'total':<12}{tot['train']:>7}{tot['test']:>7}{tot['external']:>10}")
+    logs.say(f"  {'total':<12}{tot['train']:>7}{tot['test']:>7}{tot['external']:>10}")
     for cls, c in counts.items():
         if 0 in c["folds"] or c["test"] == 0:
             say(f"  warning: class '{cls}' is missing from "
@@ -343,11 +395,22 @@ def _summary(cfg, listings, manifest: pd.DataFrame, audit: pd.DataFrame, a_pairs
     if len(skipped):
         say(f"skipped {len(skipped)} unusable file(s):")
         for r in skipped.head(_MAX_LISTED).itertuples():
-            print(f"  {r.path}: {r.reason}")
+            logs.say(f"  {r.path}: {r.reason}")
         if len(skipped) > _MAX_LISTED:
-            print(f"  ... {len(skipped) - _MAX_LISTED} more in {layout.audit}")
-    for kind, what in (("unknown_class", "file(s) in folders of classes not in data.classes (not used)"),
-                       ("ignored", "file(s) ignored (hidden/system files, files outside class folders)"),
+            logs.say(f"  ... {len(skipped) - _MAX_LISTED} more in {layout.audit}")
+    for lst in listings:
+        if any(r.kind == "skipped" and r.dataset == lst.dataset for r in skipped.itertuples()) and _relative_note(lst):
+            say(f"  note: {_relative_note(lst)}")
+    for lst in listings:
+        unknown = audit[(audit["kind"] == "unknown_class") & (audit["dataset"] == lst.dataset)]
+        if len(unknown):
+            counts = unknown["class_name"].fillna("").value_counts()
+            named = ", ".join(f"{name!r} ({n})" for name, n in counts.items())
+            what = ("manifest row(s) whose class_name" if lst.source == "manifest"
+                    else "file(s) in class folders whose name")
+            say(f"Dataset {lst.dataset}: {len(unknown)} {what} is not in data.classes {classes}, not used: {named}. "
+                f"Fix the names, or add the classes to data.classes (every such path is in {layout.audit}).")
+    for kind, what in (("ignored", "file(s) ignored (hidden/system files, files outside class folders)"),
                        ("split_conflict", "group(s) straddling the manifest's own train/test split")):
         if count(kind):
             say(f"{count(kind)} {what}; e.g. {audit[audit['kind'] == kind]['path'].iloc[0]}")
@@ -361,20 +424,29 @@ def _summary(cfg, listings, manifest: pd.DataFrame, audit: pd.DataFrame, a_pairs
         + f"; {len(groups)} leakage-safe groups (largest: {int(groups.max()) if len(groups) else 0} images)")
     b_dups = audit[(audit["dataset"] == "B") & audit["kind"].isin(["exact_duplicate", "near_duplicate"])]
     if len(listings) > 1:
-        say(f"duplicates within B: {int((b_dups['kind'] == 'exact_duplicate').sum())} exact, "
-            f"{int((b_dups['kind'] == 'near_duplicate').sum())} near pair(s)")
         ov = audit[audit["kind"] == "ab_overlap"]
         n_b = ov["path"].nunique()
         n_train = ov[ov["other_split"] == "train"]["path"].nunique()
         n_exact_ov = int(ov["reason"].str.startswith("identical").sum())
-        say(f"A/B overlap: {len(ov)} pair(s) ({n_exact_ov} exact, {len(ov) - n_exact_ov} near); "
+        n_aligned = int(ov["reason"].str.startswith("aligned").sum())
+        n_flagged = int(manifest["a_overlap"].sum())
+        say(f"duplicates within B: {int((b_dups['kind'] == 'exact_duplicate').sum())} exact, "
+            f"{int((b_dups['kind'] == 'near_duplicate').sum())} near pair(s); "
+            f"A/B overlap: {len(ov)} pair(s) ({n_exact_ov} exact, {len(ov) - n_exact_ov - n_aligned} near, "
+            f"{n_aligned} rotated/mirrored/rescaled copies); "
             f"{n_b} of {int((manifest['dataset'] == 'B').sum())} B images match an A image, "
-            f"{n_train} match an A training image")
+            f"{n_train} match an A training image; {n_flagged} B images flagged a_overlap "
+            f"(with their B group mates)")
         for r in ov.head(5).itertuples():
-            print(f"  {r.path} ~ {r.other_path} (d={r.distance}, A {r.other_split})")
+            how = f"d={r.distance}" if pd.notna(r.distance) else r.reason.split("(")[-1].rstrip(")")
+            logs.say(f"  {r.path} ~ {r.other_path} ({how}, A {r.other_split})")
+        if cfg.data.external.exclude_overlap and n_flagged:
+            say(f"data.external.exclude_overlap=true: the {n_flagged} flagged B images are left out of the "
+                f"external evaluation and Table 3 (the report also gives Table 3 on all B images)")
     say(f"manifest: {layout.manifest} ({len(manifest)} rows); audit: {layout.audit} ({len(audit)} findings)")
     return {
         "images": len(manifest), "counts": counts, "skipped": len(skipped),
         "exact_pairs_a": n_exact, "near_pairs_a": len(a_pairs) - n_exact, "groups_a": len(groups),
         "ab_overlap_pairs": int((audit["kind"] == "ab_overlap").sum()),
+        "b_overlap_images": int(manifest["a_overlap"].sum()),
     }

@@ -1,9 +1,11 @@
 """`python -m meddap report`: the tables, statistics and figures a researcher reads.
 
-Reads summary/trials.parquet (required), summary/fid.parquet, summary/memorization.parquet,
-summary/synthetic_eval.parquet, the synthetic manifest, the manifest and the fold-0 model files
-(each optional: what is absent is named in the report's notes, never filled in). Writes
-  summary/table1.parquet, table2.parquet, table3.parquet, fig1a.parquet      (see meddap.report)
+Reads summary/trials.parquet (required), summary/predictions.parquet (the bootstrap over test images),
+summary/fid.parquet, summary/memorization.parquet, summary/synthetic_eval.parquet, the synthetic
+manifest, the manifest and the fold-0 model files (each optional: what is absent is named in the
+report's notes, never filled in). Writes
+  summary/table1.parquet, table2.parquet, table3.parquet, table3_full.parquet (Table 3 on all of
+  Dataset B), fig1a.parquet                                                   (see meddap.report)
   figures/accuracy_<classifier>.png   mean test accuracy, adjective x ratio
   figures/fid.png                     overall FID and KID per adjective (only when FID was computed)
   figures/contact_<adjective>.png     synthetic samples per class (rows)
@@ -25,10 +27,11 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from meddap import storage
+from meddap import logs, storage
 from meddap.errors import MeddapError
+from meddap.answer import answer
 from meddap.layout import RunLayout, adjective_slug
-from meddap.report import best_settings, fig1a, load_trials, table1, table2, table3
+from meddap.report import best_settings, crn_violations, fig1a, load_trials, table1, table2, table3
 
 __all__ = ["run", "Report"]
 
@@ -211,7 +214,7 @@ def _features_label(fid: pd.DataFrame) -> str:
 
 
 def _fid_figure(fid_all: pd.DataFrame, run_dir: str) -> Optional[str]:
-    ok = fid_all[fid_all["fid"].notna()]
+    ok = fid_all[fid_all["fid"].notna()]    # one feature size (fid.dims)
     if ok.empty:
         return None
     per = ok.groupby("adjective").agg(fid=("fid", "mean"), kid=("kid", "mean")).reset_index()
@@ -335,6 +338,8 @@ def _load_model(path: str):
 
 def _trial_id(trials: pd.DataFrame, clf: str, adj, ratio: float, fold: int) -> Optional[str]:
     m = (trials["classifier"] == clf) & (trials["fold"] == fold) & (trials["ratio"] == ratio)
+    if "repeat" in trials:
+        m &= trials["repeat"] == 0
     m &= trials["adjective"].isna() if adj is None else (trials["adjective"] == adj)
     ids = trials.loc[m, "trial_id"].unique()
     return str(ids[0]) if len(ids) else None
@@ -452,27 +457,79 @@ def _fmt_table1(t1: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
 
 def _fmt_compare(t: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
     rows = []
+    blank = {"val acc (chosen on)": "", "Δ acc [95 % t-CI] (pp)": "", "p (fold t-test)": "",
+             "Δ 95 % CI, bootstrap over images (pp)": "", "p (bootstrap)": "", "p Holm": ""}
     for r in t.to_dict("records"):
         real = {"classifier": r["classifier"], "train set": "real only"}
         aug = {"classifier": "", "train set": _setting(r["adjective"], r["ratio"])}
         for m in metrics:
             real[m] = _pm(r[f"real_{m}"], r[f"real_{m}_std"])
             aug[m] = _pm(r[f"aug_{m}"], r[f"aug_{m}_std"])
-        real.update({"val acc (chosen on)": "", "Δ acc [95 % CI] (pp)": "", "t": "", "p (paired t-test)": "",
-                     "folds": str(r["n_folds_real"])})
+        real.update({**blank, "pairs": str(r["n_folds_real"])})
         ci = ("n/a" if pd.isna(r["ci_low"]) else f"[{100 * r['ci_low']:.2f}, {100 * r['ci_high']:.2f}]")
+        boot = ("n/a" if pd.isna(r["boot_ci_low"]) else f"[{100 * r['boot_ci_low']:.2f}, {100 * r['boot_ci_high']:.2f}]")
         diff = _num(100 * r["mean_difference"] if pd.notna(r["mean_difference"]) else np.nan, "+.2f")
-        aug.update({"val acc (chosen on)": _pct(r["val_accuracy"]),
-                    "Δ acc [95 % CI] (pp)": f"{diff} {ci}",
-                    "t": _num(r["t_statistic"], ".2f"), "p (paired t-test)": _num(r["p_value"], ".4f"),
-                    "folds": str(r["n_pairs"])})
+        aug.update({"val acc (chosen on)": f"{_pct(r['val_accuracy'])} (best of {r['n_settings_compared']})",
+                    "Δ acc [95 % t-CI] (pp)": f"{diff} {ci}", "p (fold t-test)": _num(r["p_value"], ".4f"),
+                    "Δ 95 % CI, bootstrap over images (pp)": boot, "p (bootstrap)": _num(r["boot_p"], ".4f"),
+                    "p Holm": _num(r["p_holm"], ".4f"), "pairs": str(r["n_pairs"])})
         rows += [real, aug]
     return pd.DataFrame(rows)
+
+
+def _selection_and_tests(t2: pd.DataFrame, cfg, n_test: int) -> tuple[str, list[str]]:
+    """What was selected on what, from how many candidates, and what each test does and does not account for."""
+    n_cand = sorted(set(int(v) for v in t2["n_settings_compared"])) if len(t2) else [0]
+    cand = " or ".join(str(v) for v in n_cand)
+    n_pairs = sorted(set(int(v) for v in t2["n_pairs"])) if len(t2) else [0]
+    lead = (f"**Selection.** For each classifier the augmented setting shown is the (adjective, ratio) with the highest "
+            f"mean **validation** accuracy over folds and repeats, chosen from {cand} candidates "
+            f"({len(cfg.generate.adjectives)} adjectives x {len(cfg.generate.ratios)} ratios). Validation images are "
+            f"each fold's held-out training fold; test images were never used for choosing. The same trained models give "
+            f"the validation and the test scores, so the chosen setting's validation accuracy is optimistic (the best of "
+            f"{cand} noisy scores); its test accuracy is not, but a gain that exists only for the winner among {cand} "
+            f"candidates is the kind of finding that does not replicate.")
+    items = [
+        f"**Fold t-test** (scipy `ttest_rel`, columns ci_low/ci_high/t_statistic/p_value): the {'/'.join(map(str, n_pairs))} "
+        f"(fold, repeat) pairs of test accuracy are treated as independent samples. It sees the variance of "
+        f"training (which folds trained, the seeds) but not the test set's own sampling variance: every fold is scored "
+        f"on the same {n_test} test images and the fold models share about three quarters of their training images, so "
+        f"its p-values are anti-conservative.",
+        f"**Paired bootstrap over test images** (boot_ci_low/boot_ci_high/boot_p, {cfg.report.bootstrap_samples:,} "
+        f"draws, seed {cfg.report.seed}): each draw resamples the {n_test} test images with replacement and takes the "
+        f"mean over (fold, repeat) pairs of the accuracy difference, augmented - real, on those images; 95 % percentile "
+        f"interval, two-sided p = min(1, 2 min(share <= 0, share >= 0)). It accounts for the test set's sampling "
+        f"variance, with the pairing (same images, same models); it holds the trained models fixed, so it does not "
+        f"account for training variance (seeds, fold composition) beyond averaging over the pairs.",
+        "**p Holm**: the bootstrap p-values Holm-adjusted over the classifiers of the table (a family of "
+        f"{len(t2)}). Neither test nor Holm's correction accounts for the selection among the candidates above: "
+        "the p-values compare the chosen setting as if it had been fixed in advance.",
+        f"**Common random numbers**: trials of one classifier, fold and repeat start from the same initial weights and "
+        f"data-order seed whatever the adjective or ratio, so a paired difference reflects the training data, not the "
+        f"luck of the initialisation. classify.repeats = {cfg.classify.repeats}"
+        + ("; rerun with repeats > 1 to confirm a finding with new seeds." if cfg.classify.repeats == 1 else "."),
+    ]
+    return lead, items
 
 
 # ---------------------------------------------------------------------------------------------
 # The stage
 # ---------------------------------------------------------------------------------------------
+def _stand_in_note(cfg) -> Optional[str]:
+    """A sentence for runs whose images or model stand in for the real ones (the demo)."""
+    from meddap.diffusion.base import TINY_MODEL
+
+    parts = []
+    if cfg.data.source == "phantom":
+        parts.append("phantom images instead of ultrasound scans")
+    if cfg.diffusion.base_model == TINY_MODEL:
+        parts.append("a tiny Stable Diffusion with random weights (diffusion.base_model=builtin:tiny) instead of SD-1.4")
+    if not parts:
+        return None
+    return (f"This run uses {' and '.join(parts)}: its numbers show that the pipeline works end to end; they say "
+            f"nothing about whether the method helps on real images.")
+
+
 def _optional(path: str) -> Optional[pd.DataFrame]:
     return storage.read_parquet(path) if storage.exists(path) else None
 
@@ -486,21 +543,32 @@ def run(cfg) -> dict:
     synth_eval = _optional(lay.summary("synthetic_eval"))
     synth = _optional(lay.synthetic_manifest)
     manifest = _optional(lay.manifest)
+    predictions = _optional(lay.summary("predictions"))
     rep = Report(run_dir)
     skipped: list[str] = []
+    boot = {"samples": cfg.report.bootstrap_samples, "seed": cfg.report.seed}
 
     # -- tables (Table 1 and 2 are the report's core: their errors stop it) ----------------------
-    t1 = table1(trials, fid)
-    t2 = table2(trials)
+    t1 = table1(trials, fid, dims=cfg.fid.dims)
+    t2 = table2(trials, predictions, **boot)
+    if t2.attrs.get("note"):
+        rep.note(t2.attrs["note"])
     best = best_settings(trials)
     try:
-        t3 = table3(trials)
+        t3 = table3(trials, predictions, **boot)
+        t3_full = table3(trials, predictions, **boot, full=True)
         if t3.attrs.get("note"):
             rep.note(t3.attrs["note"])
     except MeddapError as e:  # e.g. no real-only external rows: Tables 1-2 still stand
-        t3 = table3(trials.iloc[0:0])
+        t3 = t3_full = table3(trials.iloc[0:0])
         t3.attrs["note"] = f"Table 3 not computed: {e}"
         rep.note(t3.attrs["note"])
+    crn = crn_violations(trials)
+    if crn:
+        rep.note(f"{len(crn)} (classifier, fold, repeat) cell(s) hold trials trained from different seeds "
+                 f"({', '.join(crn[:3])}{' ...' if len(crn) > 3 else ''}): they come from a sweep before common random "
+                 f"numbers, so their paired differences carry the variance of different initial weights. Delete "
+                 f"those trials' folders under trials/ and rerun the sweep to train them alike.")
     f1a = None
     if synth_eval is None:
         rep.note("summary/synthetic_eval.parquet is absent: Figure 1(a) (real-only classifiers on the synthetic "
@@ -512,16 +580,22 @@ def run(cfg) -> dict:
     storage.write_parquet(t1, lay.summary("table1"))
     storage.write_parquet(t2, lay.summary("table2"))
     storage.write_parquet(t3, lay.summary("table3"))
+    storage.write_parquet(t3_full, lay.summary("table3_full"))
     storage.write_parquet(f1a if f1a is not None else pd.DataFrame(
         columns=["classifier", "adjective", "accuracy_mean", "accuracy_std", "n_folds", "n_images"]),
         lay.summary("fig1a"))
 
     # -- FID status ------------------------------------------------------------------------------
-    fid_all = fid[fid["class_name"] == "all"] if fid is not None else None
+    fid_rows = (fid[fid["dims"] == cfg.fid.dims] if fid is not None and "dims" in fid else fid)
+    fid_all = fid_rows[fid_rows["class_name"] == "all"] if fid is not None else None
     if fid is None:
         rep.note("summary/fid.parquet is absent: run `python -m meddap fid`; the FID columns are empty.")
     else:
-        bad = fid[fid["status"] != "ok"]
+        below = fid["status"].str.startswith("fid_not_computed")
+        if below.any():
+            rep.note(f"Per-class FID not computed for {int(below.sum())} of {len(fid)} rows: fewer images per class "
+                     f"than feature dimensions (the covariance would be singular); their KID is given.")
+        bad = fid[(fid["status"] != "ok") & ~below]
         for status in bad["status"].unique():
             rep.note(f"FID/KID missing for {int((bad['status'] == status).sum())} of {len(fid)} rows: {status}")
 
@@ -546,6 +620,17 @@ def run(cfg) -> dict:
     # -- the document ----------------------------------------------------------------------------
     n_folds = trials["fold"].nunique()
     rep.h(1, f"meddap report: {cfg.name}")
+    summary = answer(t2, None if t3.empty else t3, n_folds=n_folds,
+                     n_settings=len(cfg.generate.adjectives) * len(cfg.generate.ratios),
+                     synthetic_data_note=_stand_in_note(cfg))
+    rep.h(2, "Summary")
+    rep.p(f"**Question.** {summary.question}")
+    rep.p("**Answer**, per classifier: accuracy trained on real images only -> on real plus its best synthetic "
+          "setting (chosen on validation accuracy), and the difference:")
+    rep.items(summary.answers)
+    rep.p("**What the numbers mean, and what they do not.**")
+    rep.items(summary.meaning)
+    rep.h(2, "Details")
     rep.p(f"Run directory `{run_dir}`; classes {', '.join(cfg.data.classes)}; {n_folds} fold(s); "
           f"classifiers {', '.join(sorted(trials['classifier'].unique()))}; written "
           f"{_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}. Accuracies and other metrics are "
@@ -561,35 +646,65 @@ def run(cfg) -> dict:
     for rel, cap in heatmaps:
         rep.img(rel, cap)
     rep.h(2, "Table 2: real only vs best augmented setting (test set)")
-    rep.p("The augmented setting of each classifier is the (adjective, ratio) with the highest mean "
-          "**validation** accuracy over folds (column `selected_by` = val_accuracy), not the best test score. "
-          "Statistics on test accuracy, paired by fold: scipy `ttest_rel`, mean difference "
-          "(augmented - real, percentage points) with its 95 % t-interval.")
+    if not cfg.diffusion.lora.per_fold:
+        rep.p("**Warning: diffusion.lora.per_fold is false.** One adapter was fine-tuned on every training image, "
+              "validation folds included, so each fold's synthetic images derive from its own validation images: "
+              "validation accuracy (which chose the setting below) is optimistic for augmented trials, and the "
+              "comparison with the real-only baseline is not leakage-safe. Rerun with per_fold: true for "
+              "publishable numbers.")
+    test_rows = trials.loc[trials["eval_set"] == "test"]
+    n_test = int(test_rows["n_eval"].max()) if "n_eval" in test_rows and len(test_rows) else 0
+    lead, items = _selection_and_tests(t2, cfg, n_test)
+    rep.p(lead)
+    rep.items(items)
     rep.table(_fmt_compare(t2, ["accuracy", "sensitivity", "specificity", "precision", "f1"]))
     rep.h(2, "Table 3: robustness on the external set (Dataset B accuracy)")
     if t3.empty:
         rep.p("Not available: " + (t3.attrs.get("note") or "see notes"))
     else:
-        rep.p("Same chosen settings as Table 2 (validation accuracy on Dataset A); paired t-test over folds.")
+        n_used, n_excl = int(t3["n_used"].iloc[0]), int(t3["n_excluded"].iloc[0])
+        n_flag = int(manifest["a_overlap"].sum()) if manifest is not None and "a_overlap" in manifest else None
+        excluded = (f"{n_excl} Dataset B images that copy a Dataset A image (rotated, mirrored, rescaled or sharpened "
+                    f"copies included; manifest column `a_overlap`, pairs in data/audit.parquet) were left out "
+                    f"(data.external.exclude_overlap)" if n_excl else
+                    "no Dataset B image was left out" + (f" ({n_flag} copy a Dataset A image and are included: "
+                                                         f"data.external.exclude_overlap is false)" if n_flag else ""))
+        rep.p(f"Same chosen settings as Table 2 (validation accuracy on Dataset A); same tests, the bootstrap "
+              f"resampling the Dataset B images. n used = {n_used} images; {excluded}.")
         rep.table(_fmt_compare(t3, ["accuracy"]))
+        if n_excl and not t3_full.empty:
+            rep.h(3, "Table 3 on all of Dataset B (copies of Dataset A images included)")
+            rep.p(f"n = {int(t3_full['n_used'].iloc[0])} images. For comparison only: copies of training images "
+                  f"flatter the score.")
+            rep.table(_fmt_compare(t3_full, ["accuracy"]))
     rep.h(2, "FID, KID and memorisation")
     if fid_all is not None and len(fid_all):
-        features = fid_all["features"].astype(str) if "features" in fid_all.columns else ["inception"] * len(fid_all)
-        rep.p(f"Features: {_features_label(fid_all)}. An FID is a distance in one feature space: values from "
-              "different extractors (or dims) are different quantities and are never compared here.")
+        overall = fid[fid["class_name"] == "all"].sort_values(["dims", "fold", "adjective"], ascending=[False, True, True])
+        rep.p("Each synthetic set against its fold's real training images at equal N (the larger side subsampled "
+              "per class to the smaller's count, so both share one class mix), both read at the generation "
+              f"resolution ({cfg.generate_resolution} px) with one filter, in {cfg.classify.channels} as the "
+              "classifiers see them. `dims` labels the feature size; "
+              f"fid.dims = {cfg.fid.dims} is the one Table 1 shows.")
+        avail = overall["n_real_available"] if "n_real_available" in overall else overall["n_real"]
         rep.table(pd.DataFrame({
-            "fold": fid_all["fold"], "adjective": [_adj_label(a) for a in fid_all["adjective"]],
-            "FID": [_num(v) for v in fid_all["fid"]], "KID": [_num(v, ".4f") for v in fid_all["kid"]],
-            "features": list(features), "dims": fid_all["dims"], "real": fid_all["n_real"],
-            "synthetic": fid_all["n_synthetic"],
-            "status": [s if len(s) < 40 else s[:37] + "..." for s in fid_all["status"]]}))
-        if set(features) == {"inception"}:
-            rep.p("The paper's FID values (0.26 to 0.66) are far below what 2048-d Inception features give; they "
-                  "look like low-dimensional features (fid.dims 64/192/768). Compare FIDs only at equal dims and set "
-                  "sizes.")
+            "fold": overall["fold"], "adjective": [_adj_label(a) for a in overall["adjective"]],
+            "features": overall["features"] if "features" in overall else "inception",
+            "dims": overall["dims"], "FID": [_num(v) for v in overall["fid"]],
+            "KID": [_num(v, ".4f") for v in overall["kid"]],
+            "N (each side)": overall["n_real"], "real available": avail,
+            "synthetic available": overall.get("n_synthetic_available", overall["n_synthetic"]),
+            "status": [s if len(s) < 40 else s[:37] + "..." for s in overall["status"]]}))
+        rep.p(f"Features: {_features_label(overall)}. An FID is a distance in one feature space: values from "
+              "different extractors (or dims) are different quantities and are never compared here.")
+        features = set(overall["features"].astype(str)) if "features" in overall else {"inception"}
+        if features == {"inception"}:
+            rep.p("The paper's FID values (0.26 to 0.66) are far below what 2048-d Inception features give; they look "
+                  "like low-dimensional features (fid.extra_dims: [64] reports those beside, labelled dims 64).")
         else:
             rep.p("These are domain-feature FIDs (the practice of RadImageNet-based FID in medical imaging): they "
                   "cannot be set beside the paper's Inception FIDs.")
+        rep.p("Compare FIDs only at equal features, dims and N. With fewer images than dimensions the covariance "
+              "is singular and FID is biased upwards; per-class FID is then not computed.")
     if fid_fig:
         rep.img(fid_fig, "Overall FID and KID per adjective (mean over folds)")
     if mem is not None and len(mem):
@@ -599,10 +714,20 @@ def run(cfg) -> dict:
         rep.p(f"Memorisation: synthetic images closer to a real training image (same feature space) than "
               f"{cfg.fid.memorization_threshold} x the median real-real nearest-neighbour distance are flagged "
               f"as near copies ({int(mem['flagged'].sum())} of {len(mem)}).")
-        rep.table(pd.DataFrame({"fold": m["fold"], "adjective": [_adj_label(a) for a in m["adjective"]],
-                                "flagged / images": [f"{int(f)} / {int(n)}" for f, n in zip(m["flagged"], m["n"])],
-                                "median NN distance": [_num(v) for v in m["median_distance"]],
-                                "threshold": [_num(v) for v in m["threshold"]]}))
+        table = pd.DataFrame({"fold": m["fold"], "adjective": [_adj_label(a) for a in m["adjective"]],
+                              "flagged / images": [f"{int(f)} / {int(n)}" for f, n in zip(m["flagged"], m["n"])],
+                              "median NN distance": [_num(v) for v in m["median_distance"]],
+                              "threshold": [_num(v) for v in m["threshold"]]})
+        if "source_distance" in mem.columns and mem["source_distance"].notna().any():
+            # img2img: each image against the real image it started from (docs/controls.md)
+            src = (mem.assign(_s=mem["source_flagged"].fillna(False).astype(bool),
+                              _n=mem["source_distance"].notna())
+                   .groupby(["fold", "adjective"])[["_s", "_n"]].sum().reset_index())
+            table["near copies of own source / img2img images"] = [
+                f"{int(a)} / {int(b)}" for a, b in zip(src["_s"], src["_n"])]
+            rep.p("img2img images are also compared with their own source image, by the same threshold: many "
+                  "near copies mean generate.strength is too low for the images to differ from the real ones.")
+        rep.table(table)
         if synth is not None and manifest is not None:
             rel = _memorization_figure(mem, synth, manifest, cfg.report.contact_sheet_per_cell, run_dir, skipped)
             rep.img(rel, "The synthetic images closest to a real training image, beside it")
@@ -651,10 +776,12 @@ def run(cfg) -> dict:
     storage.write_text(lay.path("report.md"), rep.markdown())
     storage.write_text(lay.path("report.html"), rep.html())
     figures = [b[1] for b in rep.blocks if b[0] == "img"]
-    print(f"[report] {lay.path('report.md')} and report.html: {len(figures)} figures, {len(rep.notes)} notes, "
-          f"{len(skipped)} skipped items.")
+    logs.say(f"[report] {lay.path('report.md')} and report.html: {len(figures)} figures, {len(rep.notes)} notes, "
+             f"{len(skipped)} skipped items.")
+    for line in summary.console:
+        logs.say(f"[report] {line}")
     for n in rep.notes:
-        print(f"[report] note: {n}")
+        logs.say(f"[report] note: {n}")
     for s in skipped:
-        print(f"[report] skipped: {s}")
+        logs.say(f"[report] skipped: {s}")
     return {"figures": figures, "notes": list(rep.notes), "skipped": skipped}

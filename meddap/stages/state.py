@@ -7,12 +7,20 @@ so it works on s3:// too) holding:
     minus keys that only say *how* to run (workers, GPUs per trial, retries) and so cannot change
     what is computed;
   - `inputs`: sha256 of the run-dir files the stage read (manifest.parquet, adapter.json, ...);
+  - `outputs`: size and sha256 of every file the stage wrote (Ray's checkpoints excepted), so a file
+    cut short or corrupted after the stage finished (a crash, a full disk, a bad copy) is found;
   - `status` ("done"), `finished_at`, `seconds`, `meddap_version`.
+While a stage runs its record says "running"; a stage stopped by Ctrl-C or SIGTERM says
+"interrupted", one that raised says "failed" (with the error); either resumes on the next run.
 
 `check_stage` compares a record with the current config and files and says one of:
   - done:        record present, settings and inputs equal, key outputs present;
   - missing:     no record (or its key outputs were deleted): run it (stages resume on their own);
-  - invalidated: settings or inputs differ; `changed` lists them as "key: old -> new".
+  - invalidated: settings or inputs differ; `changed` lists them as "key: old -> new";
+  - damaged:     done, but recorded outputs are missing, of another size or (local run dirs) another
+                 sha256; `damaged` lists them. The pipeline removes them and resumes the stage, which
+                 remakes exactly those files (object stores get only the size check: a PUT lands whole
+                 or not at all, and hashing would download every image again on each run).
 The pipeline refuses to run over an invalidated stage unless told `--force STAGE`, so outputs made
 with different settings are never mixed.
 """
@@ -22,6 +30,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -39,7 +48,9 @@ __all__ = [
     "check_stage",
     "write_record",
     "write_started",
+    "write_stopped",
     "clear_stage",
+    "remove_damaged",
     "read_record",
     "downstream",
     "refuse_if_invalidated",
@@ -70,14 +81,16 @@ _SECTIONS: dict[str, tuple[str, ...]] = {
 # Keys that say how to run, not what to compute: changing them never invalidates finished work
 # (so a run started on a cluster can be finished on one GPU with local-2080ti's packing).
 _EXECUTION_ONLY = {
-    "diffusion.train.num_workers", "diffusion.train.use_gpu", "diffusion.train.max_failures",
+    "diffusion.train.num_workers", "diffusion.train.min_workers", "diffusion.train.use_gpu",
+    "diffusion.train.max_failures",
     "diffusion.train.gradient_checkpointing",
     # Precision is how the same computation runs on a device ("auto" already means fp16 on CUDA and
     # fp32 on CPU), so a run may continue on another machine with another precision setting.
     "diffusion.train.mixed_precision", "generate.precision", "classify.mixed_precision",
     "generate.batch_size", "generate.workers", "generate.num_gpus_per_worker", "generate.cpus_per_worker",
+    "generate.use_gpu",
     "classify.cpus_per_trial", "classify.gpus_per_trial", "classify.max_concurrent_trials",
-    "classify.max_failures", "classify.checkpoint_every", "classify.threads_per_trial",
+    "classify.max_failures", "classify.checkpoint_seconds", "classify.threads_per_trial",
     "fid.batch_size",
 }
 
@@ -85,12 +98,14 @@ _EXECUTION_ONLY = {
 @dataclass
 class StageStatus:
     stage: str
-    state: str  # "done" | "missing" | "invalidated"
+    state: str  # "done" | "missing" | "invalidated" | "damaged"
     changed: list[str] = field(default_factory=list)  # "key: old -> new" lines
     record: dict | None = None
+    damaged: list[str] = field(default_factory=list)  # "relative/path: why" lines
 
     def __str__(self) -> str:
         tail = ("; changed: " + "; ".join(self.changed)) if self.changed else ""
+        tail += ("; damaged: " + "; ".join(self.damaged)) if self.damaged else ""
         return f"{self.stage}: {self.state}{tail}"
 
 
@@ -115,8 +130,36 @@ def stage_settings(cfg, stage: str) -> dict[str, Any]:
     return {k: v for k, v in sorted(flat.items()) if k not in _EXECUTION_ONLY}
 
 
+_HASHES: dict[tuple[str, int, int], str] = {}  # (local path, size, mtime_ns) -> sha256, for this process
+
+
 def _sha256(path: str) -> str:
-    return hashlib.sha256(storage.read_bytes(path)).hexdigest()
+    """sha256 of a run-dir file; a local file unchanged since it was hashed (size and mtime) is not
+    read again: `run` checks every stage's record more than once, and a paper run holds GBs of PNGs."""
+    if storage.is_uri(path):
+        return storage.sha256(path)
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        _HASHES[key] = storage.sha256(path)
+    return _HASHES[key]
+
+
+# adapter.json fields that say when and how a training ran, not what the adapter is: a remade adapter
+# (resumed from its final checkpoint after its weights file was damaged) differs only in these.
+_ADAPTER_VOLATILE = ("finished_at", "resumed_from_step", "ray_run")
+
+
+def _input_sha256(path: str) -> str:
+    if path.endswith("adapter.json"):
+        try:
+            meta = json.loads(storage.read_text(path))
+        except (ValueError, UnicodeDecodeError):
+            return _sha256(path)
+        for k in _ADAPTER_VOLATILE:
+            meta.pop(k, None)
+        return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
+    return _sha256(path)
 
 
 def _adapter_folds(cfg) -> list[int]:
@@ -130,7 +173,10 @@ def stage_inputs(cfg, stage: str) -> dict[str, str]:
     if stage != "prepare":
         paths.append(lay.manifest)
     if stage == "generate":
-        paths += [storage.join(lay.adapter_dir(f), "adapter.json") for f in _adapter_folds(cfg)]
+        from meddap.diffusion.lora import LORA_WEIGHTS_NAME
+
+        for f in _adapter_folds(cfg):
+            paths += [storage.join(lay.adapter_dir(f), "adapter.json"), storage.join(lay.adapter_dir(f), LORA_WEIGHTS_NAME)]
     if stage in ("fid", "sweep", "report"):
         paths.append(lay.synthetic_manifest)
     if stage == "report":
@@ -138,7 +184,7 @@ def stage_inputs(cfg, stage: str) -> dict[str, str]:
     out = {}
     for p in paths:
         rel = p[len(str(cfg.run_dir)):].lstrip("/")
-        out[rel] = _sha256(p) if storage.exists(p) else "absent"
+        out[rel] = _input_sha256(p) if storage.exists(p) else "absent"
     return out
 
 
@@ -162,6 +208,46 @@ def stage_outputs(cfg, stage: str) -> list[str]:
     if stage in ("finetune", "sweep") and cfg.ray.storage_path is None:
         outputs.append(storage.join(lay.ray_storage, stage))
     return outputs
+
+
+def _rel(cfg, path: str) -> str:
+    return path[len(str(cfg.run_dir)):].lstrip("/").replace(os.sep, "/")
+
+
+def output_fingerprints(cfg, stage: str) -> dict[str, list]:
+    """{path relative to run_dir: [bytes, sha256]} of every file the stage wrote (not Ray's checkpoints).
+    On object stores sha256 is null: it would download every image again, and the size check suffices
+    there (a PUT lands whole or not at all)."""
+    skip = storage.join(RunLayout(cfg.run_dir).ray_storage, stage)
+    local = not storage.is_uri(cfg.run_dir)
+    out = {}
+    for top in stage_outputs(cfg, stage):
+        if top == skip:
+            continue
+        for path, size in sorted(storage.file_sizes(top).items()):
+            if os.path.basename(path).startswith(".tmp-"):
+                continue  # another writer's file in flight (storage.open_output), not an output
+            out[_rel(cfg, path)] = [size, _sha256(path) if local else None]
+    return out
+
+
+def _check_outputs(cfg, stage: str, recorded: dict[str, list]) -> list[str]:
+    """'path: why' for each recorded output that is gone, of another size, or (local) another hash."""
+    skip = storage.join(RunLayout(cfg.run_dir).ray_storage, stage)
+    sizes = {}
+    for top in stage_outputs(cfg, stage):
+        if top != skip:
+            sizes.update({_rel(cfg, p): n for p, n in storage.file_sizes(top).items()})
+    hash_too = not storage.is_uri(cfg.run_dir)
+    bad = []
+    for rel, (size, digest) in sorted(recorded.items()):
+        if rel not in sizes:
+            bad.append(f"{rel}: missing")
+        elif sizes[rel] != size:
+            bad.append(f"{rel}: {sizes[rel]} bytes, {size} when written")
+        elif hash_too and digest and _sha256(storage.join(cfg.run_dir, rel)) != digest:
+            bad.append(f"{rel}: content changed since it was written (sha256)")
+    return bad
 
 
 def _key_outputs(cfg, stage: str) -> list[str]:
@@ -212,6 +298,7 @@ def write_record(cfg, stage: str, seconds: float, extra: dict | None = None) -> 
         "meddap_version": __version__,
         "config": stage_settings(cfg, stage),
         "inputs": stage_inputs(cfg, stage),
+        "outputs": output_fingerprints(cfg, stage),
     }
     if extra:
         record.update(extra)
@@ -233,28 +320,74 @@ def _diff(old: dict, new: dict, what: str) -> list[str]:
 def check_stage(cfg, stage: str) -> StageStatus:
     """done / missing / invalidated for `stage` under `cfg` (see the module docstring).
 
-    A record with status "running" is a stage that started and did not finish: with the same
-    settings it is `missing` (the stage resumes from its partial outputs); with other settings it is
-    `invalidated`, because those partial outputs (checkpoints, images) belong to the old settings.
+    A record with status "running" (killed), "interrupted" or "failed" is a stage that started and did
+    not finish: with the same settings it is `missing` (the stage resumes from its partial outputs);
+    with other settings it is `invalidated` when it left outputs, because those partial outputs
+    (checkpoints, images) belong to the old settings, and `missing` when it left none.
     """
     record = read_record(cfg, stage)
     if record is None:
         return StageStatus(stage, "missing")
     changed = _diff(record.get("config", {}), stage_settings(cfg, stage), "")
     if record.get("status") != "done":
-        return StageStatus(stage, "invalidated" if changed else "missing", changed, record)
+        # Partial outputs of other settings must not be resumed; a stage that stopped before writing
+        # anything (refused at the door: a wrong path, a missing file) left nothing to mix.
+        left = bool(changed) and any(storage.file_sizes(p) for p in stage_outputs(cfg, stage))
+        return StageStatus(stage, "invalidated" if left else "missing", changed if left else [], record)
     changed += _diff(record.get("inputs", {}), stage_inputs(cfg, stage), "input ")
     if changed:
         return StageStatus(stage, "invalidated", changed, record)
     if not all(storage.exists(p) for p in _key_outputs(cfg, stage)):
         return StageStatus(stage, "missing", record=record)
+    damaged = _check_outputs(cfg, stage, record.get("outputs") or {})
+    if damaged:
+        return StageStatus(stage, "damaged", record=record, damaged=damaged)
     return StageStatus(stage, "done", record=record)
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def write_started(cfg, stage: str) -> None:
     """Mark `stage` as running with the current settings, so a crash leaves a record of them."""
     storage.write_text(RunLayout(cfg.run_dir).stage_record(stage), json.dumps(
-        {"stage": stage, "status": "running", "config": stage_settings(cfg, stage)}, indent=1, default=str))
+        {"stage": stage, "status": "running", "started_at": _now(), "config": stage_settings(cfg, stage)},
+        indent=1, default=str))
+
+
+def write_stopped(cfg, stage: str, status: str, error: str | None = None) -> None:
+    """Mark a running `stage` "interrupted" (Ctrl-C, SIGTERM) or "failed" (with `error`): its finished
+    work stays and the next run resumes it; the record says why it is not done."""
+    record = read_record(cfg, stage) or {"stage": stage, "config": stage_settings(cfg, stage)}
+    record.update({"status": status, "stopped_at": _now()})
+    if error:
+        record["error"] = error
+    storage.write_text(RunLayout(cfg.run_dir).stage_record(stage), json.dumps(record, indent=1, default=str))
+
+
+def _followups(stage: str, rel: str) -> list[str]:
+    """Completion markers that must go with a damaged file so the stage remakes it: an adapter's
+    adapter.json, a trial's trials.parquet part."""
+    parts = rel.split("/")
+    if stage == "finetune" and len(parts) == 3 and parts[0] == "adapters":
+        return [f"adapters/{parts[1]}/adapter.json"]
+    if stage == "sweep" and len(parts) == 3 and parts[0] == "trials":
+        return [f"trials/{parts[1]}/trials.parquet"]
+    return []
+
+
+def remove_damaged(cfg, status: StageStatus) -> list[str]:
+    """Delete the damaged outputs `status` lists (and what marks them complete); returns what went."""
+    gone = []
+    for line in status.damaged:
+        rel = line.split(": ", 1)[0]
+        for r in [rel, *_followups(status.stage, rel)]:
+            path = storage.join(cfg.run_dir, *r.split("/"))
+            if storage.exists(path):
+                storage.remove(path)
+                gone.append(r)
+    return gone
 
 
 def clear_stage(cfg, stage: str) -> list[str]:
@@ -277,9 +410,15 @@ def refuse_if_invalidated(cfg, statuses: Iterable[StageStatus], forced: Iterable
     redo = downstream(first.stage)
     lines = "\n".join(f"  - {c}" for c in first.changed[:20])
     more = f"\n  ... and {len(first.changed) - 20} more" if len(first.changed) > 20 else ""
+    from meddap.status import half_finished_note
+
+    half = half_finished_note(cfg, first)  # "" unless it was interrupted while running
     raise MeddapError(
         f"run_dir {cfg.run_dir} holds outputs of stage '{first.stage}' made with other settings or "
         f"inputs:\n{lines}{more}\n"
-        f"Mixing them with this run's would be wrong. Either redo it and the stages after it "
-        f"({', '.join(redo)}) with `--force {first.stage}` (their outputs are deleted first), or use a "
-        f"new run_dir (run_dir=...).")
+        + (f"{half}\nTo use the new settings instead, redo it and the stages after it ({', '.join(redo)}) with "
+           f"`--force {first.stage}` (their outputs are deleted first), or use a new run_dir (run_dir=...): "
+           f"mixing outputs of both settings would be wrong." if half else
+           f"Mixing them with this run's would be wrong. Either redo it and the stages after it "
+           f"({', '.join(redo)}) with `--force {first.stage}` (their outputs are deleted first), or use a "
+           f"new run_dir (run_dir=...)."))

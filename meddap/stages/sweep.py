@@ -1,7 +1,9 @@
 """sweep stage: the classifier grid on Ray Tune.
 
 Grid: classify.models x generate.adjectives x generate.ratios x folds, plus one real-only baseline
-(adjective None, ratio 0) per classifier and fold: M x F x (A x R + 1) trials (paper: 3 x 5 x 31 = 465).
+(adjective None, ratio 0) per classifier and fold: M x F x (A x R + 1) trials (paper: 3 x 5 x 31 = 465),
+times classify.repeats (each repeat with new seeds; all trials of one classifier, fold and repeat start
+from the same weights and data-order seed: common random numbers).
 
 How it runs
 - The driver reads the manifests, checks that every needed (fold, adjective) has enough synthetic
@@ -10,9 +12,11 @@ How it runs
   driver's node (Ray copies them once to any other node), so no trial decodes a file.
 - Each trial is a Tune function trainable around `meddap.classify.trial.train_trial`, with
   `classify.cpus_per_trial` CPUs and `classify.gpus_per_trial` GPU (fractions pack several trials on
-  one GPU), at most `classify.max_concurrent_trials` at once, retried `classify.max_failures` times.
-  Every `classify.checkpoint_every` epochs it reports a checkpoint (`ray.tune.report(..., checkpoint=)`),
-  so a retried trial continues from there (`ray.tune.get_checkpoint()`).
+  one GPU; `auto` = a quarter of a GPU when the cluster has or can add GPUs, see meddap.placement),
+  at most `classify.max_concurrent_trials` at once, retried `classify.max_failures` times.
+  Once `classify.checkpoint_seconds` have passed since its last checkpoint, a trial reports one at the
+  end of an epoch (`ray.tune.report(..., checkpoint=)`), so a retried trial continues from there
+  (`ray.tune.get_checkpoint()`).
 - Outputs, written by each trial as it finishes under `run_dir/trials/<trial_id>/`:
   `predictions.parquet`, `synthetic_eval.parquet` (real-only trials), `model.pt` (per
   classify.save_models), and LAST `trials.parquet`, the marker that the trial is done. The driver
@@ -20,10 +24,13 @@ How it runs
   `summary/synthetic_eval.parquet` (atomic rewrites) after every finished trial.
 
 Resume (our choice instead of Tuner.restore, which cannot follow a grid that changed): a new sweep
-skips every trial whose `trials.parquet` part exists and runs only the others in a fresh Tune
-experiment `<storage>/sweep/run-<time>/`; a trial with a checkpoint from an earlier experiment
-(`<storage>/sweep/*/<trial_id>/checkpoint_*/`) resumes from the latest one. Parts are keyed by
-trial_id and merged from scratch, so rows are never lost or duplicated.
+skips every trial whose `trials.parquet` part exists and was made from the same inputs (its
+`made_from` column: sha256 of the classifier settings, the real images and the synthetic images the
+trial uses), and runs only the others in a fresh Tune experiment `<storage>/sweep/run-<time>/`; a
+trial with a checkpoint made from the same inputs in an earlier experiment
+(`<storage>/sweep/*/<trial_id>/checkpoint_*/`) resumes from the latest one. Parts made from other
+inputs are removed and their trials run again. Parts are keyed by trial_id and merged from scratch,
+so rows are never lost or duplicated.
 """
 
 from __future__ import annotations
@@ -34,11 +41,12 @@ import signal
 import tempfile
 import threading
 import time
+import uuid
 from typing import Optional
 
 import pandas as pd
 
-from meddap import storage
+from meddap import logs, storage
 from meddap.config import Config
 from meddap.errors import MeddapError
 from meddap.layout import RunLayout
@@ -47,14 +55,15 @@ __all__ = ["run", "build_grid", "grid_size", "check_classifiers", "TRIAL_COLUMNS
 
 TRIAL_COLUMNS = ["trial_id", "classifier", "adjective", "ratio", "fold", "eval_set", "accuracy", "sensitivity",
                  "specificity", "precision", "f1", "n_real", "n_synthetic", "best_epoch", "train_seconds",
-                 "images_per_second", "n_eval", "confusion", "seed", "epochs", "resumed_from_epoch"]
+                 "images_per_second", "n_eval", "confusion", "seed", "epochs", "resumed_from_epoch", "repeat",
+                 "made_from"]
 _PARTS = ("trials", "predictions", "synthetic_eval")   # per-trial part files; "trials" is written last
 _STATE_FILE = "state.pt"
 _META_FILE = "meta.json"
 
 
 def _log(msg: str) -> None:
-    print(f"[sweep] {msg}", flush=True)
+    logs.say(f"[sweep] {msg}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,18 +74,20 @@ def build_grid(cfg: Config):
     from meddap.classify.data import TrialSpec
 
     specs = []
-    for fold in range(cfg.data.folds):
-        for model in cfg.classify.models:
-            specs.append(TrialSpec(model, fold))
-            for adjective in cfg.generate.adjectives:
-                for ratio in cfg.generate.ratios:
-                    specs.append(TrialSpec(model, fold, adjective, float(ratio)))
+    for repeat in range(cfg.classify.repeats):
+        for fold in range(cfg.data.folds):
+            for model in cfg.classify.models:
+                specs.append(TrialSpec(model, fold, repeat=repeat))
+                for adjective in cfg.generate.adjectives:
+                    for ratio in cfg.generate.ratios:
+                        specs.append(TrialSpec(model, fold, adjective, float(ratio), repeat=repeat))
     return specs
 
 
 def grid_size(cfg: Config) -> int:
     c = cfg
-    return len(c.classify.models) * c.data.folds * (len(c.generate.adjectives) * len(c.generate.ratios) + 1)
+    return (len(c.classify.models) * c.data.folds * (len(c.generate.adjectives) * len(c.generate.ratios) + 1)
+            * c.classify.repeats)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,7 +103,44 @@ def _done_trials(lay: RunLayout) -> set[str]:
             if p.replace("/", os.sep).endswith(marker)}
 
 
-def _trial_rows(result) -> pd.DataFrame:
+def _inputs_key(cfg: Config, manifest: pd.DataFrame) -> str:
+    """sha256 of what every trial shares: the classifier settings and the real images (ids, pixel
+    hashes, splits, folds, labels) it trains and is evaluated on."""
+    import hashlib
+
+    from meddap.stages.state import stage_settings
+
+    settings = {k: v for k, v in stage_settings(cfg, "sweep").items()
+                if k.startswith("classify.") or k in ("data.classes", "data.image_size")}
+    cols = [c for c in ("image_id", "sha256", "split", "fold", "label") if c in manifest.columns]
+    real = manifest[cols].astype(str).sort_values("image_id").to_csv(index=False)
+    return hashlib.sha256(json.dumps({"settings": settings, "real": real}, sort_keys=True,
+                                     default=str).encode()).hexdigest()
+
+
+def trial_made_from(cfg: Config, spec, manifest: pd.DataFrame, synthetic: Optional[pd.DataFrame],
+                    shared_key: str) -> str:
+    """sha256 of what one trial is made from: `shared_key` (_inputs_key), its grid cell and the
+    synthetic images it trains on (ids and generation specs, which hash the adapter's weights) or, for a
+    real-only trial, those of its fold it scores (Figure 1a). Kept with its outputs and checkpoints: a
+    finished trial or a checkpoint made from other inputs is never reused."""
+    import hashlib
+
+    from meddap.classify.data import select_training_rows
+
+    if synthetic is None:
+        used = pd.DataFrame(columns=["image_id", "spec"])
+    elif spec.real_only:
+        used = synthetic[synthetic["fold"].isin([spec.fold, -1])]
+    else:
+        _, used = select_training_rows(manifest, synthetic, spec, cfg.data.classes)
+    ident = used["spec"] if "spec" in used else used["path"]
+    rows = sorted(zip(used["image_id"].astype(str), ident.astype(str)))
+    blob = json.dumps({"shared": shared_key, "spec": spec.to_dict(), "synthetic": rows}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _trial_rows(result, made_from: str = "") -> pd.DataFrame:
     spec = result.spec
     rows = []
     for eval_set, m in result.metrics.items():
@@ -103,7 +151,8 @@ def _trial_rows(result) -> pd.DataFrame:
             "n_real": result.n_real, "n_synthetic": result.n_synthetic, "best_epoch": result.best_epoch,
             "train_seconds": float(result.train_seconds), "images_per_second": float(result.images_per_second),
             "n_eval": int(m["n"]), "confusion": json.dumps(m["confusion"]), "seed": result.seed,
-            "epochs": result.epochs, "resumed_from_epoch": result.resumed_from_epoch})
+            "epochs": result.epochs, "resumed_from_epoch": result.resumed_from_epoch, "repeat": int(spec.repeat),
+            "made_from": made_from})
     return _typed(pd.DataFrame(rows, columns=TRIAL_COLUMNS))
 
 
@@ -113,7 +162,7 @@ def _typed(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-def _write_trial_outputs(cfg: Config, result) -> None:
+def _write_trial_outputs(cfg: Config, result, made_from: str = "") -> None:
     """Parts of one finished trial; `trials.parquet` last, so its presence means complete."""
     import torch
 
@@ -122,9 +171,9 @@ def _write_trial_outputs(cfg: Config, result) -> None:
     storage.write_parquet(result.predictions, _part(lay, spec.trial_id, "predictions"))
     if spec.real_only:
         syn = pd.DataFrame([{"trial_id": spec.trial_id, "classifier": spec.classifier, "fold": spec.fold,
-                             "adjective": adjective, "accuracy": v["accuracy"], "n": v["n"]}
+                             "adjective": adjective, "accuracy": v["accuracy"], "n": v["n"], "repeat": spec.repeat}
                             for adjective, v in sorted(result.synthetic_eval.items())],
-                           columns=["trial_id", "classifier", "fold", "adjective", "accuracy", "n"])
+                           columns=["trial_id", "classifier", "fold", "adjective", "accuracy", "n", "repeat"])
         storage.write_parquet(syn, _part(lay, spec.trial_id, "synthetic_eval"))
     keep = cfg.classify.save_models
     if keep == "all" or (keep == "fold0" and spec.fold == 0):
@@ -132,7 +181,7 @@ def _write_trial_outputs(cfg: Config, result) -> None:
             torch.save({"state_dict": result.state_dict, "classifier": spec.classifier,
                         "classes": list(cfg.data.classes), "image_size": cfg.classify_image_size,
                         "trial_id": spec.trial_id, "best_epoch": result.best_epoch}, f)
-    storage.write_parquet(_trial_rows(result), _part(lay, spec.trial_id, "trials"))
+    storage.write_parquet(_trial_rows(result, made_from), _part(lay, spec.trial_id, "trials"))
 
 
 class _Summaries:
@@ -142,10 +191,18 @@ class _Summaries:
         self.lay = RunLayout(cfg.run_dir)
         self.frames: dict[str, dict[str, pd.DataFrame]] = {name: {} for name in _PARTS}
 
-    def add(self, trial_id: str) -> bool:
-        """Load a finished trial's parts; False when it has not finished (no trials part)."""
+    def add(self, trial_id: str, made_from: Optional[str] = None) -> bool:
+        """Load a finished trial's parts; False when it has not finished (no trials part) or, given
+        `made_from`, when its parts were made from other inputs."""
         if not storage.exists(_part(self.lay, trial_id, "trials")):
             return False
+        if made_from is not None:
+            try:
+                part = storage.read_parquet(_part(self.lay, trial_id, "trials"))
+            except (OSError, ValueError):  # cut short or corrupt: not finished
+                return False
+            if "made_from" not in part or not (part["made_from"] == made_from).all():
+                return False
         for name in _PARTS:
             path = _part(self.lay, trial_id, name)
             if storage.exists(path):
@@ -203,8 +260,9 @@ def _drop_checkpoints(root: str, trial_id: str) -> None:
                 fs.delete_dir(item.path)
 
 
-def _earlier_checkpoints(root: str) -> dict[str, str]:
-    """trial_id -> directory of its latest checkpoint (highest epoch) in any earlier experiment."""
+def _earlier_checkpoints(root: str, made_from: dict[str, str]) -> dict[str, str]:
+    """trial_id -> directory of its latest checkpoint (highest epoch) in any earlier experiment, among
+    checkpoints made from the trial's current inputs (`made_from`: trial_id -> key)."""
     best: dict[str, tuple[int, str]] = {}
     for path in storage.listdir(root, recursive=True):
         if not path.endswith("/" + _META_FILE) and not path.endswith(os.sep + _META_FILE):
@@ -217,7 +275,9 @@ def _earlier_checkpoints(root: str) -> dict[str, str]:
         if not storage.exists(storage.join(ckpt_dir, _STATE_FILE)):
             continue
         tid, epoch = meta.get("trial_id"), int(meta.get("epoch", -1))
-        if tid and epoch > best.get(tid, (-1, ""))[0]:
+        if tid not in made_from or meta.get("made_from") != made_from[tid]:
+            continue  # another grid's trial, or made from other images or settings
+        if epoch > best.get(tid, (-1, ""))[0]:
             best[tid] = (epoch, ckpt_dir)
     return {tid: d for tid, (_, d) in best.items()}
 
@@ -225,11 +285,18 @@ def _earlier_checkpoints(root: str) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------
 # The Tune trainable (runs in a Ray worker)
 # ---------------------------------------------------------------------------------------------
-def _load_state(checkpoint) -> dict:
+def _load_state(checkpoint, trial_id: str) -> Optional[dict]:
+    """The training state in `checkpoint` (tensors and plain data: weights_only), or None when it cannot
+    be read (cut short by a crash or a full disk): the trial then starts over rather than fail."""
     import torch
 
-    with checkpoint.as_directory() as d:
-        return torch.load(os.path.join(d, _STATE_FILE), map_location="cpu", weights_only=False)
+    try:
+        with checkpoint.as_directory() as d:
+            return torch.load(os.path.join(d, _STATE_FILE), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint means the same: start over
+        _log(f"{trial_id}: checkpoint {checkpoint.path} is unreadable ({type(e).__name__}: {e}); starting this "
+             f"trial from its first epoch")
+        return None
 
 
 def _trainable(config: dict, shared: dict) -> None:
@@ -239,24 +306,27 @@ def _trainable(config: dict, shared: dict) -> None:
 
     from meddap.classify.data import TrialSpec, trial_tensors
     from meddap.classify.trial import train_trial
+    from meddap.device import compute_device
 
     cfg = Config.from_dict(shared["cfg"])
     spec = TrialSpec.from_dict(config["trial"])
+    made_from = config["trial"].get("made_from", "")
     lay = RunLayout(cfg.run_dir)
     if storage.exists(_part(lay, spec.trial_id, "trials")):  # finished before a retry: nothing to redo
         tune.report({"done": 1})
         return
     c = cfg.classify
     torch.set_num_threads(c.threads_per_trial or max(1, int(c.cpus_per_trial)))
-    use_cuda = c.gpus_per_trial > 0 and torch.cuda.is_available()
-    device = torch.device("cuda" if use_cuda else "cpu")
+    # shared["gpus_per_trial"]: classify.gpus_per_trial resolved on the driver; > 0 means Ray gave this
+    # trial (a share of) a GPU. MEDDAP_DEVICE=cpu computes on the CPU anyway (tests).
+    device = compute_device(shared["gpus_per_trial"] > 0, "classifier trial")
 
     checkpoint = tune.get_checkpoint()  # a retry inside this sweep
     resume_from = config["trial"].get("resume_from")
     if checkpoint is None and resume_from:  # a checkpoint left by an earlier sweep
         fs, fs_path = storage.filesystem(resume_from)  # s3:// run dirs: the endpoint from AWS_ENDPOINT_URL
         checkpoint = tune.Checkpoint(fs_path, filesystem=fs)
-    state = _load_state(checkpoint) if checkpoint is not None else None
+    state = _load_state(checkpoint, spec.trial_id) if checkpoint is not None else None
 
     tensors = trial_tensors(shared["images"], spec, get=ray.get)
     fail_at = shared.get("fail_after_epoch", {}).get(spec.trial_id)
@@ -268,23 +338,61 @@ def _trainable(config: dict, shared: dict) -> None:
             with tempfile.TemporaryDirectory() as d:
                 torch.save(ckpt_state, os.path.join(d, _STATE_FILE))
                 with open(os.path.join(d, _META_FILE), "w") as f:
-                    json.dump({"trial_id": spec.trial_id, "epoch": epoch}, f)
+                    json.dump({"trial_id": spec.trial_id, "epoch": epoch, "made_from": made_from}, f)
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
         if fail_at is not None and epoch == fail_at:  # test hook: a node lost mid-trial
             raise RuntimeError(f"injected failure in {spec.trial_id} after epoch {epoch}")
 
     result = train_trial(spec, tensors, c, cfg.data.classes, device, checkpoint=state, report=report)
-    _write_trial_outputs(cfg, result)
+    _write_trial_outputs(cfg, result, made_from)
     tune.report({"done": 1, "val_accuracy": result.metrics["val"]["accuracy"],
                  "test_accuracy": result.metrics["test"]["accuracy"] if "test" in result.metrics else float("nan")})
 
 
-def _progress_callback(summaries: _Summaries, total: int, already: int, root: str):
+def _error_line(trial) -> str:
+    """The last line of a failed trial's error (its cause), or where Tune filed it."""
+    try:
+        err = trial.get_pickled_error() or trial.get_error()
+    except Exception:  # an unreadable error file must not stop the sweep's bookkeeping
+        err = None
+    lines = [ln for ln in str(err or "").strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else f"see {trial.error_file or trial.path}"
+
+
+class _TuneInterruptNoise:
+    """Drops Ray Tune's log lines about an interrupt: its `Tuner.restore(...)` advice is wrong for a
+    meddap user (rerunning the command resumes; trials are parts, not a Tune experiment), and its
+    "Could not fetch metrics" lines for trials that never started buried the resume line (~33 lines)."""
+
+    _NOISE = ("Tuner.restore(", "fetch metrics", "Stop signal received", "Wrote the latest version of all result")
+    _LOGGERS = ("ray.tune.tune", "ray.tune.analysis.experiment_analysis")
+
+    def filter(self, record) -> bool:
+        msg = record.getMessage()
+        return not any(n in msg for n in self._NOISE)
+
+    def __enter__(self):
+        import logging
+
+        for name in self._LOGGERS:
+            logging.getLogger(name).addFilter(self)
+        return self
+
+    def __exit__(self, *exc):
+        import logging
+
+        for name in self._LOGGERS:
+            logging.getLogger(name).removeFilter(self)
+
+
+def _progress_callback(summaries: _Summaries, total: int, already: int, root: str, max_failures: int):
     from ray.tune import Callback
+
+    from meddap.progress import Progress
 
     class _SweepProgress(Callback):
         def __init__(self):
-            self.t0 = time.perf_counter()
+            self.progress = Progress(total, "sweep", "trials", initial=already)
             self.failed: list[str] = []
             self.running: set[str] = set()
             self.interrupted = False
@@ -304,27 +412,27 @@ def _progress_callback(summaries: _Summaries, total: int, already: int, root: st
 
             signal.signal(signal.SIGINT, _interrupt)
 
-        def _line(self, what: str) -> None:
-            done = len(summaries.frames["trials"])
-            _log(f"{what} | trials {done}/{total} done ({done - already} this run), {len(self.running)} running, "
-                 f"{len(self.failed)} failed, {time.perf_counter() - self.t0:.0f}s | {summaries.best_line()}")
-
         def on_trial_start(self, iteration, trials, trial, **info):
             self.running.add(trial.config["trial"]["trial_id"])
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             tid = trial.config["trial"]["trial_id"]
             self.running.discard(tid)
-            if summaries.add(tid):
+            if summaries.add(tid, trial.config["trial"].get("made_from")):
                 summaries.write()
                 _drop_checkpoints(root, tid)
-                self._line(f"finished {tid}")
+                self.progress.update(1, f"{len(self.running)} running, {len(self.failed)} failed | "
+                                        f"{summaries.best_line()}")
+
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            _log(f"trial {trial.config['trial']['trial_id']} failed and is retried from its last checkpoint "
+                 f"(classify.max_failures={max_failures}): {_error_line(trial)}")
 
         def on_trial_error(self, iteration, trials, trial, **info):
             tid = trial.config["trial"]["trial_id"]
             self.running.discard(tid)
             self.failed.append(tid)
-            self._line(f"FAILED {tid}")
+            _log(f"FAILED {tid}: {_error_line(trial)}")
 
     return _SweepProgress()
 
@@ -363,63 +471,49 @@ def check_classifiers(cfg: Config, weights: bool = True) -> None:
             build_classifier(model, len(cfg.data.classes), "imagenet", cfg.classify.weights_dir)
 
 
-def run(cfg: Config, *, _fail_after_epoch: Optional[dict] = None) -> dict:
-    """Run every grid trial not finished yet; returns counts. `_fail_after_epoch` ({trial_id: epoch})
-    is a test hook that makes those trials fail right after that epoch's checkpoint."""
-    from meddap.classify.data import load_sweep_images
-    from meddap.classify.models import build_classifier
+def resolve_gpus(cfg: Config) -> float:
+    """classify.gpus_per_trial for the cluster this process is connected to (meddap.placement)."""
+    from meddap.config import AUTO_GPUS_PER_TRIAL
+    from meddap.placement import gpu_outlook, resolve_gpus_per_trial
 
-    check_classifiers(cfg, weights=False)
+    outlook = gpu_outlook(cfg)
+    gpus = resolve_gpus_per_trial(cfg.classify.gpus_per_trial, outlook, AUTO_GPUS_PER_TRIAL)
+    _log(f"classify.gpus_per_trial={cfg.classify.gpus_per_trial}: each trial asks for "
+         f"{f'{gpus:g} GPU' if gpus else 'CPUs only'} ({outlook})")
+    return gpus
 
-    lay = RunLayout(cfg.run_dir)
-    specs = build_grid(cfg)
-    total = len(specs)
-    summaries = _Summaries(cfg)
-    done = {s.trial_id for s in specs if s.trial_id in _done_trials(lay)}
-    for tid in sorted(done):
-        summaries.add(tid)
-    summaries.write()  # a sweep killed between a trial's parts and the merge loses nothing
-    todo = [s for s in specs if s.trial_id not in done]
-    _log(f"grid {total} trials ({len(cfg.classify.models)} classifiers x {len(cfg.generate.adjectives)} adjectives "
-         f"x {len(cfg.generate.ratios)} ratios x {cfg.data.folds} folds + baselines); {len(done)} already done, "
-         f"{len(todo)} to run")
-    if not todo:
-        return {"total": total, "done": len(done), "ran": 0, "failed": 0}
 
-    manifest, synthetic = _read_inputs(cfg)
-    if cfg.classify.pretrained == "imagenet":
-        # Missing weights would otherwise fail every trial inside Ray, the reason buried in its logs.
-        for model in sorted({s.classifier for s in todo}):
-            build_classifier(model, len(cfg.data.classes), "imagenet", cfg.classify.weights_dir)
-    todo_folds = {s.fold for s in todo}
-    # Real-only trials also score every adjective's synthetic set of their fold (Figure 1a): decode
-    # the pools of every fold with pending work.
-    images = load_sweep_images(manifest, synthetic, [s for s in specs if s.fold in todo_folds],
-                               cfg.data.classes, cfg.classify_image_size)
-    _log(f"decoded images: {images.nbytes() / 2**20:.1f} MiB as uint8, shared through Ray's object store")
+_LOST = ("ActorDiedError", "NodeDiedError", "ActorUnavailableError", "node has died", "node was terminated",
+         "WorkerCrashedError", "OwnerDiedError")
 
-    import ray
+
+def _lost_with_its_node(error: Optional[str]) -> bool:
+    """True for a trial that failed because its worker process or node went away (or with no error
+    recorded, as Tune leaves a trial that died while being placed), not because its code raised."""
+    return not error or any(k in error for k in _LOST)
+
+
+def _tune_round(cfg: Config, specs: list, keys: dict, images, summaries: "_Summaries", total: int, already: int,
+                root: str, gpus: float, fail_after_epoch: Optional[dict]):
+    """One Tune experiment over `specs`; returns (progress callback, experiment name, {trial_id: error})."""
     from ray import tune
 
-    from meddap.raytools import ensure_ray, keep_sigint_handler
+    from meddap.raytools import keep_sigint_handler
 
-    ensure_ray(cfg)
-    images.real_images = ray.put(images.real_images)
-    images.synthetic_images = {k: ray.put(v) for k, v in images.synthetic_images.items()}
-
-    root = _tune_root(cfg)
-    earlier = _earlier_checkpoints(root)
-    resumed = [s.trial_id for s in todo if s.trial_id in earlier]
+    earlier = _earlier_checkpoints(root, {s.trial_id: keys[s.trial_id] for s in specs})
+    resumed = [s.trial_id for s in specs if s.trial_id in earlier]
     if resumed:
         _log(f"{len(resumed)} unfinished trials resume from their checkpoints: {', '.join(resumed[:5])}"
              f"{' ...' if len(resumed) > 5 else ''}")
-    param_space = {"trial": tune.grid_search([{**s.to_dict(), "resume_from": earlier.get(s.trial_id)} for s in todo])}
-    shared = {"cfg": cfg.to_dict(), "images": images, "fail_after_epoch": dict(_fail_after_epoch or {})}
+    param_space = {"trial": tune.grid_search([{**s.to_dict(), "resume_from": earlier.get(s.trial_id),
+                                               "made_from": keys[s.trial_id]} for s in specs])}
+    shared = {"cfg": cfg.to_dict(), "images": images, "fail_after_epoch": dict(fail_after_epoch or {}),
+              "gpus_per_trial": gpus}
     c = cfg.classify
     trainable = tune.with_resources(tune.with_parameters(_trainable, shared=shared),
-                                    {"cpu": c.cpus_per_trial, "gpu": c.gpus_per_trial})
-    name = time.strftime("run-%Y%m%d-%H%M%S", time.gmtime()) + f"-{os.getpid()}"
-    progress = _progress_callback(summaries, total, len(done), root)
+                                    {"cpu": c.cpus_per_trial, "gpu": gpus})
+    name = time.strftime("run-%Y%m%d-%H%M%S", time.gmtime()) + f"-{os.getpid()}-{uuid.uuid4().hex[:4]}"
+    progress = _progress_callback(summaries, total, already, root, c.max_failures)
     # Checkpoints every few epochs force experiment snapshots; Tune's warning about that is noise here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     fs, fs_path = storage.filesystem(root)  # the same filesystem (and S3 endpoint) as meddap.storage
@@ -439,28 +533,106 @@ def run(cfg: Config, *, _fail_after_epoch: Optional[dict] = None) -> dict:
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         ),
     )
-    with keep_sigint_handler():  # Tune leaves its handler installed after fit()
+    with keep_sigint_handler(), _TuneInterruptNoise():  # Tune leaves its handler installed after fit()
         grid = tuner.fit()
     errors = {}
     for r in grid:
         if r.error is not None:
             lines = [ln for ln in str(r.error).strip().splitlines() if ln.strip()]
             errors[r.config["trial"]["trial_id"]] = lines[-1] if lines else type(r.error).__name__
+    return progress, name, errors
 
-    # Trials that finished in a worker whose completion the driver missed are still picked up here.
-    for s in todo:
-        if summaries.add(s.trial_id):
-            _drop_checkpoints(root, s.trial_id)
-    summaries.write()
-    finished = set(summaries.frames["trials"])
-    failed = [s.trial_id for s in todo if s.trial_id not in finished]
+
+def run(cfg: Config, *, _fail_after_epoch: Optional[dict] = None) -> dict:
+    """Run every grid trial not finished yet; returns counts. `_fail_after_epoch` ({trial_id: epoch})
+    is a test hook that makes those trials fail right after that epoch's checkpoint."""
+    from meddap.classify.data import load_sweep_images
+    from meddap.classify.models import build_classifier
+
+    check_classifiers(cfg, weights=False)
+
+    lay = RunLayout(cfg.run_dir)
+    specs = build_grid(cfg)
+    total = len(specs)
+    manifest, synthetic = _read_inputs(cfg)
+    shared_key = _inputs_key(cfg, manifest)
+    keys = {s.trial_id: trial_made_from(cfg, s, manifest, synthetic, shared_key) for s in specs}
+    summaries = _Summaries(cfg)
+    on_disk = _done_trials(lay)
+    done = {s.trial_id for s in specs if s.trial_id in on_disk and summaries.add(s.trial_id, keys[s.trial_id])}
+    stale = sorted(on_disk & set(keys) - done)
+    if stale:
+        # Finished with other inputs (prepare or generate ran again with other data or seeds, or parts
+        # were copied from another run): their rows would describe other models.
+        _log(f"{len(stale)} finished trial(s) were made from other images or settings: removed, running them "
+             f"again: {', '.join(stale[:5])}{' ...' if len(stale) > 5 else ''}")
+        for tid in stale:
+            storage.remove(lay.path("trials", tid))
+    summaries.write()  # a sweep killed between a trial's parts and the merge loses nothing
+    todo = [s for s in specs if s.trial_id not in done]
+    repeats = f" x {cfg.classify.repeats} repeats" if cfg.classify.repeats > 1 else ""
+    _log(f"grid {total} trials ({len(cfg.classify.models)} classifiers x {len(cfg.generate.adjectives)} adjectives "
+         f"x {len(cfg.generate.ratios)} ratios x {cfg.data.folds} folds + baselines{repeats}); {len(done)} already "
+         f"done, {len(todo)} to run")
+    if not todo:
+        return {"total": total, "done": len(done), "ran": 0, "failed": 0}
+
+    if cfg.classify.pretrained == "imagenet":
+        # Missing weights would otherwise fail every trial inside Ray, the reason buried in its logs.
+        for model in sorted({s.classifier for s in todo}):
+            build_classifier(model, len(cfg.data.classes), "imagenet", cfg.classify.weights_dir)
+    todo_folds = {s.fold for s in todo}
+    # Real-only trials also score every adjective's synthetic set of their fold (Figure 1a): decode
+    # the pools of every fold with pending work.
+    images = load_sweep_images(manifest, synthetic, [s for s in specs if s.fold in todo_folds],
+                               cfg.data.classes, cfg.classify_image_size, channels=cfg.classify.channels,
+                               exclude_overlap=cfg.data.external.exclude_overlap)
+    n_excluded = int((images.real_rows["eval_set"] == "external_overlap").sum())
+    if n_excluded:
+        _log(f"{n_excluded} Dataset B images copy a Dataset A image (manifest a_overlap): scored apart as "
+             f"'external_overlap', left out of 'external' (data.external.exclude_overlap=true)")
+
+    import ray
+
+    from meddap.raytools import ensure_ray
+
+    ensure_ray(cfg)
+    gpus = resolve_gpus(cfg)
+    images.real_images = ray.put(images.real_images)
+    images.synthetic_images = {k: ray.put(v) for k, v in images.synthetic_images.items()}
+
+    root = _tune_root(cfg)
+    c = cfg.classify
+    pending, errors, rounds = list(todo), {}, 1 + c.max_failures
+    for round_no in range(1, rounds + 1):
+        progress, name, round_errors = _tune_round(cfg, pending, keys, images, summaries, total,
+                                                   len(summaries.frames["trials"]), root, gpus, _fail_after_epoch)
+        errors.update(round_errors)
+        # Trials that finished in a worker whose completion the driver missed are still picked up here.
+        for s in pending:
+            if summaries.add(s.trial_id, keys[s.trial_id]):
+                _drop_checkpoints(root, s.trial_id)
+        summaries.write()
+        finished = set(summaries.frames["trials"])
+        pending = [s for s in pending if s.trial_id not in finished]
+        if not pending or progress.interrupted or round_no == rounds:
+            break
+        lost = [s.trial_id for s in pending if _lost_with_its_node(errors.get(s.trial_id))]
+        if len(lost) < len(pending):
+            break  # a trial failed on its own (its code raised): another round would fail the same way
+        # Tune retries a failed RUNNING trial itself, but not one whose worker or node was lost while it
+        # was being placed (PENDING); a lost node must not fail the sweep while the cluster has others.
+        _log(f"{len(lost)} trial(s) lost their worker or node ({', '.join(lost[:5])}{' ...' if len(lost) > 5 else ''}); "
+             f"running them again from their checkpoints (round {round_no + 1} of at most {rounds}, "
+             f"classify.max_failures={c.max_failures})")
+    failed = [s.trial_id for s in pending]
     _log(f"{len(finished)}/{total} trials done; {summaries.best_line()}; summaries in {lay.summary('trials')}")
     if failed and progress.interrupted:
         raise KeyboardInterrupt  # Ctrl-C: the CLI says so (exit 130); the unfinished trials did not fail
     if failed:
         raise MeddapError(
             f"{len(failed)} of {total} trials did not finish ({', '.join(failed[:5])}{' ...' if len(failed) > 5 else ''}); "
-            f"first error: {next((errors[t] for t in failed if t in errors), 'unknown')}; full errors in "
+            f"first error: {next((errors[t] for t in failed if errors.get(t)), 'unknown')}; full errors in "
             f"{storage.join(root, name)}. Finished trials are kept: rerun `python -m meddap sweep` "
             f"to run the missing ones (each resumes from its last checkpoint).")
     return {"total": total, "done": len(finished), "ran": len(todo), "failed": 0}

@@ -30,9 +30,12 @@ def _shape_image(label: int, rng: np.random.Generator, size: int, shift: int = 0
 
 def write_tiny_run(root: Path, *, folds: int = 2, train_per_class: int = 8, test_per_class: int = 3,
                    external_per_class: int = 3, adjectives=("", "dark"), max_ratio: float = 1.0,
-                   shared_adapter: bool = False, size: int = 40, seed: int = 0) -> dict:
+                   shared_adapter: bool = False, size: int = 40, seed: int = 0, overlap_external: int = 0,
+                   colour_synthetic: bool = False) -> dict:
     """Write <root>/images/*.png, <root>/run/data/manifest.parquet and
-    <root>/run/synthetic/manifest.parquet; returns {"run_dir", "manifest", "synthetic"}."""
+    <root>/run/synthetic/manifest.parquet; returns {"run_dir", "manifest", "synthetic"}. The first
+    `overlap_external` Dataset B images are marked a_overlap (copies of A images, as prepare flags them);
+    `colour_synthetic` tints synthetic images red (grey content otherwise, as real ones)."""
     rng = np.random.default_rng(seed)
     img_dir = root / "images"
     img_dir.mkdir(parents=True, exist_ok=True)
@@ -43,7 +46,8 @@ def write_tiny_run(root: Path, *, folds: int = 2, train_per_class: int = 8, test
         path = img_dir / f"{image_id}.png"
         Image.fromarray(_shape_image(label, rng, size)).save(path)
         rows.append(dict(image_id=image_id, path=str(path), dataset=dataset, class_name=CLASSES[label], label=label,
-                         split=split, fold=fold, group_id=image_id, sha256="", width=size, height=size))
+                         split=split, fold=fold, group_id=image_id, sha256="", width=size, height=size,
+                         a_overlap=dataset == "B" and i < overlap_external))
 
     for label in range(3):
         for i in range(train_per_class):
@@ -71,7 +75,10 @@ def write_tiny_run(root: Path, *, folds: int = 2, train_per_class: int = 8, test
                     image_id = f"syn-f{fold}-{adjective or 'none'}-{CLASSES[label]}-{index}"
                     path = syn_dir / f"{image_id}.png"
                     path.parent.mkdir(parents=True, exist_ok=True)
-                    Image.fromarray(_shape_image(label, rng, size, shift=30 if adjective == "dark" else 0)).save(path)
+                    grey = _shape_image(label, rng, size, shift=30 if adjective == "dark" else 0)
+                    if colour_synthetic:  # red tint: R kept, G and B dimmed
+                        grey = np.stack([grey, grey // 2, grey // 3], axis=-1)
+                    Image.fromarray(grey).save(path)
                     syn.append(dict(image_id=image_id, path=str(path), fold=fold, adjective=adjective,
                                     class_name=CLASSES[label], label=label, index=index, seed=index, prompt="",
                                     adapter="all" if fold < 0 else f"fold-{fold}", steps=1, guidance=1.0,
@@ -86,7 +93,7 @@ def tiny_overrides(run_dir: str, **extra) -> list[str]:
         "run_dir": run_dir, "data.folds": 2, "data.image_size": 32, "data.classes": "[benign, malignant, normal]",
         "generate.adjectives": '["", dark]', "generate.ratios": "[0.5, 1.0]",
         "classify.models": "[squeezenet1_1]", "classify.pretrained": "none", "classify.epochs": 2,
-        "classify.batch_size": 8, "classify.checkpoint_every": 1, "classify.cpus_per_trial": 1,
+        "classify.batch_size": 8, "classify.checkpoint_seconds": 0, "classify.cpus_per_trial": 1,
         "classify.threads_per_trial": 1, "classify.max_failures": 0, "classify.save_models": "fold0", "classify.max_concurrent_trials": 1,
     }
     base.update(extra)

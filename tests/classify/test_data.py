@@ -117,3 +117,49 @@ def test_a_missing_image_names_the_file_and_the_stage_that_remakes_it(tmp_path):
     os.remove(man[man.split == "test"].path.iloc[0])
     with pytest.raises(MeddapError, match="data manifest: put it back, or rerun `python -m meddap prepare`"):
         load_sweep_images(man, syn, spec, CLASSES, 16)
+
+
+def test_rgb_channels_keep_synthetic_colour_and_replicate_grey_real(tmp_path):
+    """classify.channels=rgb: red-tinted synthetic images reach the trial in colour, real grey-content images
+    are stored once as one channel and replicated to three; 'grey' keeps one channel throughout."""
+    from meddap.data.decode import read_grey, read_rgb
+
+    run = write_tiny_run(tmp_path, train_per_class=2, test_per_class=1, external_per_class=1, adjectives=("dark",),
+                         size=16, colour_synthetic=True)
+    spec = TrialSpec("squeezenet1_1", 0, "dark", 1.0)
+    rgb = load_sweep_images(run["manifest"], run["synthetic"], [spec], CLASSES, 16, channels="rgb")
+    assert rgb.real_images.shape[1] == 1                                    # grey content: one channel kept
+    assert next(iter(rgb.synthetic_images.values())).shape[1:] == (3, 16, 16)
+    t = trial_tensors(rgb, spec)
+    assert t.train_images.shape[1:] == (3, 16, 16) and t.evals["test"].images.shape[1] == 1
+    ids = dict(zip(run["synthetic"].image_id, run["synthetic"].path)) | dict(zip(run["manifest"].image_id,
+                                                                                 run["manifest"].path))
+    syn_i = t.n_real                                                         # first synthetic image
+    np.testing.assert_array_equal(t.train_images[syn_i].permute(1, 2, 0).numpy(),
+                                  read_rgb(ids[t.train_image_ids[syn_i]], 16))
+    assert not torch.equal(t.train_images[syn_i, 0], t.train_images[syn_i, 1])   # colour survived
+    real0 = t.train_images[0]
+    assert torch.equal(real0[0], real0[1]) and torch.equal(real0[0], real0[2])
+    np.testing.assert_array_equal(real0[0].numpy(), read_grey(ids[t.train_image_ids[0]], 16))
+    assert model_input(t.train_images[:4]).shape == (4, 3, 16, 16)
+    grey = trial_tensors(load_sweep_images(run["manifest"], run["synthetic"], [spec], CLASSES, 16), spec)
+    assert grey.train_images.shape[1] == 1
+    np.testing.assert_array_equal(grey.train_images[syn_i, 0].numpy(), read_grey(ids[t.train_image_ids[syn_i]], 16))
+    with pytest.raises(MeddapError, match="classify.channels"):
+        load_sweep_images(run["manifest"], run["synthetic"], [spec], CLASSES, 16, channels="rgba")
+
+
+def test_external_copies_of_a_are_scored_apart_when_excluded(tmp_path):
+    run = write_tiny_run(tmp_path, train_per_class=2, test_per_class=1, external_per_class=3, adjectives=("dark",),
+                         size=16, overlap_external=1)
+    spec = TrialSpec("squeezenet1_1", 0)
+    man = run["manifest"]
+    kept = trial_tensors(load_sweep_images(man, run["synthetic"], [spec], CLASSES, 16, exclude_overlap=True), spec)
+    flagged = set(man.loc[man.a_overlap, "image_id"])
+    assert len(flagged) == 2                                                 # one per B class
+    assert set(kept.evals["external_overlap"].image_ids) == flagged
+    assert not flagged & set(kept.evals["external"].image_ids) and len(kept.evals["external"].image_ids) == 4
+    every = trial_tensors(load_sweep_images(man, run["synthetic"], [spec], CLASSES, 16, exclude_overlap=False), spec)
+    assert "external_overlap" not in every.evals and len(every.evals["external"].image_ids) == 6
+    with pytest.raises(MeddapError, match="no a_overlap column.*Rerun `python -m meddap prepare`"):
+        load_sweep_images(man.drop(columns="a_overlap"), run["synthetic"], [spec], CLASSES, 16, exclude_overlap=True)

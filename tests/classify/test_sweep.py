@@ -33,6 +33,22 @@ def test_demo_grid_matches_its_config():
         len(c.generate.adjectives) * len(c.generate.ratios) + 1)
 
 
+def test_repeats_multiply_the_grid_with_new_ids_and_seeds():
+    from meddap.classify.trial import trial_seed
+
+    one, two = load_config("paper"), load_config("paper", ["classify.repeats=2"])
+    specs = sweep.build_grid(two)
+    assert len(specs) == sweep.grid_size(two) == 2 * 465 and len({s.trial_id for s in specs}) == 930
+    first = [s.trial_id for s in specs if s.repeat == 0]
+    assert first == [s.trial_id for s in sweep.build_grid(one)]      # repeat 0 keeps its ids
+    assert "resnet34__dark__r2__f4__rep1" in {s.trial_id for s in specs}
+    seeds = {(s.classifier, s.fold, s.repeat): set() for s in specs}
+    for s in specs:
+        seeds[(s.classifier, s.fold, s.repeat)].add(trial_seed(two.classify.seed, s))
+    assert all(len(v) == 1 for v in seeds.values())                  # one seed per (classifier, fold, repeat)
+    assert len({next(iter(v)) for v in seeds.values()}) == len(seeds)   # and a new one for each
+
+
 def test_unknown_classifier_fails_before_work(tmp_path):
     cfg = load_config("demo", tiny_overrides(str(tmp_path / "run"), **{"classify.models": "[resnet34, densenet12]"}))
     with pytest.raises(MeddapError) as e:
@@ -70,7 +86,7 @@ def test_missing_imagenet_weights_fail_before_ray(tmp_path):
 def test_tune_sweep_interrupted_then_resumed(tmp_path, ray_session):
     torch.set_num_threads(1)
     run = write_tiny_run(tmp_path, train_per_class=6, test_per_class=2, external_per_class=2,
-                         adjectives=("dark",), size=36)
+                         adjectives=("dark",), size=36, overlap_external=1)
     cfg = load_config("demo", tiny_overrides(run["run_dir"], **{"generate.adjectives": "[dark]",
                                                                 "generate.ratios": "[1.0]"}))
     lay = RunLayout(cfg.run_dir)
@@ -90,8 +106,12 @@ def test_tune_sweep_interrupted_then_resumed(tmp_path, ray_session):
     out = sweep.run(cfg)
     assert out == {"total": 4, "done": 4, "ran": 1, "failed": 0}
     trials = storage.read_parquet(lay.summary("trials"))
-    assert len(trials) == 4 * 3 and not trials.duplicated(["trial_id", "eval_set"]).any()
-    assert set(trials.eval_set) == {"val", "test", "external"}
+    assert len(trials) == 4 * 4 and not trials.duplicated(["trial_id", "eval_set"]).any()
+    # Dataset B copies of A images (a_overlap) are scored apart, out of "external" (exclude_overlap)
+    assert set(trials.eval_set) == {"val", "test", "external", "external_overlap"}
+    assert (trials.loc[trials.eval_set == "external", "n_eval"] == 2).all()
+    assert (trials.loc[trials.eval_set == "external_overlap", "n_eval"] == 2).all()
+    assert (trials["repeat"] == 0).all() and trials.groupby("fold")["seed"].nunique().eq(1).all()  # CRN
     assert list(trials.columns[:16]) == sweep.TRIAL_COLUMNS[:16]
     assert trials.set_index(["trial_id", "eval_set"]).loc[victim, "resumed_from_epoch"].eq(1).all()
     pd.testing.assert_frame_equal(trials[trials.trial_id != victim].reset_index(drop=True),
@@ -122,7 +142,7 @@ def test_tune_sweep_interrupted_then_resumed(tmp_path, ray_session):
     # Best-epoch weights of fold 0 only (classify.save_models=fold0), loadable as the contract says.
     saved = {s.trial_id for s in specs if os.path.exists(lay.path("trials", s.trial_id, "model.pt"))}
     assert saved == {s.trial_id for s in specs if s.fold == 0}
-    blob = torch.load(lay.path("trials", "squeezenet1_1__real__r0__f0", "model.pt"), weights_only=False)
+    blob = torch.load(lay.path("trials", "squeezenet1_1__real__r0__f0", "model.pt"), weights_only=True)
     assert blob["classifier"] == "squeezenet1_1" and blob["classes"] == CLASSES and blob["image_size"] == 32
     from meddap.classify.models import build_classifier
     build_classifier("squeezenet1_1", 3).load_state_dict(blob["state_dict"])
@@ -182,3 +202,37 @@ def test_ctrl_c_during_the_sweep_is_an_interrupt_not_failed_trials(tmp_path, ray
     with pytest.raises(MeddapError, match="4 of 4 trials did not finish"):
         sweep.run(cfg)
     assert signal.getsignal(signal.SIGINT) is before  # Tune's handler is not left behind
+
+
+def test_trials_are_keyed_by_what_they_were_made_from(tmp_path):
+    """A finished trial's part carries `made_from`: a rerun with other real images, other synthetic
+    images or other classifier settings does not take it as done (the sweep then removes and reruns it)."""
+    run = write_tiny_run(tmp_path, train_per_class=4, test_per_class=1, external_per_class=1, size=24,
+                         adjectives=("dark",))
+    cfg = load_config("demo", tiny_overrides(run["run_dir"], **{"generate.adjectives": "[dark]",
+                                                                "generate.ratios": "[1.0]"}))
+    manifest, synthetic = run["manifest"], run["synthetic"].assign(spec="s")
+    specs = {s.trial_id: s for s in sweep.build_grid(cfg)}
+    syn, real = specs["squeezenet1_1__dark__r1__f0"], specs["squeezenet1_1__real__r0__f0"]
+
+    def key(c=cfg, m=manifest, s=synthetic, spec=syn):
+        return sweep.trial_made_from(c, spec, m, s, sweep._inputs_key(c, m))
+
+    base = key()
+    assert key() == base and key(spec=real) != base
+    other_syn = synthetic.copy()
+    other_syn.loc[other_syn.index[0], "spec"] = "regenerated"  # fold 0's first dark image (index 0)
+    assert key(s=other_syn) != base
+    other_real = manifest.copy()
+    other_real.loc[other_real.index[0], "sha256"] = "other pixels"
+    assert key(m=other_real) != base
+    assert key(c=load_config("demo", tiny_overrides(run["run_dir"], **{
+        "generate.adjectives": "[dark]", "generate.ratios": "[1.0]", "classify.lr": 0.01}))) != base
+    assert key(c=load_config("demo", tiny_overrides(run["run_dir"], **{
+        "generate.adjectives": "[dark]", "generate.ratios": "[1.0]", "classify.max_concurrent_trials": 2}))) == base
+
+    lay = RunLayout(cfg.run_dir)
+    storage.write_parquet(pd.DataFrame({"trial_id": [syn.trial_id], "made_from": [base]}),
+                          lay.path("trials", syn.trial_id, "trials.parquet"))
+    summaries = sweep._Summaries(cfg)
+    assert summaries.add(syn.trial_id, base) and not sweep._Summaries(cfg).add(syn.trial_id, key(s=other_syn))

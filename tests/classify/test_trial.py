@@ -23,7 +23,7 @@ def tensors(tiny_run):
 
 
 def _cfg(**kw):
-    base = dict(models=["squeezenet1_1"], pretrained="none", epochs=2, batch_size=8, checkpoint_every=1, seed=0)
+    base = dict(models=["squeezenet1_1"], pretrained="none", epochs=2, batch_size=8, checkpoint_seconds=0, seed=0)
     base.update(kw)
     return ClassifyConfig(**base)
 
@@ -32,17 +32,31 @@ def _state_equal(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_same_seed_same_init_other_trial_other_init():
-    seed_a, seed_b = trial_seed(0, SPEC_A), trial_seed(0, SPEC_B)
-    assert seed_a != seed_b and trial_seed(0, SPEC_A) == seed_a and trial_seed(1, SPEC_A) != seed_a
+def test_common_random_numbers_same_init_across_adjectives_other_fold_or_repeat_other_init():
+    """Every adjective/ratio (and the real-only baseline) of one (classifier, fold, repeat) starts from the
+    same weights and data-order seed; another fold or repeat draws anew."""
+    real = TrialSpec("squeezenet1_1", 0)
+    other_fold, other_repeat = TrialSpec("squeezenet1_1", 1, "dark", 1.0), TrialSpec("squeezenet1_1", 0, "dark", 1.0, 1)
+    seed_a = trial_seed(0, SPEC_A)
+    assert trial_seed(0, SPEC_B) == trial_seed(0, real) == seed_a
+    assert len({seed_a, trial_seed(0, other_fold), trial_seed(0, other_repeat), trial_seed(1, SPEC_A)}) == 4
     a1 = build_trial_model(SPEC_A, 3, seed_a).state_dict()
     torch.manual_seed(999)  # whatever ran before must not matter
-    a2 = build_trial_model(SPEC_A, 3, seed_a).state_dict()
-    b = build_trial_model(SPEC_B, 3, seed_b).state_dict()
-    assert _state_equal(a1, a2)
-    assert not _state_equal(a1, b)
-    # Same architecture: only the seed differs, so a model built with A's seed for B equals A's.
-    assert _state_equal(build_trial_model(SPEC_B, 3, seed_a).state_dict(), a1)
+    b = build_trial_model(SPEC_B, 3, trial_seed(0, SPEC_B)).state_dict()
+    r = build_trial_model(real, 3, trial_seed(0, real)).state_dict()
+    assert _state_equal(a1, b) and _state_equal(a1, r)
+    assert not _state_equal(a1, build_trial_model(other_repeat, 3, trial_seed(0, other_repeat)).state_dict())
+    # Trial ids: repeat 0 keeps the id earlier sweeps wrote; later repeats are told apart.
+    assert SPEC_A.trial_id == "squeezenet1_1__dark__r1__f0"
+    assert other_repeat.trial_id == "squeezenet1_1__dark__r1__f0__rep1"
+    assert TrialSpec.from_dict(other_repeat.to_dict()) == other_repeat
+
+
+def test_crn_trials_record_the_same_seed(tensors):
+    """train_trial itself uses the shared seed: the recorded seeds of two adjectives' trials agree."""
+    cfg = _cfg(epochs=1)
+    assert train_trial(SPEC_A, tensors[SPEC_A], cfg, CLASSES).seed == \
+        train_trial(SPEC_B, tensors[SPEC_B], cfg, CLASSES).seed == trial_seed(0, SPEC_A)
 
 
 def test_fresh_model_per_trial_no_carry_over(tensors):
@@ -57,7 +71,7 @@ def test_fresh_model_per_trial_no_carry_over(tensors):
 
 
 def test_resume_from_checkpoint_equals_uninterrupted(tensors):
-    cfg = _cfg(epochs=3, checkpoint_every=1)
+    cfg = _cfg(epochs=3, checkpoint_seconds=0)
     states, epochs = {}, []
 
     def report(epoch, metrics, state):
@@ -75,7 +89,7 @@ def test_resume_from_checkpoint_equals_uninterrupted(tensors):
 
 
 def test_best_epoch_weights_and_recomputable_metrics(tensors):
-    cfg = _cfg(epochs=6, models=["resnet18"], checkpoint_every=10)
+    cfg = _cfg(epochs=6, models=["resnet18"], checkpoint_seconds=1e9)
     spec = dataclasses.replace(SPEC_A, classifier="resnet18")
     r = train_trial(spec, tensors[SPEC_A], cfg, CLASSES)
     vals = [h["val_accuracy"] for h in r.history]
@@ -103,3 +117,52 @@ def test_bench_compares_both_paths(capsys):
     assert r["in_memory"] > 0 and r["file_loader"] > 0 and r["ratio"] == pytest.approx(r["in_memory"] / r["file_loader"])
     printed = capsys.readouterr().out
     assert "squeezenet1_1" in printed and ("GPU figures" in printed or "GPU " in printed)
+
+
+def test_checkpoints_by_time_not_epochs(tensors, monkeypatch):
+    """classify.checkpoint_seconds: a state goes to `report` once that much training time has passed
+    (checked at each epoch's end), never after the last epoch. A fake clock moves 25 s per reading."""
+    import meddap.classify.trial as trial
+
+    clock = {"t": 0.0}
+
+    def monotonic():
+        clock["t"] += 25.0
+        return clock["t"]
+
+    monkeypatch.setattr(trial.time, "monotonic", monotonic)
+    got = []
+    train_trial(SPEC_A, tensors[SPEC_A], _cfg(epochs=5, checkpoint_seconds=60), CLASSES,
+                report=lambda e, m, s: got.append(e) if s is not None else None)
+    assert got == [3]   # 25, 50, 75 s after the start: due at epoch 3; then 25 s since it, and epoch 5 is the last
+    none = []
+    train_trial(SPEC_A, tensors[SPEC_A], _cfg(epochs=3, checkpoint_seconds=1e9), CLASSES,
+                report=lambda e, m, s: none.append(s))
+    assert none == [None, None, None]
+
+
+def test_a_trial_builds_its_constants_once_and_reads_the_device_once_per_epoch(tensors, monkeypatch):
+    """Normalisation constants are made once per trial (not per batch), validation images stay on the
+    device, and an epoch's loss and validation accuracy come back in one read."""
+    import meddap.classify.data as data
+    import meddap.classify.trial as trial
+
+    made, build = [], data.imagenet_stats
+    monkeypatch.setattr(trial, "imagenet_stats", lambda device: made.append(device) or build(device))
+    monkeypatch.setattr(data, "imagenet_stats", lambda device: pytest.fail("stats built per batch"))
+    reads = {"item": 0, "tolist": 0}
+    for name in reads:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _name=name, _original=original, **k):
+            import sys
+
+            if "torch/optim/" not in sys._getframe(1).f_code.co_filename.replace("\\", "/"):  # CPU Adam's step counter
+                reads[_name] += 1
+            return _original(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    result = train_trial(SPEC_A, tensors[SPEC_A], _cfg(epochs=3), CLASSES)
+    monkeypatch.undo()
+    assert len(made) == 1
+    assert reads == {"item": 0, "tolist": 3}
+    assert len(result.history) == 3

@@ -154,7 +154,11 @@ def test_paper_prepare_on_busi_and_kaggle_layouts(nasty, tmp_path, capsys):
     assert ("benign (90)-sharpened.png", "benign (4).png", True) in pairs
     assert any(p[0] == "malignant (91)-rotated2.jpg" and p[1] == "malignant (3).png" for p in pairs)
     assert len(ov) == 2 and set(ov["other_split"]) <= {"train", "test"}
-    assert "A/B overlap: 2 pair(s) (1 exact, 1 near)" in out and "2 of 11 B images match an A image" in out
+    assert "A/B overlap: 2 pair(s) (1 exact, 1 near, 0 rotated/mirrored/rescaled copies)" in out
+    assert "2 of 11 B images match an A image" in out
+    flagged = m[m["a_overlap"]]["path"].map(lambda p: Path(p).name)
+    assert set(flagged) == {"benign (90)-sharpened.png", "malignant (91)-rotated2.jpg"}   # alone in their B groups
+    assert not m.loc[m["dataset"] == "A", "a_overlap"].any()
     # B's group key strips the augmentation chain
     assert "B:benign/benign (1)" in set(m["group_id"])
 
@@ -243,3 +247,41 @@ def test_bad_config_key_and_value_in_a_subprocess(tmp_path):
     rc = main(["prepare", "--config", "demo", "data.near_duplicate_bits=99", f"run_dir={tmp_path}"])
     assert rc == 2
     assert not (tmp_path / "data").exists()
+
+
+def test_manifest_relative_paths_that_do_not_resolve_are_listed_with_the_folder(tmp_path, capsys, builders):
+    """Paths written relative to the current directory instead of the manifest's folder: the error
+    lists the first few resolved paths with their reason and says what they are relative to."""
+    b = builders
+    for i in range(4):
+        b.save(tmp_path / "data" / "imgs" / f"{i}.png", b.pattern(900 + i, 32))
+    manifests = tmp_path / "lists"
+    manifests.mkdir()
+    rows = [{"path": f"data/imgs/{i}.png", "class_name": ["benign", "malignant"][i % 2]} for i in range(4)]
+    pd.DataFrame(rows).to_csv(manifests / "m.csv", index=False)  # relative to tmp_path, not to lists/
+    rc, _, err = _run(capsys, "--config", "paper", "data.source=manifest", f"data.root={manifests / 'm.csv'}",
+                      "data.classes=[benign, malignant]", "data.external.source=null", f"run_dir={tmp_path / 'r'}")
+    assert rc == 2
+    assert "no image of class 'benign'" in err and f"manifest {manifests / 'm.csv'}" in err
+    assert f"{manifests / 'data' / 'imgs' / '0.png'}: file not found" in err  # resolved path + reason
+    assert f"resolved against the manifest's own folder, {manifests}" in err
+
+
+def test_unknown_class_names_in_a_manifest_are_named_with_counts(tmp_path, capsys, builders):
+    """A typo in class_name ('cyst' for a class the config does not have) is named, with its row count."""
+    b = builders
+    rows = []
+    for i in range(28):
+        b.save(tmp_path / "imgs" / f"{i}.png", b.pattern(1000 + i, 32))
+        cls = ["benign", "malignant"][i % 2] if i < 24 else ("cyst" if i < 27 else "fibroadenoma")
+        rows.append({"path": f"imgs/{i}.png", "class_name": cls})
+    pd.DataFrame(rows).to_csv(tmp_path / "m.csv", index=False)
+    rc, out, err = _run(capsys, "--config", "paper", "data.source=manifest", f"data.root={tmp_path / 'm.csv'}",
+                        "data.classes=[benign, malignant]", "data.external.source=null", "data.folds=3",
+                        f"run_dir={tmp_path / 'r'}")
+    assert rc == 0, err
+    line = next(ln for ln in out.splitlines() if "not in data.classes" in ln)
+    assert "Dataset A: 4 manifest row(s) whose class_name is not in data.classes" in line
+    assert "'cyst' (3)" in line and "'fibroadenoma' (1)" in line and "add the classes to data.classes" in line
+    audit = pd.read_parquet(tmp_path / "r" / "data" / "audit.parquet")
+    assert sorted(audit.loc[audit["kind"] == "unknown_class", "class_name"]) == ["cyst"] * 3 + ["fibroadenoma"]

@@ -154,7 +154,7 @@ def test_list_source_phantom_uses_write_phantom_and_reads_as_busi(tmp_path, monk
     calls = []
 
     def fake_write_phantom(out_dir, per_class=60, variant="standard", size=128, seed=0,
-                           classes=("benign", "malignant", "normal")):
+                           classes=("benign", "malignant", "normal"), say=True):
         calls.append((out_dir, per_class, variant, size, seed, tuple(classes)))
         builders.busi_tree(Path(out_dir), {c: per_class for c in classes}, size=size, seed0=seed * 1000)
         return {}
@@ -170,3 +170,32 @@ def test_list_source_phantom_uses_write_phantom_and_reads_as_busi(tmp_path, monk
     assert a.root == str(tmp_path / "run" / "data" / "phantom" / "A")
     assert calls[1][2] == "shifted" and calls[1][5] == ("benign", "malignant")
     assert calls[0][1:] == (3, "standard", cfg.data.phantom.size, cfg.data.phantom.seed, tuple(CLASSES))
+
+
+def test_manifest_paths_that_leave_their_root_are_refused(tmp_path, builders):
+    """`..` out of the manifest's folder, or (with images_root) any path outside that root, is refused
+    naming the rows and the fix; paths inside it, written any way, are read."""
+    data = tmp_path / "data"
+    outside = builders.save(tmp_path / "secret" / "x.png", builders.pattern(9))
+    inside = [builders.save(data / "img" / f"{i}.png", builders.pattern(i)) for i in range(3)]
+
+    def manifest(paths, name="m.csv"):
+        pd.DataFrame({"path": paths, "class_name": ["benign", "malignant", "normal"][:len(paths)]}).to_csv(
+            data / name, index=False)
+        return str(data / name)
+
+    # Inside the manifest's folder, even via a detour; an absolute path is taken as written (no root given).
+    ok = list_manifest(manifest(["img/0.png", "img/../img/1.png", str(inside[2])]), CLASSES)
+    assert [r.path for r in ok.records] == [str(p) for p in inside]
+    with pytest.raises(MeddapError, match=r"1 path\(s\) leave its folder .*row 1: relative path '\.\./secret/x\.png'"
+                                          r".*data\.images_root"):
+        list_manifest(manifest(["img/0.png", "../secret/x.png", "img/2.png"]), CLASSES)
+    # With images_root: relative paths are read from it; absolute ones must lie in it.
+    rooted = list_manifest(manifest(["0.png", "1.png", str(inside[2])]), CLASSES, images_root=str(data / "img"))
+    assert [r.path for r in rooted.records] == [str(p) for p in inside]
+    assert [r.rel_path for r in rooted.records] == ["0.png", "1.png", "2.png"]
+    with pytest.raises(MeddapError, match=rf"leave the images root .*absolute path '{outside}'"):
+        list_manifest(manifest(["0.png", str(outside), "2.png"]), CLASSES, images_root=str(data / "img"),
+                      images_root_key="data.external.images_root")
+    with pytest.raises(MeddapError, match="images_root .* does not exist"):
+        list_manifest(manifest(["0.png"]), CLASSES[:1], images_root=str(tmp_path / "nope"))

@@ -84,11 +84,11 @@ def test_ctrl_c_in_ray_train_is_an_interrupt_and_ctrl_c_works_afterwards(tmp_pat
     before = signal.getsignal(signal.SIGINT)
     monkeypatch.setattr(_FakeTrainer, "outcome", "sigint")
     with pytest.raises(KeyboardInterrupt):  # not SystemExit(0): the CLI exits 130, not 0
-        finetune.finetune_adapter(cfg, entry, "builtin:tiny")
+        finetune.finetune_adapter(cfg, entry, "builtin:tiny", use_gpu=False)
     assert signal.getsignal(signal.SIGINT) is before  # a later Ctrl-C (generate, sweep) is not swallowed
     monkeypatch.setattr(_FakeTrainer, "outcome", "returns")
     with pytest.raises(MeddapError, match="without writing.*rerun to resume"):
-        finetune.finetune_adapter(cfg, entry, "builtin:tiny")
+        finetune.finetune_adapter(cfg, entry, "builtin:tiny", use_gpu=False)
     assert signal.getsignal(signal.SIGINT) is before
 
 
@@ -134,3 +134,27 @@ def test_ray_train_run_interrupted_resumed_and_not_retrained(tmp_path, toy_manif
     again = finetune.run(cfg)["all"]
     assert again == json.loads((out / finetune.ADAPTER_JSON).read_text())
     assert os.path.getmtime(out / finetune.ADAPTER_JSON) == stamp
+
+
+def test_a_finished_adapter_made_from_other_images_is_never_reused(tmp_path, toy_manifest, capsys):
+    """adapter.json keeps `made_from` (sha256 of images, prompts, base model, settings); an adapter
+    whose record differs (prepare reran with another seed, a folder copied from another run) is
+    removed and trained again; execution-only settings (precision) do not count."""
+    cfg = _cfg(tmp_path, "diffusion.lora.per_fold=false")
+    (entry,) = finetune.adapter_plan(cfg, toy_manifest)
+    out = Path(RunLayout(cfg.run_dir).adapter_dir(-1))
+    out.mkdir(parents=True)
+    (out / "pytorch_lora_weights.safetensors").write_bytes(b"weights")
+    (out / finetune.ADAPTER_JSON).write_text(json.dumps({"made_from": finetune.made_from(cfg, entry), "steps": 7}))
+    assert finetune.complete_adapter(cfg, entry) == {"made_from": finetune.made_from(cfg, entry), "steps": 7}
+    fp16 = _cfg(tmp_path, "diffusion.lora.per_fold=false", "diffusion.train.mixed_precision=fp16")
+    assert finetune.made_from(fp16, entry) == finetune.made_from(cfg, entry)
+
+    swapped = toy_manifest.copy()
+    train = swapped.index[swapped["split"] == "train"]
+    swapped.loc[train[0], "sha256"] = "f" * 64  # another image under the same id
+    (other,) = finetune.adapter_plan(cfg, swapped)
+    assert finetune.made_from(cfg, other) != finetune.made_from(cfg, entry)
+    assert finetune.complete_adapter(cfg, other) is None
+    assert "was made from other images or settings" in capsys.readouterr().out
+    assert not out.exists(), "the stale adapter is removed, so it is trained again"
