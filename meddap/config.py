@@ -216,8 +216,10 @@ class DiffusionTrainConfig:
 class DiffusionConfig:
     base_model: str = _f("CompVis/stable-diffusion-v1-4",
                          "Hub id (from the Hugging Face cache or the hub), a local diffusers folder, or a single-file "
-                         "checkpoint (sd-v1-4.ckpt / .safetensors); 'builtin:tiny' builds a few-MB SD into "
-                         "<run_dir>/models/.")
+                         "checkpoint (sd-v1-4.ckpt / .safetensors); 'builtin:tiny' builds a few-MB SD with random "
+                         "weights into <run_dir>/models/ (plumbing); 'builtin:phantom' is the phantom-pretrained model "
+                         "shipped in meddap/models/phantom/ (not shipped yet: build one with `python -m meddap "
+                         "pretrain-base <folder>` and give that folder here).")
     single_file_config: Optional[str] = _f(
         None, "For a single-file base_model: the diffusers folder or hub id whose configs and tokenizer describe it "
               "(a checkpoint holds neither); null = CompVis/stable-diffusion-v1-4 from the Hugging Face cache.")
@@ -374,7 +376,8 @@ def _path_like(text: str) -> bool:
 class FidConfig:
     features: str = _f(
         "inception", "Feature extractor of FID/KID/memorisation: inception (pytorch-fid, the paper's); "
-                     "phantom-judge (domain encoder shipped with builtin:phantom, 32-d); or the path of a "
+                     "phantom-judge (domain encoder, 32-d: the judge beside the base model, "
+                     "<diffusion.base_model folder>/judge/, as pretrain-base writes it); or the path of a "
                      "TorchScript encoder (.pt). FIDs from different extractors are not comparable.")
     dims: Literal[64, 192, 768, 2048] = _f(2048, "InceptionV3 feature size (pytorch-fid block): 64, 192, 768 or 2048 "
                                                  "(features=inception only; other extractors have their own).")
@@ -394,7 +397,8 @@ class FidConfig:
              "nearest-neighbour distance is flagged as a near copy.")
     judge: Optional[str] = _f(
         None, "Reference classifier that scores every synthetic image's label fidelity (summary/fidelity.parquet): "
-              "null = none; phantom-judge = the one shipped with builtin:phantom (phantom classes only).")
+              "null = none; phantom-judge = the judge beside the base model (<diffusion.base_model folder>/judge/; "
+              "phantom classes only).")
 
     def validate(self, prefix: str) -> None:
         _check(self.features in FID_FEATURES or _path_like(self.features), f"{prefix}.features", self.features,
@@ -476,6 +480,15 @@ class Config:
         self.fid.validate("fid")
         self.report.validate("report")
         self.ray.validate("ray")
+        # The phantom judge lives beside the base model (<folder>/judge/): builtin:tiny has none.
+        for key, value in (("fid.features", self.fid.features), ("fid.judge", self.fid.judge)):
+            if value == "phantom-judge" and self.diffusion.base_model.startswith("builtin:") \
+                    and self.diffusion.base_model != "builtin:phantom":
+                raise ConfigError(f"config key '{key}' = 'phantom-judge' takes the judge beside the base model "
+                                  f"(<base model folder>/judge/), but diffusion.base_model = "
+                                  f"{self.diffusion.base_model!r} has none. Set diffusion.base_model to "
+                                  f"builtin:phantom or a folder made by `python -m meddap pretrain-base <folder>`, "
+                                  f"or set {key} to something else.")
         missing = [c for c in self.data.classes if c not in self.diffusion.class_phrases]
         _check(not missing, "diffusion.class_phrases", self.diffusion.class_phrases,
                f"a phrase for every class in data.classes (missing: {missing})")

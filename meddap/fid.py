@@ -12,10 +12,10 @@ Everything here is plain numpy / PyTorch and knows nothing of Ray or the run dir
     extractor, from `fid.weights` or torch hub's cache, never downloaded behind the user's back when
     absent: `MissingWeightsError` says what is missing and where to put it;
   - `extract_features(paths, extractor, ...)`: any such extractor over image files (tests use a small one);
-  - `build_feature_extractor(cfg_fid, device)`: the extractor `fid.features` names, as a
+  - `build_feature_extractor(cfg_fid, device, base_model)`: the extractor `fid.features` names, as a
     `FeatureExtractor` (name, dims, input size, module): `inception` (pytorch-fid, the paper's), the
-    domain encoder `phantom-judge` (the reference phantom classifier shipped with `builtin:phantom`,
-    its penultimate layer), or a TorchScript encoder file given by path. FIDs from different extractors
+    domain encoder `phantom-judge` (the reference phantom classifier beside the base model, in
+    `<folder>/judge/` as `pretrain-base` writes it: its penultimate layer), or a TorchScript encoder file given by path. FIDs from different extractors
     are different quantities: every row names its extractor and dims.
 """
 
@@ -316,8 +316,9 @@ def extract_features(paths: Sequence[str], extractor: nn.Module, batch_size: int
 # ---------------------------------------------------------------------------------------------
 FEATURE_EXTRACTORS = {
     "inception": "pytorch-fid's InceptionV3 (fid.dims: 64/192/768/2048), ImageNet features, 299 px: the paper's FID",
-    "phantom-judge": "the reference phantom classifier shipped with builtin:phantom: its 32-d penultimate layer, 64 px "
-                     "(a domain encoder, as RadImageNet encoders are for radiology)",
+    "phantom-judge": "the reference phantom classifier beside the base model (<diffusion.base_model folder>/judge/, "
+                     "written by pretrain-base): its 32-d penultimate layer, 64 px (a domain encoder, as RadImageNet "
+                     "encoders are for radiology)",
 }
 _TORCHSCRIPT_SIZE = 224  # input side of a TorchScript encoder without an `image_size` attribute
 
@@ -381,10 +382,12 @@ def _torchscript_encoder(path: str, key: str, device) -> FeatureExtractor:
                             module.to(device))
 
 
-def build_feature_extractor(cfg_fid, device: str | torch.device = "cpu") -> FeatureExtractor:
+def build_feature_extractor(cfg_fid, device: str | torch.device = "cpu",
+                            base_model: str | None = None) -> FeatureExtractor:
     """The extractor `cfg_fid.features` names. `inception` raises MissingWeightsError when pytorch-fid's
-    weights are absent (the fid stage records that); anything else that cannot be built raises a
-    MeddapError naming fid.features and the fix."""
+    weights are absent (the fid stage records that); `phantom-judge` is the judge beside `base_model`
+    (diffusion.base_model: `<its folder>/judge/`, as pretrain-base writes it); anything that cannot be
+    built raises a MeddapError naming fid.features and the fix."""
     name = getattr(cfg_fid, "features", "inception") or "inception"
     check_features_name(name)
     if name == "inception":
@@ -392,9 +395,11 @@ def build_feature_extractor(cfg_fid, device: str | torch.device = "cpu") -> Feat
                                 load_inception(cfg_fid.dims, cfg_fid.weights, device))
     if name == "phantom-judge":
         from meddap.classify.judge import JudgeFeatures, load_judge
-        from meddap.diffusion.base import PHANTOM_DIR
+        from meddap.diffusion.base import base_model_judge_dir
 
-        judge = load_judge(PHANTOM_DIR / "judge", key="fid.features")
+        if base_model is None:
+            raise ValueError("fid.features = 'phantom-judge' needs base_model (diffusion.base_model)")
+        judge = load_judge(base_model_judge_dir(base_model, "fid.features"), key="fid.features")
         return FeatureExtractor("phantom-judge", judge.embedding_dims, judge.image_size,
                                 JudgeFeatures(judge).eval().to(device))
     return _torchscript_encoder(name, "fid.features", device)

@@ -477,7 +477,9 @@ class _Encoder(nn.Module):
         return nn.functional.adaptive_avg_pool2d(x, 2).flatten(1)   # (B, 12)
 
 
-def test_fid_features_torchscript_file_and_phantom_judge(tmp_path):
+def test_fid_features_torchscript_file_and_phantom_judge(tmp_path, phantom_base_dir):
+    """A TorchScript file by path, and the phantom judge beside a pretrain-base folder given as the base model."""
+    from meddap.classify.judge import JudgeFeatures, load_judge
     from meddap.fid import build_feature_extractor
 
     path = tmp_path / "encoder.pt"
@@ -487,10 +489,62 @@ def test_fid_features_torchscript_file_and_phantom_judge(tmp_path):
     img = tmp_path / "a.png"
     _png(img, np.full((30, 30), 51.0))
     assert fe.features([str(img)], 4) == pytest.approx(np.full((1, 12), 0.2), abs=1e-6)
-    judge = build_feature_extractor(load_config("demo", ["fid.features=phantom-judge"]).fid)
+    folder, _ = phantom_base_dir
+    cfg = load_config("demo", ["fid.features=phantom-judge", f"diffusion.base_model={folder}"])
+    judge = build_feature_extractor(cfg.fid, base_model=cfg.diffusion.base_model)
     assert (judge.name, judge.dims, judge.image_size, judge.label) == ("phantom-judge", 32, 64, "phantom-judge (32-d)")
-    feats = judge.features([str(img), str(img)], 2)
-    assert feats.shape == (2, 32) and np.isfinite(feats).all()
+    img2 = tmp_path / "b.png"
+    _png(img2, _blob(np.random.default_rng(0), 120))
+    feats = judge.features([str(img), str(img2), str(img)], 2)
+    assert feats.shape == (3, 32) and np.isfinite(feats).all()
+    assert feats[0] == pytest.approx(feats[2]) and not np.allclose(feats[0], feats[1])
+    # the very judge pretrain-base wrote: its penultimate layer, on the image as read at its input size
+    expected = JudgeFeatures(load_judge(folder / "judge"))(torch.full((1, 3, 64, 64), 0.2)).double().numpy()
+    assert feats[0] == pytest.approx(expected[0], abs=1e-5)
+
+
+def test_fid_features_phantom_judge_without_a_judge_says_the_key_the_path_and_the_fix(tmp_path):
+    from meddap.config import ConfigError
+    from meddap.errors import MeddapError
+    from meddap.fid import build_feature_extractor
+
+    # builtin:tiny has no judge: refused at the door
+    with pytest.raises(ConfigError, match=r"'fid\.features' = 'phantom-judge'.*judge/.*'builtin:tiny' has none.*"
+                                          r"pretrain-base <folder>"):
+        load_config("demo", ["fid.features=phantom-judge"])
+    with pytest.raises(ConfigError, match=r"'fid\.judge' = 'phantom-judge'.*'builtin:tiny' has none"):
+        load_config("demo", ["fid.judge=phantom-judge"])
+    # a folder without judge/ (not made by pretrain-base): the expected path and the fix
+    cfg = load_config("demo", ["fid.features=phantom-judge", f"diffusion.base_model={tmp_path / 'sd'}"])
+    with pytest.raises(MeddapError, match=r"fid\.features .*expected in .*sd/judge.*absent.*pretrain-base <folder>"):
+        build_feature_extractor(cfg.fid, base_model=cfg.diffusion.base_model)
+    # a hub id carries no judge
+    with pytest.raises(MeddapError, match=r"fid\.features .*'CompVis/stable-diffusion-v1-4' has none.*pretrain-base"):
+        build_feature_extractor(cfg.fid, base_model="CompVis/stable-diffusion-v1-4")
+
+
+def test_fid_judge_scores_every_synthetic_image_with_the_judge_beside_the_base_model(fid_run, phantom_base_dir):
+    """fid.judge: summary/fidelity.parquet holds the judge's class of every synthetic image, as the judge
+    itself predicts it, and `correct` is whether that is the prompted class."""
+    from meddap.classify.judge import judge_predict, load_judge
+    from meddap.data.decode import read_grey
+    from meddap.stages import fid as stage
+
+    cfg, _, synth = fid_run
+    folder, _ = phantom_base_dir
+    cfg = load_config("demo", [f"run_dir={cfg.run_dir}", f"diffusion.base_model={folder}",
+                               "fid.judge=phantom-judge"])
+    mean = stage.score_fidelity(cfg, synth)
+    scored = storage.read_parquet(RunLayout(cfg.run_dir).summary("fidelity"))
+    assert list(scored.columns) == stage.FIDELITY_COLUMNS and len(scored) == len(synth)
+    judge = load_judge(folder / "judge")
+    grey = np.stack([read_grey(p, judge.image_size) for p in synth["path"]])
+    assert scored["predicted"].tolist() == [judge.classes[k] for k in judge_predict(judge, grey)]
+    assert (scored["correct"] == (scored["predicted"] == scored["class_name"])).all()
+    plain = scored[scored["adjective"] == ""]
+    assert mean == pytest.approx(plain.groupby("class_name")["correct"].mean().mean())
+    dark = scored[scored["adjective"] == "dark"]
+    assert dark["mean_intensity"].mean() < plain["mean_intensity"].mean()     # the fixture's dark set is -40
 
 
 def test_fid_stage_extra_dims_rows_labelled_and_resumed_per_dims(fid_run, monkeypatch):

@@ -7,7 +7,7 @@ shipped base model, without Ray:
 2. one fold's adapter is trained with the USLoRA core (`LoraFinetuner`, the config's settings);
 3. after 0 epochs (= the base model without adapter: a fresh LoRA changes nothing) and after each
    listed epoch, `--per-cell` images per (adjective, class) are generated with the config's prompts,
-   steps and guidance, and the reference judge shipped with `builtin:phantom` scores each one;
+   steps and guidance, and the reference judge beside the base model (`<folder>/judge/`) scores each one;
 4. printed: fidelity (share judged as the prompted class) per class for the no-adjective prompt at
    every checkpoint, fidelity per adjective at the last, and the mean grey level of each adjective's
    images (dark < none < bright is what the adjectives should do), with training and generation time.
@@ -45,7 +45,7 @@ def _args(cfg, argv: list[str]) -> argparse.Namespace:
     p.add_argument("--fold", type=int, default=0, help="the fold whose adapter is trained")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--model", default=None, help="diffusers folder to use instead of diffusion.base_model")
-    p.add_argument("--judge", default=None, help="judge folder (default: the one shipped with builtin:phantom)")
+    p.add_argument("--judge", default=None, help="judge folder (default: <base model folder>/judge/, where pretrain-base writes it)")
     p.add_argument("--sheet", default=None, help="write a contact sheet PNG of the last checkpoint's images")
     p.add_argument("--out", default=None, help="also write the figures as JSON here")
     return p.parse_args(argv)
@@ -103,11 +103,12 @@ def fidelity_curve(cfg, epochs: list[int], per_cell: int, adjectives: list[str],
     """Train one fold's adapter and score generations at each epoch in `epochs` (0 = no adapter).
     Returns {"curve": rows per epoch, "adjectives": rows of the last epoch, "images": last DataFrame, ...}."""
     from meddap.classify.judge import fidelity_summary, load_judge
-    from meddap.diffusion.base import PHANTOM_DIR, load_components, load_pipeline, resolve_base_model
+    from meddap.diffusion.base import base_model_judge_dir, load_components, load_pipeline, resolve_base_model
     from meddap.diffusion.train import FinetuneSettings, LoraFinetuner
 
+    judge_dir = judge_dir or base_model_judge_dir(model or cfg.diffusion.base_model, "bench fidelity --judge")
     model = model or resolve_base_model(cfg)
-    judge = load_judge(judge_dir or PHANTOM_DIR / "judge", key="bench fidelity --judge")
+    judge = load_judge(judge_dir, key="bench fidelity --judge")
     examples = _examples(cfg, fold)
     settings = FinetuneSettings.from_config(cfg)
     ft = LoraFinetuner(load_components(model), examples, settings)

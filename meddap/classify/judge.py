@@ -3,7 +3,8 @@
 It is trained once, by `python -m meddap pretrain-base`, on its own class-labelled phantom set (seeds
 the demo never uses; both devices; the adjectives' photometric transforms and blur as augmentation, so
 "dark" or "posterized" images are still judged by their anatomy), and shipped beside the
-`builtin:phantom` base model (`judge/judge.safetensors` + `judge/judge.json`). Two uses:
+base model it was made with (`<model folder>/judge/judge.safetensors` + `judge.json`; for
+`builtin:phantom`, `meddap/models/phantom/judge/`). Two uses:
 
 - label fidelity: the share of synthetic images it assigns to the class their prompt asked for
   (`label_fidelity`);
@@ -179,8 +180,8 @@ def load_judge(folder: str | Path, key: str = "fid.features") -> PhantomJudge:
 
     folder = Path(folder)
     weights, info = folder / JUDGE_WEIGHTS, folder / JUDGE_INFO
-    fix = (f"the phantom judge ships with meddap in {folder} (reinstall meddap, or rebuild it with "
-           f"`python -m meddap pretrain-base OUT` and point {key} at OUT/judge), or set {key} to another value")
+    fix = (f"the judge is written beside the base model by `python -m meddap pretrain-base <folder>` (into "
+           f"<folder>/judge/): set diffusion.base_model to such a folder, or set {key} to another value")
     for f in (weights, info):
         if not f.is_file():
             raise MeddapError(f"{key}: {f} is missing; {fix}.")

@@ -41,6 +41,7 @@ __all__ = [
     "PHANTOM_DIR",
     "BUILTIN_MODELS",
     "phantom_model_dir",
+    "base_model_judge_dir",
     "SD14_CONFIG_DIR",
     "build_tiny_sd",
     "resolve_base_model",
@@ -63,7 +64,8 @@ PHANTOM_MODEL = "builtin:phantom"
 # The pretrained phantom base model and its reference judge (judge/), shipped as package data.
 PHANTOM_DIR = Path(__file__).resolve().parent.parent / "models" / "phantom"
 BUILTIN_MODELS = {TINY_MODEL: "a few-MB SD with random weights, built locally (plumbing tests)",
-                  PHANTOM_MODEL: "an SD-shaped model pretrained on unlabeled phantom scans, shipped in the package"}
+                  PHANTOM_MODEL: "an SD-shaped model pretrained on unlabeled phantom scans, shipped in meddap/models/phantom/ "
+                                 "once built (python -m meddap pretrain-base)"}
 SD14_CONFIG_DIR = Path(__file__).parent / "sd14"
 
 # The tiny model's architecture. Same classes and wiring as SD-1.4, channel counts cut ~10-40x.
@@ -195,13 +197,44 @@ def _local_cache_dir() -> Path:
     return Path(root)
 
 
-def phantom_model_dir(key: str = "diffusion.base_model") -> str:
-    """The shipped `builtin:phantom` folder; a MeddapError naming `key` when the install lacks it."""
+PRETRAIN_COMMAND = "python -m meddap pretrain-base <folder>"
+JUDGE_SUBDIR = "judge"   # where pretrain-base writes the reference judge, beside the model
+
+
+def phantom_model_dir(asked_by: str | None = None) -> str:
+    """The shipped `builtin:phantom` folder; a MeddapError while it is absent (naming `asked_by`, the config
+    key that needs it, when that is not diffusion.base_model itself)."""
     if not (PHANTOM_DIR / "model_index.json").is_file() or not (PHANTOM_DIR / "unet").is_dir():
-        raise MeddapError(f"{key} = {PHANTOM_MODEL!r}: the shipped model is missing from {PHANTOM_DIR} (an install "
-                          "without package data?). Reinstall meddap (`pip install -e .` from a checkout), or rebuild "
-                          "it with `python -m meddap pretrain-base OUT` and set diffusion.base_model=OUT.")
+        why = f" (for {asked_by})" if asked_by else ""
+        raise MeddapError(
+            f"diffusion.base_model = {PHANTOM_MODEL!r}{why} needs the shipped folder {PHANTOM_DIR}, which is absent (its weights are not "
+            f"shipped yet: docs/base-model.md). Build the model with `{PRETRAIN_COMMAND}` (resumable; hours on a "
+            "2-core CPU), then either set diffusion.base_model=<folder> (a pretrain-base output folder is a base "
+            f"model as it stands) or copy <folder> to {PHANTOM_DIR}. For plumbing only, use "
+            f"diffusion.base_model={TINY_MODEL}.")
     return str(PHANTOM_DIR)
+
+
+def base_model_judge_dir(base_model: str, key: str) -> Path:
+    """The reference judge beside a base model: `<base model folder>/judge/`, as pretrain-base writes it.
+    A MeddapError naming `key` (the config key that asked for the judge), the expected path and the fix
+    when there is none: `builtin:tiny` and hub ids carry no judge; a folder without judge/ was not made by
+    pretrain-base."""
+    fix = (f"set diffusion.base_model to builtin:phantom or to a folder made by `{PRETRAIN_COMMAND}` (it writes "
+           f"<folder>/{JUDGE_SUBDIR}/)")
+    if base_model == PHANTOM_MODEL:
+        folder = Path(phantom_model_dir(asked_by=key))
+    elif base_model.startswith("builtin:") or not _looks_like_path(base_model):
+        raise MeddapError(f"{key} takes the phantom judge beside the base model (<base model folder>/{JUDGE_SUBDIR}/), "
+                          f"but diffusion.base_model = {base_model!r} has none. Fix: {fix}, or set {key} to "
+                          "something else (see docs/configuration.md).")
+    else:
+        folder = Path(os.path.expanduser(base_model))
+    judge = folder / JUDGE_SUBDIR
+    if not judge.is_dir():
+        raise MeddapError(f"{key} takes the phantom judge beside the base model, expected in {judge}, which is "
+                          f"absent. Fix: {fix}, or set {key} to something else.")
+    return judge
 
 
 def resolve_base_model(cfg) -> str:

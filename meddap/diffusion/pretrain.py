@@ -320,6 +320,7 @@ def _train_vae(s: PretrainSettings, images: np.ndarray, work: Path, log) -> tupl
     state = _load(ckpt_path)
     losses: list[tuple[int, float, float]] = []
     start = 0
+    clock = _PhaseClock(state)
     if state is not None:
         vae.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -350,11 +351,11 @@ def _train_vae(s: PretrainSettings, images: np.ndarray, work: Path, log) -> tupl
         progress.update(extra=f"L1 {losses[-1][1]:.4f}")
         if (step + 1) % s.checkpoint_every == 0 or step + 1 == s.vae_steps:
             _save_atomic({"model": vae.state_dict(), "optimizer": opt.state_dict(), "losses": losses,
-                          "step": step + 1}, ckpt_path)
+                          "step": step + 1, **clock.state()}, ckpt_path)
     vae.eval()
     tail = losses[-min(100, len(losses)):]
     return vae, {"steps": s.vae_steps, "final_l1": float(np.mean([l for _, l, _ in tail])),
-                 "final_kl": float(np.mean([k for _, _, k in tail])), "loss_window": len(tail)}
+                 "final_kl": float(np.mean([k for _, _, k in tail])), "loss_window": len(tail), **clock.record()}
 
 
 @torch.no_grad()
@@ -371,6 +372,22 @@ def _encode(vae, images: np.ndarray, batch: int = 64) -> tuple[torch.Tensor, tor
             m.append(post.mean), sd.append(post.std)
         means.append(torch.cat(m)), stds.append(torch.cat(sd))
     return torch.stack(means, 1), torch.stack(stds, 1)
+
+
+class _PhaseClock:
+    """Wall time of a resumable phase across sessions: each checkpoint carries the seconds spent so far.
+    A checkpoint written before this was recorded carries none: its steps are counted as untimed."""
+
+    def __init__(self, state: dict | None):
+        self.before = float(state.get("seconds", 0.0)) if state else 0.0
+        self.untimed_steps = int(state.get("untimed_steps", 0 if "seconds" in state else state["step"])) if state else 0
+        self.t0 = time.perf_counter()
+
+    def state(self) -> dict:
+        return {"seconds": self.before + time.perf_counter() - self.t0, "untimed_steps": self.untimed_steps}
+
+    def record(self) -> dict:
+        return {"resumed_seconds": self.before, "untimed_steps": self.untimed_steps}
 
 
 def _ema_update(ema: dict[str, torch.Tensor], modules: dict[str, torch.nn.Module], decay: float) -> None:
@@ -411,6 +428,7 @@ def _train_unet(s: PretrainSettings, latents: tuple[torch.Tensor, torch.Tensor],
     state = _load(ckpt_path)
     losses: list[tuple[int, float]] = []
     start = 0
+    clock = _PhaseClock(state)
     if state is not None:
         unet.load_state_dict(state["unet"])
         text.load_state_dict(state["text_encoder"])
@@ -446,13 +464,15 @@ def _train_unet(s: PretrainSettings, latents: tuple[torch.Tensor, torch.Tensor],
         progress.update(extra=f"loss {np.mean([v for _, v in losses[-50:]]):.4f}")
         if (step + 1) % s.checkpoint_every == 0 or step + 1 == s.unet_steps:
             _save_atomic({"unet": unet.state_dict(), "text_encoder": text.state_dict(),
-                          "optimizer": opt.state_dict(), "ema": ema, "losses": losses, "step": step + 1}, ckpt_path)
+                          "optimizer": opt.state_dict(), "ema": ema, "losses": losses, "step": step + 1,
+                          **clock.state()}, ckpt_path)
     for name, module in modules.items():
         module.load_state_dict({k[len(name) + 1:]: v for k, v in ema.items() if k.startswith(name + ".")})
     unet.eval(), text.eval()
     tail = losses[-min(200, len(losses)):]
     return unet, text, {"steps": s.unet_steps, "final_loss": float(np.mean([v for _, v in tail])),
-                        "loss_window": len(tail), "losses_every_100": [v for k, v in losses if k % 100 == 0]}
+                        "loss_window": len(tail), "losses_every_100": [v for k, v in losses if k % 100 == 0],
+                        **clock.record()}
 
 
 def file_hashes(folder: str | Path) -> dict[str, str]:
@@ -492,8 +512,11 @@ def pretrain_base(out: str | os.PathLike, settings: PretrainSettings | None = No
     timings: dict[str, float] = {}
     spent_before = json.loads((work / "timings.json").read_text()) if (work / "timings.json").is_file() else {}
 
-    def phase_done(name: str, t0: float) -> None:
-        timings[name] = spent_before.get(name, 0.0) + time.perf_counter() - t0
+    def phase_done(name: str, t0: float, resumed_seconds: float = 0.0) -> None:
+        # resumed_seconds: the time earlier sessions spent in this unfinished phase, up to its last checkpoint
+        # (a phase an earlier session finished is in spent_before already)
+        resumed_seconds = 0.0 if name in spent_before else resumed_seconds
+        timings[name] = spent_before.get(name, 0.0) + resumed_seconds + time.perf_counter() - t0
         (work / "timings.json").write_text(json.dumps({**spent_before, **timings}, indent=1))
         log(f"[pretrain] {name}: {timings[name]:.0f}s")
 
@@ -531,7 +554,7 @@ def pretrain_base(out: str | os.PathLike, settings: PretrainSettings | None = No
     scaling = float(1.0 / latents[0][:, 0].std())
     vae.register_to_config(scaling_factor=scaling)
     vae_record["scaling_factor"] = scaling
-    phase_done("vae", t0)
+    phase_done("vae", t0, vae_record["resumed_seconds"])
 
     # 3. UNet + text encoder
     t0 = time.perf_counter()
@@ -542,7 +565,7 @@ def pretrain_base(out: str | os.PathLike, settings: PretrainSettings | None = No
     unet, text, unet_record = _train_unet(s, latents, token_ids, scaling, len(tokenizer), special, frozen_ids, work,
                                           log)
     unet_record["frozen_embeddings"] = frozen_words
-    phase_done("unet", t0)
+    phase_done("unet", t0, unet_record["resumed_seconds"])
 
     # 4. judge
     t0 = time.perf_counter()
@@ -569,7 +592,9 @@ def pretrain_base(out: str | os.PathLike, settings: PretrainSettings | None = No
     judge_data = {"train": f"{s.judge_per_class} per class x (standard, shifted), seed {s.judge_seed}",
                   "held_out": f"{s.judge_held_out} per class x (standard, shifted), seed {s.judge_seed + 1}",
                   "augmentation": "flip; an adjective transform (p 0.5); Gaussian blur sigma 0.4-1.2 (p 0.3)"}
-    save_judge(judge, out / "judge", {"trained_on": judge_data, **judge_record,
+    # judge.json is one of the hashed model files: no wall times in it (they go to the record below).
+    judge_history = [{k: v for k, v in row.items() if k != "seconds"} for row in judge_record["history"]]
+    save_judge(judge, out / "judge", {"trained_on": judge_data, "history": judge_history,
                                       "held_out_accuracy": judge_record["history"][-1].get("held_out_accuracy")})
     wall = sum({**spent_before, **timings}.values())  # phases of every (resumed) session
     n_params = {"unet": sum(p.numel() for p in unet.parameters()), "vae": sum(p.numel() for p in vae.parameters()),
@@ -580,7 +605,7 @@ def pretrain_base(out: str | os.PathLike, settings: PretrainSettings | None = No
                                                                       "solarized", "bright", "dark"))
     record = {
         "model": "builtin:phantom",
-        "command": "python -m meddap pretrain-base OUT" + (f" --seed {s.seed}" if s.seed else ""),
+        "command": _command(s),
         "settings": s.to_dict(),
         "architecture": {"unet": PHANTOM_UNET, "vae": PHANTOM_VAE, "text_encoder": PHANTOM_TEXT,
                          "tokenizer_words": list(TOKENIZER_WORDS), "parameters": n_params},
@@ -595,9 +620,12 @@ def pretrain_base(out: str | os.PathLike, settings: PretrainSettings | None = No
         "final_losses": {"vae_l1": vae_record["final_l1"], "vae_kl": vae_record["final_kl"],
                          "unet_mse": unet_record["final_loss"],
                          "judge_cross_entropy": judge_record["history"][-1]["loss"]},
-        "vae": vae_record, "unet": unet_record,
+        "vae": vae_record, "unet": unet_record, "judge": judge_record,
         "judge_held_out_accuracy": judge_record["history"][-1].get("held_out_accuracy"),
         "wall_seconds": {"total": wall, **{**spent_before, **timings}},
+        # steps of a phase interrupted before checkpoints carried their time: not in wall_seconds
+        "untimed_steps": {name: rec["untimed_steps"] for name, rec in (("vae", vae_record), ("unet", unet_record))
+                          if name not in spent_before and rec["untimed_steps"]},
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpu_count": os.cpu_count(), "torch_threads": s.threads},
         "versions": _versions(),
@@ -609,6 +637,16 @@ def pretrain_base(out: str | os.PathLike, settings: PretrainSettings | None = No
     log(f"[pretrain] wrote {out} in {wall:.0f}s: unet loss {unet_record['final_loss']:.4f}, vae L1 "
         f"{vae_record['final_l1']:.4f}, judge held-out accuracy {record['judge_held_out_accuracy']:.3f}")
     return record
+
+
+def _command(s: PretrainSettings) -> str:
+    """The pretrain-base command line that makes these settings (the CLI sets only seed, threads, quick)."""
+    flags = "".join([f" --seed {s.seed}" if s.seed else "",
+                     f" --threads {s.threads}" if s.threads != PretrainSettings.threads else ""])
+    for quick, flag in ((False, ""), (True, " --quick")):
+        if settings_from(quick, seed=s.seed, threads=s.threads) == s:
+            return "python -m meddap pretrain-base OUT" + flag + flags
+    return "meddap.diffusion.pretrain.pretrain_base(OUT, settings) with the settings recorded here (not a CLI preset)"
 
 
 def _versions() -> dict:

@@ -143,7 +143,8 @@ def equal_n(real_df: pd.DataFrame, synth_df: pd.DataFrame, classes: Sequence[str
 
 
 def fid_for_sets(real_paths: Sequence[str], synth_paths: Sequence[str], cfg_fid, device: str | None = None,
-                 extractor: nn.Module | None = None, image_size: int = INCEPTION_INPUT_SIZE) -> dict:
+                 extractor: nn.Module | None = None, image_size: int = INCEPTION_INPUT_SIZE,
+                 base_model: str | None = None) -> dict:
     """FID and KID between two lists of image files (the rank selection's call); pass the generation
     resolution as `image_size` so both sides take one resize path.
 
@@ -155,7 +156,7 @@ def fid_for_sets(real_paths: Sequence[str], synth_paths: Sequence[str], cfg_fid,
            "n_real": len(real_paths), "n_synthetic": len(synth_paths)}
     if extractor is None:
         try:
-            fe = build_feature_extractor(cfg_fid, device)
+            fe = build_feature_extractor(cfg_fid, device, base_model)
         except MissingWeightsError as e:
             return {**out, "fid": None, "kid": None, "kid_std": None, "status": e.status}
         extractor, image_size = fe.module, fe.image_size
@@ -355,7 +356,8 @@ def _extractors(cfg, extractor: nn.Module | None, device: str) -> tuple[dict[int
         return {cfg.fid.dims: (extractor, None)}, type(extractor).__name__
     name = cfg.fid.features
     if name != "inception":
-        fe = build_feature_extractor(cfg.fid, device)  # MeddapError naming fid.features when it cannot be built
+        # MeddapError naming fid.features when it cannot be built
+        fe = build_feature_extractor(cfg.fid, device, cfg.diffusion.base_model)
         if cfg.fid.extra_dims:
             logs.say(f"[fid] fid.extra_dims {cfg.fid.extra_dims} apply to inception features only; "
                      f"{fe.name} has {fe.dims} dims")
@@ -465,9 +467,9 @@ def score_fidelity(cfg, synth: pd.DataFrame, device: str = "cpu") -> float | Non
     """The reference judge's class of every synthetic image -> summary/fidelity.parquet (FIDELITY_COLUMNS).
     Prints and returns the mean no-adjective fidelity over classes (None when there is no such prompt)."""
     from meddap.classify.judge import fidelity_summary, judge_predict, load_judge
-    from meddap.diffusion.base import PHANTOM_DIR
+    from meddap.diffusion.base import base_model_judge_dir
 
-    judge = load_judge(PHANTOM_DIR / "judge", key="fid.judge").to(device)
+    judge = load_judge(base_model_judge_dir(cfg.diffusion.base_model, "fid.judge"), key="fid.judge").to(device)
     unknown = sorted(set(synth["class_name"]) - set(judge.classes))
     if unknown:
         raise MeddapError(f"fid.judge = {cfg.fid.judge!r} knows the classes {judge.classes}, not {unknown}: it judges "
