@@ -93,7 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     pb.add_argument("--seed", type=int, default=0)
     pb.add_argument("--quick", action="store_true", help="a few steps of every phase (smoke test), not a usable model")
     pb.add_argument("--keep-work", action="store_true", help="keep OUT/.work (corpus, latents, checkpoints)")
-    pb.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2; the shipped model used 2)")
+    pb.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default 2, the model's setting; --quick: 1)")
     b = sub.add_parser("bench", help="benchmarks that print figures: " + ", ".join(BENCHES))
     b.add_argument("what", choices=list(BENCHES))
     b.add_argument("--config", default="demo")

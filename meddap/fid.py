@@ -15,8 +15,9 @@ Everything here is plain numpy / PyTorch and knows nothing of Ray or the run dir
   - `build_feature_extractor(cfg_fid, device, base_model)`: the extractor `fid.features` names, as a
     `FeatureExtractor` (name, dims, input size, module): `inception` (pytorch-fid, the paper's), the
     domain encoder `phantom-judge` (the reference phantom classifier beside the base model, in
-    `<folder>/judge/` as `pretrain-base` writes it: its penultimate layer), or a TorchScript encoder file given by path. FIDs from different extractors
-    are different quantities: every row names its extractor and dims.
+    `<folder>/judge/` as `pretrain-base` writes it: its penultimate layer), or a TorchScript encoder
+    file given by path. FIDs from different extractors are different quantities: every row names its
+    extractor and dims.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ shipped base model, without Ray:
 2. one fold's adapter is trained with the USLoRA core (`LoraFinetuner`, the config's settings);
 3. after 0 epochs (= the base model without adapter: a fresh LoRA changes nothing) and after each
    listed epoch, `--per-cell` images per (adjective, class) are generated with the config's prompts,
-   steps and guidance, and the reference judge beside the base model (`<folder>/judge/`) scores each one;
+   steps and guidance, and the reference judge beside the base model (`<folder>/judge/`) scores each
+   one;
 4. printed: fidelity (share judged as the prompted class) per class for the no-adjective prompt at
    every checkpoint, fidelity per adjective at the last, and the mean grey level of each adjective's
    images (dark < none < bright is what the adjectives should do), with training and generation time.
@@ -45,7 +46,8 @@ def _args(cfg, argv: list[str]) -> argparse.Namespace:
     p.add_argument("--fold", type=int, default=0, help="the fold whose adapter is trained")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--model", default=None, help="diffusers folder to use instead of diffusion.base_model")
-    p.add_argument("--judge", default=None, help="judge folder (default: <base model folder>/judge/, where pretrain-base writes it)")
+    p.add_argument("--judge", default=None,
+                   help="judge folder (default: <base model folder>/judge/, where pretrain-base writes it)")
     p.add_argument("--sheet", default=None, help="write a contact sheet PNG of the last checkpoint's images")
     p.add_argument("--out", default=None, help="also write the figures as JSON here")
     return p.parse_args(argv)

@@ -64,8 +64,8 @@ PHANTOM_MODEL = "builtin:phantom"
 # The pretrained phantom base model and its reference judge (judge/), shipped as package data.
 PHANTOM_DIR = Path(__file__).resolve().parent.parent / "models" / "phantom"
 BUILTIN_MODELS = {TINY_MODEL: "a few-MB SD with random weights, built locally (plumbing tests)",
-                  PHANTOM_MODEL: "an SD-shaped model pretrained on unlabeled phantom scans, shipped in meddap/models/phantom/ "
-                                 "once built (python -m meddap pretrain-base)"}
+                  PHANTOM_MODEL: "an SD-shaped model pretrained on unlabeled phantom scans, shipped in "
+                                 "meddap/models/phantom/ once built (python -m meddap pretrain-base)"}
 SD14_CONFIG_DIR = Path(__file__).parent / "sd14"
 
 # The tiny model's architecture. Same classes and wiring as SD-1.4, channel counts cut ~10-40x.
@@ -207,11 +207,11 @@ def phantom_model_dir(asked_by: str | None = None) -> str:
     if not (PHANTOM_DIR / "model_index.json").is_file() or not (PHANTOM_DIR / "unet").is_dir():
         why = f" (for {asked_by})" if asked_by else ""
         raise MeddapError(
-            f"diffusion.base_model = {PHANTOM_MODEL!r}{why} needs the shipped folder {PHANTOM_DIR}, which is absent (its weights are not "
-            f"shipped yet: docs/base-model.md). Build the model with `{PRETRAIN_COMMAND}` (resumable; hours on a "
-            "2-core CPU), then either set diffusion.base_model=<folder> (a pretrain-base output folder is a base "
-            f"model as it stands) or copy <folder> to {PHANTOM_DIR}. For plumbing only, use "
-            f"diffusion.base_model={TINY_MODEL}.")
+            f"diffusion.base_model = {PHANTOM_MODEL!r}{why} needs the shipped folder {PHANTOM_DIR}, which is absent "
+            f"(its weights are not shipped yet: docs/base-model.md). Build the model with `{PRETRAIN_COMMAND}` "
+            "(resumable; hours on a 2-core CPU), then either set diffusion.base_model=<folder> (a pretrain-base "
+            f"output folder is a base model as it stands) or copy <folder> to {PHANTOM_DIR}. For plumbing only, "
+            f"use diffusion.base_model={TINY_MODEL}.")
     return str(PHANTOM_DIR)
 
 
