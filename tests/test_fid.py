@@ -497,10 +497,11 @@ def test_fid_features_torchscript_file_and_phantom_judge(tmp_path, phantom_base_
     _png(img2, _blob(np.random.default_rng(0), 120))
     feats = judge.features([str(img), str(img2), str(img)], 2)
     assert feats.shape == (3, 32) and np.isfinite(feats).all()
-    assert feats[0] == pytest.approx(feats[2]) and not np.allclose(feats[0], feats[1])
+    assert feats[0] == pytest.approx(feats[2], rel=1e-4, abs=1e-6) and not np.allclose(feats[0], feats[1])
     # the very judge pretrain-base wrote: its penultimate layer, on the image as read at its input size
-    expected = JudgeFeatures(load_judge(folder / "judge"))(torch.full((1, 3, 64, 64), 0.2)).double().numpy()
-    assert feats[0] == pytest.approx(expected[0], abs=1e-5)
+    with torch.no_grad():
+        expected = JudgeFeatures(load_judge(folder / "judge"))(torch.full((1, 3, 64, 64), 0.2)).double().numpy()
+    assert feats[0] == pytest.approx(expected[0], rel=1e-4, abs=1e-6)   # float32, other batch size
 
 
 def test_fid_features_phantom_judge_without_a_judge_says_the_key_the_path_and_the_fix(tmp_path):
