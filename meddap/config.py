@@ -269,6 +269,18 @@ class GenerateConfig:
     filter_overgenerate: float = _f(
         0.0, "Extra images per (fold, adjective, class) beyond the largest ratio's count, as a share of it (rounded "
              "up): spares a label-fidelity filter tops counts up from; unfiltered trials never use them.")
+    filter: Literal["none", "threshold", "drop_lowest"] = _f(
+        "none", "Label-fidelity gate of the sweep's synthetic trials (docs/controls.md): none; threshold (keep images "
+                "whose fidelity, the judge's probability of the prompted class, is >= filter_value); drop_lowest "
+                "(drop the filter_value share of lowest-fidelity images per fold, adjective and class). Counts are "
+                "topped up from the spares (filter_overgenerate), so ratios hold. Decides trials, not images: "
+                "changing it reruns only the gated trials, never generate.")
+    filter_value: Optional[float] = _f(
+        None, "threshold: the minimum fidelity in [0, 1]; drop_lowest: the share dropped, in [0, 1). Required when "
+              "generate.filter is not none.")
+    filter_judge: Optional[str] = _f(
+        None, "Classifier whose real-only baseline trial of fold k (repeat 0, best epoch) judges fold k's synthetic "
+              "images; one of classify.models; null = the first of classify.models.")
 
     def validate(self, prefix: str) -> None:
         _check("{class_phrase}" in self.prompt_template, f"{prefix}.prompt_template", self.prompt_template,
@@ -309,6 +321,34 @@ class GenerateConfig:
                    "one of them")
         _check(0 <= self.filter_overgenerate <= 10, f"{prefix}.filter_overgenerate", self.filter_overgenerate,
                "a share in [0, 10] (0.25 = a quarter more images)")
+        self._validate_filter(prefix)
+
+    def _validate_filter(self, prefix: str) -> None:
+        if self.filter == "none":
+            return
+        from meddap.classify.fidelity import check_filter, spares_needed
+
+        _check(self.filter_value is not None, f"{prefix}.filter_value", self.filter_value,
+               f"a number when {prefix}.filter = {self.filter} (threshold: minimum fidelity in [0, 1], e.g. 0.5; "
+               "drop_lowest: the share dropped in [0, 1), e.g. 0.2)")
+        try:
+            check_filter(self.filter, self.filter_value)
+        except ValueError as e:
+            raise ConfigError(f"config key '{prefix}.filter_value' = {self.filter_value!r} is not allowed with "
+                              f"{prefix}.filter = {self.filter}: {e}.") from None
+        # Without spares a gate that drops images leaves a trial short of its ratio's count: the sweep would
+        # fail after the judges ran. drop_lowest p always fits with p / (1 - p); a threshold has no sure share.
+        need = spares_needed(self.filter, self.filter_value)
+        if self.filter == "drop_lowest":
+            _check(self.filter_overgenerate >= need - 1e-9, f"{prefix}.filter_overgenerate", self.filter_overgenerate,
+                   f"at least {need:.4g} (= p / (1 - p)) with {prefix}.filter = drop_lowest and filter_value = "
+                   f"{self.filter_value:g}, so the spares always replace the dropped images; raise it (then rerun "
+                   "generate, which adds only the spares) or lower filter_value")
+        else:
+            _check(self.filter_overgenerate > 0, f"{prefix}.filter_overgenerate", self.filter_overgenerate,
+                   f"a share > 0 with {prefix}.filter = threshold: dropped images are replaced by spare images, and "
+                   "without spares every dropped image leaves a trial short (e.g. 0.5; how many a threshold keeps "
+                   "depends on the scores, so no share is sure: the sweep names any shortfall)")
 
 
 @dataclass
@@ -342,7 +382,13 @@ class ClassifyConfig:
         "grey", "rgb: images reach the classifiers (and FID) in colour, as the authors fed them: synthetic images "
                 "as generated, grey real images replicated to 3 channels; grey: every image converted to grey.")
     save_models: Literal["none", "fold0", "all"] = _f(
-        "fold0", "Which trials keep their best-epoch weights (report's Grad-CAM uses fold 0).")
+        "fold0", "Which trials keep their best-epoch weights (report's Grad-CAM uses fold 0). With generate.filter on, "
+                 "the judges' real-only trials keep theirs whatever this says.")
+    controls: list[str] = _f(
+        [], "Equal-budget control trials (docs/controls.md): duplicate (fold's real training images drawn again) per "
+            "classifier x fold x ratio; classical (real images through the adjective's classical transform) per "
+            "classifier x fold x ratio x adjective with a classical twin. Same per-class counts as the synthetic "
+            "images at that ratio; Table 4 compares them with the synthetic trials.")
 
     def validate(self, prefix: str) -> None:
         _check(len(self.models) >= 1, f"{prefix}.models", self.models, "a non-empty list of torchvision model names")
@@ -361,6 +407,9 @@ class ClassifyConfig:
         _check(self.checkpoint_seconds >= 0, f"{prefix}.checkpoint_seconds", self.checkpoint_seconds,
                "a number of seconds >= 0")
         _check(1 <= self.repeats <= 100, f"{prefix}.repeats", self.repeats, "an integer in [1, 100]")
+        _check(all(c in ("duplicate", "classical") for c in self.controls) and len(set(self.controls)) == len(self.controls),
+               f"{prefix}.controls", self.controls, "a list of distinct values from duplicate, classical (e.g. "
+               "[duplicate, classical]; [] = no controls)")
 
 
 # fid.features names (meddap.fid.FEATURE_EXTRACTORS describes them); anything path-like is a TorchScript file.
@@ -480,6 +529,10 @@ class Config:
         self.fid.validate("fid")
         self.report.validate("report")
         self.ray.validate("ray")
+        judge = self.generate.filter_judge
+        _check(judge is None or judge in self.classify.models, "generate.filter_judge", judge,
+               f"null (the first of classify.models) or one of classify.models = {self.classify.models}: the judge is "
+               "that classifier's real-only trial")
         # The phantom judge lives beside the base model (<folder>/judge/): builtin:tiny has none.
         for key, value in (("fid.features", self.fid.features), ("fid.judge", self.fid.judge)):
             if value == "phantom-judge" and self.diffusion.base_model.startswith("builtin:") \
@@ -517,6 +570,11 @@ class Config:
     @property
     def classify_image_size(self) -> int:
         return self.classify.image_size or self.data.image_size
+
+    @property
+    def filter_judge(self) -> str:
+        """The classifier whose real-only trials judge label fidelity (generate.filter_judge, or the first model)."""
+        return self.generate.filter_judge or self.classify.models[0]
 
     @property
     def generate_resolution(self) -> int:

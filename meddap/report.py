@@ -16,7 +16,15 @@
                         the same comparison on the external set (Dataset B) accuracy, same chosen setting;
                         n_used / n_excluded external images (B copies of A images, left out under
                         data.external.exclude_overlap); full=True scores all of Dataset B
+  table4(trials, predictions)
+                        equal-budget controls (classify.controls): per classifier, at Table 2's validation-chosen
+                        ratio, every adjective's synthetic trials vs its classical twin and vs the duplicate
+                        control; the same tests as Table 2 (fold t-test, paired bootstrap over test images,
+                        p_holm over every comparison of the table)
   fig1a(synthetic_eval) real-only classifiers' accuracy on each adjective's synthetic set, mean over folds
+
+Control trials (augmentation duplicate / classical) take part in Table 4 only: Tables 1-3 and the
+selection are made from the real-only and synthetic trials (`study_trials`).
 
 Trials pair by (fold, repeat): common random numbers make a cell's augmented and real-only trials start
 alike (meddap.classify.trial.trial_seed). Nothing is re-derived by hand: every number is a pandas
@@ -43,6 +51,9 @@ __all__ = [
     "table1",
     "table2",
     "table3",
+    "table4",
+    "TABLE4_COLUMNS",
+    "study_trials",
     "fig1a",
     "crn_violations",
     "EXTERNAL_SETS",
@@ -80,7 +91,16 @@ def _normalise(trials: pd.DataFrame) -> pd.DataFrame:
     out = trials.assign(adjective=adj.where(trials["adjective"].notna(), None))
     if "repeat" not in out:  # sweeps before classify.repeats: one repeat, number 0
         out = out.assign(repeat=0)
-    return out.assign(repeat=out["repeat"].fillna(0).astype(int))
+    derived = out["adjective"].isna().map({True: "none", False: "synthetic"})
+    aug = out["augmentation"].where(out["augmentation"].notna(), derived) if "augmentation" in out else derived
+    filt = out["filter"].fillna("none").astype(str) if "filter" in out else "none"  # sweeps before the gate: none
+    return out.assign(repeat=out["repeat"].fillna(0).astype(int), augmentation=aug.astype(str), filter=filt)
+
+
+def study_trials(trials: pd.DataFrame) -> pd.DataFrame:
+    """The real-only and synthetic trials (Tables 1-3 and the selection), without the control trials."""
+    trials = _normalise(trials)
+    return trials[trials["augmentation"].isin(("none", "synthetic"))]
 
 
 def _real_only(trials: pd.DataFrame) -> pd.Series:
@@ -102,7 +122,7 @@ def best_settings(trials: pd.DataFrame) -> pd.DataFrame:
     folds (and repeats): columns classifier, adjective, ratio, val_accuracy, n_val_folds, selected_by,
     n_settings_compared (how many (adjective, ratio) candidates it was chosen from).
     Ties go to the smaller ratio, then the adjective first in alphabetical order (deterministic)."""
-    trials = _normalise(trials)
+    trials = study_trials(trials)
     aug = trials[~_real_only(trials)]
     val = aug[aug["eval_set"] == "val"]
     lacking = sorted(set(aug["classifier"]) - set(val["classifier"]))
@@ -121,17 +141,19 @@ def best_settings(trials: pd.DataFrame) -> pd.DataFrame:
 
 
 def table1(trials: pd.DataFrame, fid: pd.DataFrame | None = None, dims: int | None = None) -> pd.DataFrame:
-    """classifier, adjective, ratio, accuracy_mean, accuracy_std, n_folds, fid, kid, fid_folds; FID rows of
-    feature size `dims` only (fid.dims) when fid.parquet holds several."""
-    trials = _normalise(trials)
+    """classifier, adjective, ratio, accuracy_mean, accuracy_std, n_folds, fid, kid, fid_folds, filter (the
+    label-fidelity gate the synthetic trials ran with, sweep.filter_label; 'none' for real-only rows); FID
+    rows of feature size `dims` only (fid.dims) when fid.parquet holds several."""
+    trials = study_trials(trials)
     if fid is not None and dims is not None and "dims" in fid:
         fid = fid[fid["dims"] == dims]
     test = trials[trials["eval_set"] == "test"]
     if test.empty:
         raise MeddapError("trials.parquet has no 'test' rows: Table 1 reports test accuracy. "
                           "Rerun `python -m meddap sweep`.")
-    out = (test.groupby(["classifier", "adjective", "ratio"], dropna=False)["accuracy"]
-           .agg(accuracy_mean="mean", accuracy_std="std", n_folds="count").reset_index())
+    out = (test.groupby(["classifier", "adjective", "ratio"], dropna=False)
+           .agg(accuracy_mean=("accuracy", "mean"), accuracy_std=("accuracy", "std"), n_folds=("accuracy", "count"),
+                filter=("filter", lambda f: ", ".join(sorted(set(f))))).reset_index())
     out["adjective"] = out["adjective"].astype(object).where(out["adjective"].notna(), None)
     fid_by_adj, kid_by_adj, folds_by_adj = {}, {}, {}
     if fid is not None and len(fid):
@@ -141,6 +163,7 @@ def table1(trials: pd.DataFrame, fid: pd.DataFrame | None = None, dims: int | No
     out["fid"] = [fid_by_adj.get(a, np.nan) if a is not None else np.nan for a in out["adjective"]]
     out["kid"] = [kid_by_adj.get(a, np.nan) if a is not None else np.nan for a in out["adjective"]]
     out["fid_folds"] = [folds_by_adj.get(a, 0) if a is not None else 0 for a in out["adjective"]]
+    out = out[[c for c in out.columns if c != "filter"] + ["filter"]]
     order = out["adjective"].isna().map({True: 0, False: 1})
     return (out.assign(_o=order).sort_values(["classifier", "_o", "adjective", "ratio"])
             .drop(columns="_o").reset_index(drop=True))
@@ -194,7 +217,7 @@ def _compare(trials: pd.DataFrame, eval_set: str, metrics: list[str], table: str
              samples: int = 10_000, seed: int = 0) -> pd.DataFrame:
     """`eval_set` names the trials.parquet rows compared; `eval_sets` the predictions.parquet eval sets
     the bootstrap resamples (default: the same one)."""
-    trials = _normalise(trials)
+    trials = study_trials(trials)
     classifiers = sorted(set(trials.loc[~_real_only(trials), "classifier"]))
     _need_baselines(trials, eval_set, classifiers, table)
     best = best_settings(trials).set_index("classifier") if classifiers else None
@@ -242,6 +265,76 @@ def table2(trials: pd.DataFrame, predictions: pd.DataFrame | None = None, sample
         raise MeddapError("trials.parquet has no augmented trials: Table 2 compares real-only with the best "
                           "augmented setting. Run `python -m meddap sweep` with generate.adjectives/ratios.")
     return _compare(trials, "test", METRICS, "Table 2", predictions, samples=samples, seed=seed)
+
+
+TABLE4_COLUMNS = ["classifier", "eval_set", "ratio", "adjective", "selected", "control", "twin", "selected_by",
+                  "n_settings_compared", "real_accuracy", "synthetic_accuracy", "synthetic_accuracy_std",
+                  "control_accuracy", "control_accuracy_std", "n_folds_synthetic", "n_folds_control", "n_pairs",
+                  "mean_difference", "ci_low", "ci_high", "t_statistic", "p_value", *_BOOT_COLUMNS]
+
+
+def table4(trials: pd.DataFrame, predictions: pd.DataFrame | None = None, samples: int = 10_000,
+           seed: int = 0) -> pd.DataFrame:
+    """Synthetic images vs equal-budget controls on the test set (columns TABLE4_COLUMNS, one row per
+    classifier x adjective x control). Per classifier, at the ratio Table 2 selected on validation
+    accuracy (`best_settings`), each adjective's synthetic trials are compared with its classical twin
+    (control 'classical'; adjectives without one have none) and with the duplicate control; `selected`
+    marks Table 2's adjective. Differences are synthetic - control test accuracy, paired by (fold,
+    repeat): the fold t-test and the paired bootstrap over test images as in Table 2, `p_holm` the
+    bootstrap p Holm-adjusted over every row of the table. Empty (with attrs['note']) without controls."""
+    from meddap.classify.controls import classical_name
+
+    trials = _normalise(trials)
+    ctl = trials[trials["augmentation"].isin(("duplicate", "classical"))]
+    if ctl.empty or not (trials["augmentation"] == "synthetic").any():
+        out = pd.DataFrame(columns=TABLE4_COLUMNS)
+        out.attrs["note"] = ("Table 4 not computed: trials.parquet has no control trials (set classify.controls: "
+                             "[duplicate, classical] and rerun `python -m meddap sweep`; only the controls run)."
+                             if ctl.empty else "Table 4 not computed: trials.parquet has no synthetic trials.")
+        return out
+    best = best_settings(trials).set_index("classifier")
+    test = trials[trials["eval_set"] == "test"]
+    rows, missing = [], []
+    for clf in best.index:
+        b = best.loc[clf]
+        ev = test[(test["classifier"] == clf) & (test["ratio"] == b["ratio"])]
+        real = test[(test["classifier"] == clf) & (test["augmentation"] == "none")]
+        dup = ev[ev["augmentation"] == "duplicate"].set_index(_PAIR).sort_index()
+        syn_all = ev[ev["augmentation"] == "synthetic"]
+        for adj in sorted(syn_all["adjective"].unique()):
+            syn = syn_all[syn_all["adjective"] == adj].set_index(_PAIR).sort_index()
+            twin = classical_name(adj) or ""
+            cls = ev[(ev["augmentation"] == "classical") & (ev["adjective"] == adj)].set_index(_PAIR).sort_index()
+            for control, c in (("classical", cls), ("duplicate", dup)):
+                if control == "classical" and not twin:
+                    continue  # no classical twin: its control is the duplicate (meddap.classify.controls)
+                if c.empty:
+                    missing.append(f"{clf} {control} at ratio {b['ratio']:g}" + (f" ({adj})" if control == "classical" else ""))
+                    continue
+                row = {"classifier": clf, "eval_set": "test", "ratio": float(b["ratio"]), "adjective": adj,
+                       "selected": adj == b["adjective"], "control": control, "twin": twin,
+                       "selected_by": b["selected_by"], "n_settings_compared": int(b["n_settings_compared"]),
+                       "real_accuracy": real["accuracy"].mean() if len(real) else np.nan,
+                       "synthetic_accuracy": syn["accuracy"].mean(), "synthetic_accuracy_std": syn["accuracy"].std(),
+                       "control_accuracy": c["accuracy"].mean(), "control_accuracy_std": c["accuracy"].std(),
+                       "n_folds_synthetic": len(syn), "n_folds_control": len(c)}
+                row.update(_paired(syn["accuracy"], c["accuracy"]))
+                row.update(_bootstrap(predictions, syn, c, ("test",), samples, seed))
+                rows.append(row)
+    out = pd.DataFrame(rows, columns=TABLE4_COLUMNS)
+    out["p_holm"] = holm(out["boot_p"].to_numpy(float)) if len(out) else []
+    out = out.astype({"boot_samples": "int64", "n_test_images": "int64", "n_settings_compared": "int64",
+                      "n_folds_synthetic": "int64", "n_folds_control": "int64", "selected": bool})
+    notes = []
+    if missing:
+        notes.append(f"Table 4: no control trials for {', '.join(dict.fromkeys(missing))} (classify.controls "
+                     f"lacks them, or they did not finish): those comparisons are left out.")
+    if predictions is None:
+        notes.append("Table 4: summary/predictions.parquet is absent, so the paired bootstrap (boot_*, p_holm) was "
+                     "not computed; only the fold t-test is given.")
+    if notes:
+        out.attrs["note"] = " ".join(notes)
+    return out
 
 
 def _full_external(trials: pd.DataFrame) -> pd.DataFrame:

@@ -38,7 +38,7 @@ def overrides(run_dir: str) -> list[str]:
             "generate.adjectives=['', dark]", "generate.ratios=[1.0]", "generate.steps=2", "generate.batch_size=2",
             "generate.cpus_per_worker=0.5", "generate.workers=2", "classify.models=[squeezenet1_1]", "classify.epochs=4",
             "classify.checkpoint_seconds=0", "classify.batch_size=8", "classify.max_failures=3",
-            "classify.image_size=32", "fid.dims=64"]
+            "classify.image_size=32", "fid.dims=64", "classify.controls=[]"]
 
 
 class Chaos:

@@ -26,9 +26,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 _RESULT: dict | None = None
 JOB_TIMEOUT_S = 900
-# The shipped demo trains each classifier 6 epochs at batch 8 (~200 s of sweep on 2 cores) so a user
-# sees them learn; the suite checks the same pipeline with 2 epochs at batch 32 to keep CI fast.
-DEMO_TEST_OVERRIDES = ["classify.epochs=2", "classify.batch_size=32"]
+# The suite's demo job is the demo config shrunk by overrides (every stage, every table and figure, the
+# controls, 2 folds, 2 classifiers, 2 adjectives, one ratio, 32 px, 2 classifier epochs): CI checks the
+# pipeline and its outputs, not the demo's numbers. `python -m meddap demo` runs the full demo config.
+DEMO_TEST_OVERRIDES = ["data.phantom.per_class=12", "data.external.phantom.per_class=6", "data.image_size=32",
+                       "diffusion.resolution=32", "diffusion.train.epochs=1", "generate.adjectives=['', dark]",
+                       "generate.ratios=[1.0]", "generate.steps=4", "classify.models=[resnet34, squeezenet1_1]",
+                       "classify.epochs=2", "classify.batch_size=16", "report.gradcam_images=1",
+                       "report.contact_sheet_per_cell=2"]
+# The head declares one logical GPU and the job runs with MEDDAP_DEVICE=cpu: the demo's `auto` GPU
+# settings then ask Ray for GPUs exactly as on a GPU cluster (issue 11 part 3a) while the arithmetic
+# runs on this CPU; tests/test_jobs.py reads from Ray's state API where each piece ran.
+DEMO_HEAD_ARGS = ("--num-gpus=1",)
+DEMO_JOB_ENV = {"MEDDAP_DEVICE": "cpu"}
 
 
 def _free_port() -> int:
@@ -112,26 +122,32 @@ def demo_job() -> dict:
     if not os.environ.get("MEDDAP_KEEP_DEMO"):
         atexit.register(shutil.rmtree, tmp, ignore_errors=True)
     run_dir = os.path.join(tmp, "run")
-    proc, url = start_head(tmp)
+    proc, url = start_head(tmp, extra_args=DEMO_HEAD_ARGS)
+    state = None
     try:
         no_token = submit(url, ["python", "-c", "print('should not run')"], token=False, timeout=120)
         t0 = time.perf_counter()
         logs = []
         for attempt in (1, 2):
-            res = submit(url, ["python", "jobs/pipeline.py", "--config", "demo", f"run_dir={run_dir}", *DEMO_TEST_OVERRIDES])
+            res = submit(url, ["python", "jobs/pipeline.py", "--config", "demo", f"run_dir={run_dir}", *DEMO_TEST_OVERRIDES],
+                         env_vars=DEMO_JOB_ENV)
             logs.append(res.stdout + res.stderr)
             # On a machine shared with other work, Ray's memory monitor may kill a worker because of
             # other processes' memory. Resubmitting once is what a user does: the pipeline resumes.
             if res.returncode == 0 or "OutOfMemoryError" not in logs[-1] and "out of memory" not in logs[-1]:
                 break
         seconds = time.perf_counter() - t0
+        if res.returncode == 0:
+            from _sim_cluster import cluster_state  # (imports this module)
+
+            state = cluster_state(url)
     finally:
         stop_head(proc)
     log = "\n".join(logs)
     log_file = os.path.join(tmp, "job.log")
     Path(log_file).write_text(log)
     _RESULT = {"run_dir": run_dir, "returncode": res.returncode, "log": log, "log_file": log_file,
-               "attempts": len(logs), "seconds": seconds, "unauthorized": no_token,
+               "attempts": len(logs), "seconds": seconds, "unauthorized": no_token, "state": state,
                "head_stopped": proc.poll() is not None}
     return _RESULT
 

@@ -29,7 +29,8 @@ import yaml
 
 from _demo_run import _free_port, start_head
 
-__all__ = ["gpu_head", "autoscaling_head", "cluster_state", "stop", "gpu_of", "GPU_WORKER_TYPE"]
+__all__ = ["gpu_head", "autoscaling_head", "cluster_state", "stop", "gpu_of", "check_gpu_placement", "GPU_WORKER_TYPE",
+           "GPU_WORK"]
 
 GPU_WORKER_TYPE = "gpu_worker"
 _PORTS = ["port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port",
@@ -112,6 +113,34 @@ print("STATE" + json.dumps(out, default=str))
 def gpu_of(required: dict | None) -> float:
     """GPUs in a required-resources dict, also when Ray names them per placement-group bundle."""
     return float(sum(v for k, v in (required or {}).items() if k == "GPU" or k.startswith("GPU_group_")))
+
+
+# The GPU-sized work of the pipeline, by the class of the Ray actor that runs it.
+GPU_WORK = {"RayTrainWorker": "fine-tuning worker", "MapWorker(MapBatches(_GenerateActor))": "generation actor",
+            "ImplicitFunc": "sweep trial"}
+# What the stages say when `auto` turned their GPU requests on (the job log).
+GPU_AUTO_LINES = ("[finetune] diffusion.train.use_gpu=auto: workers ask for one GPU each",
+                  "[generate] generate.use_gpu=auto: actors ask for GPUs",
+                  "[sweep] classify.gpus_per_trial=auto: each trial asks for 0.25 GPU")
+
+
+def check_gpu_placement(state: dict, log: str) -> tuple[set, list]:
+    """Issue 11 part 3: from Ray's state API, the fine-tuning workers, generation actors and sweep trials
+    all asked for GPUs and ran on GPU nodes, and nothing that asked for a GPU ran on a CPU-only node.
+    Returns (GPU node ids, GPU-work actors)."""
+    for line in GPU_AUTO_LINES:
+        assert line in log, line
+    gpu_nodes = {n["node_id"] for n in state["nodes"] if float((n["resources"] or {}).get("GPU", 0)) > 0}
+    assert gpu_nodes, "no node declares a GPU"
+    work = [a for a in state["actors"] if a["class_name"] in GPU_WORK]
+    assert {a["class_name"] for a in work} == set(GPU_WORK), "each kind of GPU work ran"
+    for a in work:
+        assert gpu_of(a["required"]) > 0, f"{GPU_WORK[a['class_name']]} asked for no GPU: {a['required']}"
+        assert a["node_id"] in gpu_nodes, f"{GPU_WORK[a['class_name']]} ran on a CPU-only node"
+    for item in state["actors"] + state["tasks"]:
+        if gpu_of(item["required"]) > 0 and item.get("node_id"):
+            assert item["node_id"] in gpu_nodes, item
+    return gpu_nodes, work
 
 
 def _processes_of(ray_tmp: str) -> list[int]:

@@ -160,3 +160,35 @@ def test_demo_header_states_a_measured_time_with_the_machine():
 
     # "measured <time> ... on <the machine>", so a reader can tell what the figure means for them
     assert re.search(r"measured \d+(\.\d+)? ?(s|min)\b[^\n]*\n?[^\n]* on (a|an|the) [^.]*(core|CPU|GPU)", head), head
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["classify.controls=[duplicate, mirror]"], r"'classify\.controls'.*distinct values from duplicate, classical"),
+    (["classify.controls=[duplicate, duplicate]"], r"'classify\.controls'.*distinct values"),
+    (["generate.filter=threshold"], r"'generate\.filter_value' = None.*a number when generate\.filter = threshold"),
+    (["generate.filter=threshold", "generate.filter_value=1.5", "generate.filter_overgenerate=0.5"],
+     r"'generate\.filter_value' = 1\.5 .*threshold.*\[0, 1\]"),
+    (["generate.filter=drop_lowest", "generate.filter_value=1.0", "generate.filter_overgenerate=0.5"],
+     r"drop_lowest.*\[0, 1\)"),
+    (["generate.filter=threshold", "generate.filter_value=0.5"],
+     r"'generate\.filter_overgenerate' = 0\.0 .*a share > 0 with generate\.filter = threshold.*spare images"),
+    (["generate.filter=drop_lowest", "generate.filter_value=0.5", "generate.filter_overgenerate=0.5"],
+     r"'generate\.filter_overgenerate' = 0\.5 .*at least 1 \(= p / \(1 - p\)\).*rerun generate"),
+    (["generate.filter_judge=resnet50"], r"'generate\.filter_judge' = 'resnet50'.*one of classify\.models"),
+])
+def test_controls_and_gate_settings_are_checked_at_the_door(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("demo", overrides)
+
+
+def test_gate_settings_that_fit_load_and_decide_only_the_sweep():
+    from meddap.stages.state import stage_settings
+
+    cfg = load_config("demo", ["generate.filter=drop_lowest", "generate.filter_value=0.2",
+                               "generate.filter_overgenerate=0.25", "generate.filter_judge=squeezenet1_1"])
+    assert cfg.filter_judge == "squeezenet1_1" and load_config("demo").filter_judge == "resnet34"
+    # Changing the gate reruns gated trials, never generate or fid (their images do not depend on it).
+    for stage in ("generate", "fid"):
+        assert not any(k.startswith("generate.filter") and k != "generate.filter_overgenerate"
+                       for k in stage_settings(cfg, stage))
+    assert stage_settings(cfg, "sweep")["generate.filter"] == "drop_lowest"

@@ -1,7 +1,8 @@
 """`ray job submit` of the demo to a real local Ray head, and everything the demo must produce.
 
 This is the suite's end-to-end run (marked slow, run by default): tests/_demo_run.py starts a head on
-loopback (dashboard = job server on 127.0.0.1, token auth on as Ray 2.60 ships it), submits
+loopback that declares one logical GPU (dashboard = job server on 127.0.0.1, token auth on as Ray 2.60
+ships it), submits with MEDDAP_DEVICE=cpu
 `python jobs/pipeline.py --config demo run_dir=...`, waits, and stops that head. The checks below
 read the run dir the job wrote; tests/test_pipeline.py reruns the same run dir to test skipping,
 --force and change detection.
@@ -44,6 +45,18 @@ def test_job_server_wants_the_token(job):
     assert job["head_stopped"], "the test's Ray head must be stopped after the job"
 
 
+def test_gpu_work_asked_for_gpus_and_ran_on_the_gpu_head(job, cfg):
+    """Issue 11 part 3a: the demo job ran on a head that declares a GPU (`ray start --num-gpus=1`),
+    with MEDDAP_DEVICE=cpu: the `auto` defaults asked Ray for GPUs, the arithmetic ran on the CPU."""
+    from _sim_cluster import check_gpu_placement
+
+    assert job["state"] is not None, "no state API answer from the job's head"
+    check_gpu_placement(job["state"], job["log"])
+    assert len(job["state"]["nodes"]) == 1
+    adapter = json.loads(storage.read_text(storage.join(RunLayout(cfg.run_dir).adapter_dir(0), "adapter.json")))
+    assert adapter["device"].startswith("cpu") and "MEDDAP_DEVICE=cpu" in adapter["device"]
+
+
 def test_job_ran_the_pipeline_and_said_where_the_report_is(job):
     log = job["log"]
     assert re.search(r"Job '\S+' succeeded", log)
@@ -81,14 +94,17 @@ def test_synthetic_manifest_has_every_fold_adjective_class(cfg):
 
 
 def test_trials_cover_the_grid(cfg):
+    from meddap.stages.sweep import grid_size
+
     t = storage.read_parquet(RunLayout(cfg.run_dir).summary("trials"))
     c = cfg.classify
-    n_grid = len(c.models) * cfg.data.folds * (len(cfg.generate.adjectives) * len(cfg.generate.ratios) + 1)
+    n_grid = grid_size(cfg)  # the paper's cells plus the demo's control trials (classify.controls)
     assert t["trial_id"].nunique() == n_grid
+    assert set(t["augmentation"]) == {"none", "synthetic", "duplicate", "classical"}
     assert set(t["eval_set"]) == {"val", "test", "external"}
     assert len(t) == 3 * n_grid
     assert t[["accuracy", "f1"]].apply(lambda col: col.between(0, 1)).all().all()
-    real = t[t["ratio"] == 0.0]
+    real = t[t["augmentation"] == "none"]
     assert real["adjective"].isna().all() and real["trial_id"].nunique() == len(c.models) * cfg.data.folds
     expected = {f"{m}__{adjective_slug(a)}__r{r:g}__f{f}" for m in c.models for a in cfg.generate.adjectives
                 for r in cfg.generate.ratios for f in range(cfg.data.folds)}
@@ -114,7 +130,7 @@ def test_fid_is_computed_or_marked_missing_never_invented(cfg):
 
 def test_tables_figures_and_report(cfg):
     lay = RunLayout(cfg.run_dir)
-    for name in ("table1", "table2", "table3", "fig1a", "synthetic_eval", "predictions"):
+    for name in ("table1", "table2", "table3", "table4", "fig1a", "synthetic_eval", "predictions"):
         assert len(storage.read_parquet(lay.summary(name))) > 0, name
     report = storage.read_text(lay.path("report.md"))
     assert storage.exists(lay.path("report.html"))

@@ -145,7 +145,8 @@ def test_whole_pipeline_with_s3_run_dir(s3_env):
     overrides = [f"run_dir={run_dir}", "data.phantom.per_class=8", "data.external.phantom.per_class=4",
                  "diffusion.lora.per_fold=false", "diffusion.train.epochs=1", "generate.adjectives=['']",
                  "generate.ratios=[0.5]", "generate.steps=2", "classify.models=[squeezenet1_1]",
-                 "classify.epochs=1", "classify.checkpoint_seconds=0", "report.gradcam_images=1"]
+                 "classify.epochs=1", "classify.checkpoint_seconds=0", "report.gradcam_images=1",
+                 "classify.controls=[]"]
     script = ("import sys; from meddap.config import load_config; from meddap.stages.pipeline import run; "
               "r = run(load_config('demo', sys.argv[1:])); "
               "print('ACTIONS', sorted((t['stage'], t['action']) for t in r['timings']))")

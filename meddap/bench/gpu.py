@@ -138,19 +138,11 @@ def _sd_parts(p: dict, work: str, device: torch.device) -> dict:
 
 
 def _write_images(folder: str, n: int, size: int) -> list[str]:
-    """Grey speckle-and-blob PNGs: fine-tuning reads files through the real decode path."""
-    import numpy as np
-    from PIL import Image
+    """Fine-tuning reads files through the real decode path: bench finetune's speckle-and-blob PNGs
+    (that module imports neither Ray nor pandas, so this bench still runs without them)."""
+    from meddap.bench.finetune import _write_images as write
 
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(n):
-        a = (rng.random((size, size)) * 90).astype(np.uint8)
-        a[size // 4: size // 2, size // 4 + i: size // 2 + i] = 200
-        path = os.path.join(folder, f"img{i}.png")
-        Image.fromarray(a).save(path)
-        paths.append(path)
-    return paths
+    return write(folder, n, size)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -43,7 +43,6 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 
 from meddap.errors import MeddapError
 
@@ -152,6 +151,7 @@ def draw_params(name: str, seed: int, params: ClassicalParams = ClassicalParams(
 def apply_transform(image: np.ndarray, name: str, drawn: dict) -> np.ndarray:
     """One image, (C, H, W) uint8 with C = 1 (grey) or 3 (RGB), through transform `name` with the
     parameters `draw_params` gave; returns a new (C, H, W) uint8 array."""
+    import torch  # here, not at the top: the sweep's grid (and `meddap status`) reads the mapping without torch
     import torchvision.transforms.v2.functional as F
 
     arr = np.asarray(image)

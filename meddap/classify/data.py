@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "AUGMENTATIONS",
     "TrialSpec",
     "EvalSet",
     "TrialTensors",
@@ -54,6 +55,8 @@ __all__ = [
     "decode_images",
     "synthetic_source_fold",
     "select_training_rows",
+    "control_training_rows",
+    "synthetic_pool",
     "load_sweep_images",
     "trial_tensors",
     "imagenet_stats",
@@ -68,41 +71,65 @@ _EVAL_SETS = ("test", "external", "external_overlap")
 CHANNELS = {"grey": 1, "rgb": 3}
 
 
+AUGMENTATIONS = ("none", "synthetic", "duplicate", "classical")
+# Trial-id suffix of the control trials; real-only and synthetic ids keep the form of earlier sweeps.
+_CONTROL_SUFFIX = {"duplicate": "__dup", "classical": "__cls"}
+
+
 @dataclass(frozen=True)
 class TrialSpec:
-    """One cell of the grid. `adjective` None with ratio 0 is the real-only baseline."""
+    """One cell of the grid. `augmentation` says what is added to the fold's real training images:
+    none (the real-only baseline: adjective None, ratio 0); synthetic (adjective's SD images at ratio);
+    duplicate (real images again, as many per class as the synthetic set at ratio: adjective None);
+    classical (real images through the adjective's classical twin, same counts). None = derived from
+    adjective (none / synthetic), as every spec of earlier sweeps."""
 
     classifier: str
     fold: int
     adjective: Optional[str] = None
     ratio: float = 0.0
     repeat: int = 0
+    augmentation: Optional[str] = None
 
     def __post_init__(self):
-        if (self.adjective is None) != (self.ratio == 0):
-            raise ValueError(f"TrialSpec: real-only trials have adjective None and ratio 0, got "
-                             f"adjective={self.adjective!r}, ratio={self.ratio}")
+        aug = self.augmentation or ("none" if self.adjective is None else "synthetic")
+        object.__setattr__(self, "augmentation", aug)
+        if aug not in AUGMENTATIONS:
+            raise ValueError(f"TrialSpec: augmentation {aug!r} is not one of {AUGMENTATIONS}")
+        wants_adjective = aug in ("synthetic", "classical")
+        if (self.adjective is not None) != wants_adjective or (self.ratio == 0) != (aug == "none"):
+            raise ValueError(f"TrialSpec: {aug} trials have {'an adjective' if wants_adjective else 'adjective None'} "
+                             f"and {'ratio 0' if aug == 'none' else 'a ratio > 0'}, got adjective={self.adjective!r}, "
+                             f"ratio={self.ratio}")
 
     @property
     def real_only(self) -> bool:
-        return self.adjective is None
+        return self.augmentation == "none"
+
+    @property
+    def control(self) -> bool:
+        return self.augmentation in _CONTROL_SUFFIX
 
     @property
     def trial_id(self) -> str:
         from meddap.layout import adjective_slug
 
-        slug = "real" if self.real_only else adjective_slug(self.adjective)
-        tail = f"__rep{self.repeat}" if self.repeat else ""  # repeat 0 keeps the ids of earlier sweeps
+        slug = "real" if self.adjective is None else adjective_slug(self.adjective)
+        tail = _CONTROL_SUFFIX.get(self.augmentation, "")
+        tail += f"__rep{self.repeat}" if self.repeat else ""  # repeat 0 keeps the ids of earlier sweeps
         return f"{self.classifier}__{slug}__r{self.ratio:g}__f{self.fold}{tail}"
 
     def to_dict(self) -> dict:
-        return {"classifier": self.classifier, "fold": self.fold, "adjective": self.adjective,
-                "ratio": self.ratio, "repeat": self.repeat, "trial_id": self.trial_id}
+        d = {"classifier": self.classifier, "fold": self.fold, "adjective": self.adjective,
+             "ratio": self.ratio, "repeat": self.repeat, "trial_id": self.trial_id}
+        if self.control:  # only controls name it: real-only and synthetic specs (and made_from keys) stay as they were
+            d["augmentation"] = self.augmentation
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrialSpec":
         return cls(classifier=d["classifier"], fold=int(d["fold"]), adjective=d["adjective"],
-                   ratio=float(d["ratio"]), repeat=int(d.get("repeat", 0)))
+                   ratio=float(d["ratio"]), repeat=int(d.get("repeat", 0)), augmentation=d.get("augmentation"))
 
 
 @dataclass
@@ -213,6 +240,8 @@ def select_training_rows(manifest: pd.DataFrame, synthetic: Optional[pd.DataFram
     real = _real_train_rows(manifest, spec.fold)
     if spec.real_only:
         return real, (synthetic.iloc[:0] if synthetic is not None else pd.DataFrame())
+    if spec.control:
+        raise ValueError(f"trial {spec.trial_id} is a control: its extra rows come from control_training_rows")
     if synthetic is None:
         raise MeddapError(f"trial {spec.trial_id} needs synthetic images but there is no synthetic manifest; "
                           f"run `python -m meddap generate` first.")
@@ -231,6 +260,24 @@ def select_training_rows(manifest: pd.DataFrame, synthetic: Optional[pd.DataFram
     return real, pd.concat(parts) if parts else pool.iloc[:0]
 
 
+def control_training_rows(manifest: pd.DataFrame, spec: TrialSpec, classes: Sequence[str],
+                          run_seed: int) -> pd.DataFrame:
+    """The extra rows of a control trial (`meddap.classify.controls.control_rows`): per class the synthetic
+    count at the trial's ratio, drawn from the fold's training images. `run_seed` = generate.seed."""
+    from meddap.classify.controls import control_rows
+
+    if not spec.control:
+        raise ValueError(f"trial {spec.trial_id} is not a control trial")
+    return control_rows(manifest, classes, spec.fold, spec.ratio, spec.augmentation, run_seed,
+                        spec.adjective if spec.augmentation == "classical" else None)
+
+
+def synthetic_pool(synthetic: pd.DataFrame, fold: int, adjective: str) -> pd.DataFrame:
+    """Every synthetic row serving (fold, adjective), spares (generate.filter_overgenerate) included."""
+    source = synthetic_source_fold(synthetic, fold, adjective)
+    return synthetic[(synthetic["fold"] == source) & (synthetic["adjective"] == adjective)]
+
+
 # ---------------------------------------------------------------------------------------------
 # Decoded images for a whole sweep
 # ---------------------------------------------------------------------------------------------
@@ -241,6 +288,9 @@ class SweepImages:
     `real_rows` is the manifest with a `row` column into `real_images`; `synthetic_rows[(fold, adj)]`
     holds the used synthetic rows (sorted by label, index) with `row` into `synthetic_images[(fold, adj)]`.
     Image arrays may be replaced by Ray object refs: `trial_tensors(get=ray.get)` resolves them.
+    `gate[(trial fold, adj)]`: the pool's rows with the fold judge's `fidelity`; a synthetic trial of that
+    fold and adjective then takes its images with `filter_synthetic(..., *gate_filter)` (label-fidelity
+    gate). `run_seed` (generate.seed) draws the control trials' real images (`control_training_rows`).
     """
 
     classes: list[str]
@@ -249,6 +299,9 @@ class SweepImages:
     real_images: object                                   # (N, C, S, S) uint8 array (or an object ref)
     synthetic_rows: dict[tuple[int, str], pd.DataFrame] = field(default_factory=dict)
     synthetic_images: dict[tuple[int, str], object] = field(default_factory=dict)
+    run_seed: int = 0
+    gate: dict[tuple[int, str], pd.DataFrame] = field(default_factory=dict)
+    gate_filter: tuple[str, float] = ("none", 0.0)
 
     def nbytes(self) -> int:
         arrays = [self.real_images, *self.synthetic_images.values()]
@@ -276,20 +329,25 @@ def _grey_content(images: np.ndarray) -> bool:
 
 def load_sweep_images(manifest: pd.DataFrame, synthetic: Optional[pd.DataFrame], specs: Sequence[TrialSpec],
                       classes: Sequence[str], image_size: int, decode: Optional[Callable] = None,
-                      channels: str = "grey", exclude_overlap: bool = False) -> SweepImages:
+                      channels: str = "grey", exclude_overlap: bool = False, whole_pools: bool = False,
+                      run_seed: int = 0) -> SweepImages:
     """Decode the real images and, per (source fold, adjective), the synthetic images the largest
-    ratio of any trial needs, with `channels` as the module docstring says. Raises MeddapError before
-    any training when the synthetic manifest lacks a needed (fold, adjective) or holds too few images."""
+    ratio of any trial needs (`whole_pools`: every image of the pool, spares included, which the
+    label-fidelity judges score and a gate tops counts up from), with `channels` as the module docstring
+    says. Raises MeddapError before any training when the synthetic manifest lacks a needed (fold,
+    adjective) or holds too few images. Control trials need no decoding: they index the real images."""
     if channels not in CHANNELS:
         raise MeddapError(f"classify.channels = {channels!r}: expected one of {sorted(CHANNELS)}.")
     n_channels = CHANNELS[channels]
     # For each synthetic pool, the most images per class any trial draws from it.
     needed: dict[tuple[int, str], pd.DataFrame] = {}
     for spec in specs:
-        if spec.real_only:
+        if spec.real_only or spec.control:
             continue
         _, rows = select_training_rows(manifest, synthetic, spec, classes)
         key = (synthetic_source_fold(synthetic, spec.fold, spec.adjective), spec.adjective)
+        if whole_pools:
+            rows = synthetic_pool(synthetic, spec.fold, spec.adjective)
         if key not in needed or len(rows) > len(needed[key]):
             needed[key] = rows  # nested ratios: the largest selection contains every smaller one
     # Checked first (above), decoded second: a missing synthetic set fails before minutes of decoding.
@@ -323,7 +381,7 @@ def load_sweep_images(manifest: pd.DataFrame, synthetic: Optional[pd.DataFrame],
             raise MeddapError(f"{e}. It is listed in the synthetic manifest: rerun `python -m meddap generate` "
                               f"(same config and run_dir), which regenerates missing or unreadable images, then "
                               f"the sweep.") from None
-    return SweepImages(list(classes), image_size, real_rows, real_images, syn_rows, syn_images)
+    return SweepImages(list(classes), image_size, real_rows, real_images, syn_rows, syn_images, run_seed=run_seed)
 
 
 def _take(images: object, rows: Sequence[int], get: Callable) -> torch.Tensor:
@@ -370,15 +428,33 @@ def trial_tensors(data: SweepImages, spec: TrialSpec, get: Callable = lambda x: 
     parts_y = [torch.tensor(real["label"].to_numpy(), dtype=torch.int64)]
     ids = real["image_id"].astype(str).tolist()
     n_syn = 0
-    if not spec.real_only:
+    if spec.augmentation == "synthetic":
         counts = _synthetic_counts(real, spec.ratio, len(data.classes))
         key = _pool_key(data, spec.fold, spec.adjective)
-        pool = data.synthetic_rows[key]
-        chosen = pd.concat([pool[pool["label"] == c].sort_values("index").iloc[:n] for c, n in counts.items()])
+        gate = data.gate.get((spec.fold, spec.adjective))
+        if gate is not None:  # label-fidelity gate: kept images, topped up from the spares
+            from meddap.classify.fidelity import filter_synthetic
+
+            chosen = filter_synthetic(gate, {data.classes[c]: n for c, n in counts.items()}, *data.gate_filter)
+        else:
+            pool = data.synthetic_rows[key]
+            chosen = pd.concat([pool[pool["label"] == c].sort_values("index").iloc[:n] for c, n in counts.items()])
         parts_x.append(_take(data.synthetic_images[key], chosen["row"], get))
         parts_y.append(torch.tensor(chosen["label"].to_numpy(), dtype=torch.int64))
         ids += chosen["image_id"].astype(str).tolist()
         n_syn = len(chosen)
+    elif spec.control:
+        extra = control_training_rows(rows, spec, data.classes, data.run_seed)
+        row_of = dict(zip(rows["image_id"].astype(str), rows["row"]))
+        x = _take(data.real_images, [row_of[i] for i in extra["source_image_id"]], get)   # (n, C, S, S) uint8
+        if spec.augmentation == "classical":
+            from meddap.classify.controls import classical_images
+
+            x = torch.from_numpy(classical_images(x.numpy(), spec.adjective, extra["seed"].tolist()))
+        parts_x.append(x)
+        parts_y.append(torch.tensor(extra["label"].to_numpy(), dtype=torch.int64))
+        ids += extra["image_id"].astype(str).tolist()
+        n_syn = len(extra)
     evals = {"val": _eval_set("val", val, data.real_images, get)}
     eval_of = rows["eval_set"] if "eval_set" in rows else rows["split"]
     for name in _EVAL_SETS:

@@ -22,12 +22,14 @@ Plain numpy / PyTorch / pandas: no Ray, no run directory.
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 import pandas as pd
-import torch
-import torch.nn as nn
+
+if TYPE_CHECKING:  # torch is imported where images are scored: config validation uses check_filter without it
+    import torch
+    import torch.nn as nn
 
 from meddap.errors import MeddapError
 
@@ -53,6 +55,8 @@ def fidelity_scores(model: nn.Module, images: torch.Tensor | np.ndarray, labels,
     """(N,) fidelity of (N, 1, S, S) uint8 images (the sweep's decoded arrays) prompted for `labels`,
     scored by `model` exactly as a trial evaluates (`meddap.classify.trial.predict`: eval mode, the
     trial's normalisation, softmax)."""
+    import torch
+
     from meddap.classify.trial import predict
 
     x = torch.as_tensor(images)

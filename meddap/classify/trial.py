@@ -62,6 +62,9 @@ class TrialResult:
     epochs: int
     resumed_from_epoch: int = 0
     history: list[dict] = field(default_factory=list)
+    # Per-image predictions on the synthetic sets (eval_set "synthetic:<adjective>"): the label-fidelity
+    # judges' scores (meddap.classify.fidelity) are the prompted class's column of these.
+    synthetic_predictions: Optional[pd.DataFrame] = None
 
 
 def trial_seed(base_seed: int, spec: TrialSpec) -> int:
@@ -251,14 +254,16 @@ def train_trial(spec: TrialSpec, tensors: TrialTensors, cfg_classify, classes: S
         probs = predict(model, val_x if name == "val" else ev.images, c.batch_size, device, amp, channels_last, stats)
         metrics[name] = classification_metrics(ev.labels.numpy(), probs.argmax(1), classes)
         frames.append(_predictions_frame(spec.trial_id, ev, probs, classes))
-    synthetic_eval = {}
+    synthetic_eval, synthetic_frames = {}, []
     for adjective, ev in tensors.synthetic_evals.items():
         probs = predict(model, ev.images, c.batch_size, device, amp, channels_last, stats)
         synthetic_eval[adjective] = {"accuracy": float((probs.argmax(1) == ev.labels.numpy()).mean()),
                                      "n": int(ev.labels.numel())}
+        synthetic_frames.append(_predictions_frame(spec.trial_id, ev, probs, classes))
     return TrialResult(
         spec=spec, seed=seed, metrics=metrics, predictions=pd.concat(frames, ignore_index=True),
         synthetic_eval=synthetic_eval, best_epoch=best_epoch, best_val_accuracy=best_acc,
         train_seconds=train_seconds, images_per_second=images_seen / step_seconds if step_seconds > 0 else 0.0,
         state_dict=_cpu_copy(best_state), n_real=tensors.n_real, n_synthetic=tensors.n_synthetic,
-        epochs=c.epochs, resumed_from_epoch=start_epoch, history=history)
+        epochs=c.epochs, resumed_from_epoch=start_epoch, history=history,
+        synthetic_predictions=pd.concat(synthetic_frames, ignore_index=True) if synthetic_frames else None)

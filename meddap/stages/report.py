@@ -5,11 +5,12 @@ summary/fid.parquet, summary/memorization.parquet, summary/synthetic_eval.parque
 manifest, the manifest and the fold-0 model files (each optional: what is absent is named in the
 report's notes, never filled in). Writes
   summary/table1.parquet, table2.parquet, table3.parquet, table3_full.parquet (Table 3 on all of
-  Dataset B), fig1a.parquet                                                   (see meddap.report)
+  Dataset B), table4.parquet (synthetic vs equal-budget controls), fig1a.parquet  (see meddap.report)
   figures/accuracy_<classifier>.png   mean test accuracy, adjective x ratio
   figures/fid.png                     overall FID and KID per adjective (only when FID was computed)
   figures/contact_<adjective>.png     synthetic samples per class (rows)
   figures/fig1a.png                   real-only classifiers on each adjective's synthetic set
+  figures/fidelity.png                label fidelity per adjective and class (summary/fidelity_gate.parquet)
   figures/memorization.png            the synthetic images closest to a real training image, beside it
   figures/gradcam_<classifier>.png    test images, real-only vs best augmented Grad-CAM (fold 0)
   report.md, report.html              the tables (percentages), statistics, figures (HTML inlines them)
@@ -31,7 +32,8 @@ from meddap import logs, storage
 from meddap.errors import MeddapError
 from meddap.answer import answer
 from meddap.layout import RunLayout, adjective_slug
-from meddap.report import best_settings, crn_violations, fig1a, load_trials, table1, table2, table3
+from meddap.report import (TABLE4_COLUMNS, best_settings, crn_violations, fig1a, load_trials, study_trials, table1, table2, table3,
+                           table4)
 
 __all__ = ["run", "Report"]
 
@@ -477,6 +479,81 @@ def _fmt_compare(t: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _fmt_table4(t4: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for r in t4.to_dict("records"):
+        ci = "n/a" if pd.isna(r["ci_low"]) else f"[{100 * r['ci_low']:.2f}, {100 * r['ci_high']:.2f}]"
+        boot = "n/a" if pd.isna(r["boot_ci_low"]) else f"[{100 * r['boot_ci_low']:.2f}, {100 * r['boot_ci_high']:.2f}]"
+        diff = _num(100 * r["mean_difference"] if pd.notna(r["mean_difference"]) else np.nan, "+.2f")
+        rows.append({"classifier": r["classifier"], "ratio": f"{r['ratio']:.0%}",
+                     "adjective": _adj_label(r["adjective"]) + (" ✓" if r["selected"] else ""),
+                     "control": r["control"] + (f" ({r['twin']})" if r["control"] == "classical" else ""),
+                     "real only": _pct(r["real_accuracy"]),
+                     "synthetic": _pm(r["synthetic_accuracy"], r["synthetic_accuracy_std"]),
+                     "control acc": _pm(r["control_accuracy"], r["control_accuracy_std"]),
+                     "Δ acc [95 % t-CI] (pp)": f"{diff} {ci}", "p (fold t-test)": _num(r["p_value"], ".4f"),
+                     "Δ 95 % CI, bootstrap (pp)": boot, "p (bootstrap)": _num(r["boot_p"], ".4f"),
+                     "p Holm": _num(r["p_holm"], ".4f"), "pairs": str(r["n_pairs"])})
+    return pd.DataFrame(rows)
+
+
+def _fidelity_lead(gate: pd.DataFrame, cfg) -> str:
+    judges = ", ".join(sorted(gate["judge"].astype(str).unique()))
+    method = str(gate["filter"].iloc[0])
+    value = gate["filter_value"].iloc[0]
+    gate_txt = ("no gate (generate.filter: none): every trial takes the first images by index; the scores are shown "
+                "for reading" if method == "none" else
+                f"gate `{method} {value:g}`: the share kept is of every image scored (spares included); counts per "
+                f"trial are topped up from the spares, so each trial still has its ratio's count")
+    return (f"Fidelity = the probability the fold's real-only judge ({judges}; best epoch) gives to the class the "
+            f"image was prompted for. Low fidelity: the image may teach the wrong label. {gate_txt}.")
+
+
+def _fmt_fidelity(gate: pd.DataFrame) -> pd.DataFrame:
+    g = (gate.assign(adjective=gate["adjective"].astype(str))
+         .groupby(["adjective", "class_name"], sort=True)
+         .agg(n=("fidelity", "size"), median=("fidelity", "median"), mean=("fidelity", "mean"),
+              low=("fidelity", lambda f: float((f < 0.5).mean())), kept=("kept", "mean")).reset_index())
+    return pd.DataFrame({"adjective": [_adj_label(a) for a in g["adjective"]], "class": g["class_name"],
+                         "images (all folds)": g["n"], "median fidelity": [_num(v) for v in g["median"]],
+                         "mean fidelity": [_num(v) for v in g["mean"]],
+                         "fidelity < 0.5 (%)": [_pct(v, 1) for v in g["low"]],
+                         "kept by the gate (%)": [_pct(v, 1) for v in g["kept"]]})
+
+
+def _fidelity_figure(gate: pd.DataFrame, classes: list[str], run_dir: str) -> Optional[str]:
+    """Box plot of fidelity per adjective, one box per class, the individual images as dots over it."""
+    adjs = sorted(gate["adjective"].astype(str).unique())
+    fig = _figure(2.0 + 0.9 * len(adjs) * max(1, len(classes)) / 2, 3.6)
+    ax = fig.subplots()
+    width = 0.8 / max(1, len(classes))
+    rng = np.random.default_rng(0)  # jitter of the dots only
+    colours = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
+    for j, cls in enumerate(classes):
+        pos, data = [], []
+        for i, adj in enumerate(adjs):
+            v = gate.loc[(gate["adjective"].astype(str) == adj) & (gate["class_name"] == cls), "fidelity"].to_numpy(float)
+            if len(v):
+                pos.append(i + (j - (len(classes) - 1) / 2) * width)
+                data.append(v)
+        if not data:
+            continue
+        colour = colours[j % len(colours)]
+        ax.boxplot(data, positions=pos, widths=width * 0.8, showfliers=False, patch_artist=True,
+                   boxprops={"facecolor": "none", "edgecolor": colour}, medianprops={"color": colour})
+        for p, v in zip(pos, data):
+            ax.plot(p + rng.uniform(-width / 4, width / 4, len(v)), v, ".", ms=2, alpha=0.35, color=colour)
+        ax.plot([], [], "s", color=colour, label=cls)
+    if str(gate["filter"].iloc[0]) == "threshold":  # what the gate keeps: on or above the line
+        ax.axhline(float(gate["filter_value"].iloc[0]), ls="--", lw=0.8, color="grey", label="threshold")
+    ax.set_xticks(range(len(adjs)), [_adj_label(a) for a in adjs], rotation=45, fontsize=8)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_ylabel("fidelity (prob. of prompted class)")
+    ax.set_title("Label fidelity of synthetic images, by the fold's real-only judge", fontsize=9)
+    ax.legend(fontsize=7)
+    return _save(fig, run_dir, "figures/fidelity.png")
+
+
 def _selection_and_tests(t2: pd.DataFrame, cfg, n_test: int) -> tuple[str, list[str]]:
     """What was selected on what, from how many candidates, and what each test does and does not account for."""
     n_cand = sorted(set(int(v) for v in t2["n_settings_compared"])) if len(t2) else [0]
@@ -537,7 +614,9 @@ def _optional(path: str) -> Optional[pd.DataFrame]:
 def run(cfg) -> dict:
     lay = RunLayout(cfg.run_dir)
     run_dir = cfg.run_dir
-    trials = load_trials(run_dir)
+    all_trials = load_trials(run_dir)
+    trials = study_trials(all_trials)  # control trials appear in Table 4 only
+    gate = _optional(lay.summary("fidelity_gate"))
     fid = _optional(lay.summary("fid"))
     mem = _optional(lay.summary("memorization"))
     synth_eval = _optional(lay.summary("synthetic_eval"))
@@ -563,7 +642,14 @@ def run(cfg) -> dict:
         t3 = t3_full = table3(trials.iloc[0:0])
         t3.attrs["note"] = f"Table 3 not computed: {e}"
         rep.note(t3.attrs["note"])
-    crn = crn_violations(trials)
+    try:
+        t4 = table4(all_trials, predictions, **boot)
+    except MeddapError as e:  # Tables 1-3 still stand
+        t4 = pd.DataFrame(columns=TABLE4_COLUMNS)
+        t4.attrs["note"] = f"Table 4 not computed: {e}"
+    if t4.attrs.get("note") and (cfg.classify.controls or len(t4)):
+        rep.note(t4.attrs["note"])
+    crn = crn_violations(all_trials)
     if crn:
         rep.note(f"{len(crn)} (classifier, fold, repeat) cell(s) hold trials trained from different seeds "
                  f"({', '.join(crn[:3])}{' ...' if len(crn) > 3 else ''}): they come from a sweep before common random "
@@ -581,6 +667,7 @@ def run(cfg) -> dict:
     storage.write_parquet(t2, lay.summary("table2"))
     storage.write_parquet(t3, lay.summary("table3"))
     storage.write_parquet(t3_full, lay.summary("table3_full"))
+    storage.write_parquet(t4, lay.summary("table4"))
     storage.write_parquet(f1a if f1a is not None else pd.DataFrame(
         columns=["classifier", "adjective", "accuracy_mean", "accuracy_std", "n_folds", "n_images"]),
         lay.summary("fig1a"))
@@ -611,6 +698,10 @@ def run(cfg) -> dict:
         contacts = _contact_sheets(synth.assign(adjective=synth["adjective"].fillna("").astype(str)),
                                    list(cfg.data.classes), cfg.report.contact_sheet_per_cell, run_dir, skipped)
     fig1a_fig = _fig1a_figure(f1a, best, run_dir) if f1a is not None and len(f1a) else None
+    fidelity_fig = _fidelity_figure(gate, list(cfg.data.classes), run_dir) if gate is not None and len(gate) else None
+    if cfg.generate.filter != "none" and fidelity_fig is None:
+        rep.note("generate.filter is on but summary/fidelity_gate.parquet is absent or empty: the fidelity figure "
+                 "was not drawn (the sweep writes it from the real-only judges' scores).")
     gradcams = []
     if manifest is None:
         rep.note("The manifest is absent: no Grad-CAM figures (run `python -m meddap prepare`).")
@@ -641,6 +732,10 @@ def run(cfg) -> dict:
           + (f"on {_features_label(fid)} features " if fid is not None and len(fid) else "")
           + "(n/a: not computed, see notes). Bold: each classifier's best test cell (for reading only; the best "
           "setting of Table 2 is chosen on validation accuracy).")
+    filters = sorted(set(t1.loc[t1["adjective"].notna(), "filter"])) if "filter" in t1 else ["none"]
+    rep.p("Label-fidelity gate of the synthetic trials (column `filter` of summary/table1.parquet): "
+          + ", ".join(f"`{f}`" for f in filters) + (" (no gate: the first images by index)." if filters == ["none"]
+                                                     else " (docs/controls.md)."))
     rep.table(t1_fmt)
     rep.p("Real-only baselines (test accuracy): " + "; ".join(baselines) + ".")
     for rel, cap in heatmaps:
@@ -677,6 +772,25 @@ def run(cfg) -> dict:
             rep.p(f"n = {int(t3_full['n_used'].iloc[0])} images. For comparison only: copies of training images "
                   f"flatter the score.")
             rep.table(_fmt_compare(t3_full, ["accuracy"]))
+    if cfg.classify.controls or len(t4):
+        rep.h(2, "Table 4: synthetic images vs equal-budget controls (test set)")
+        if t4.empty:
+            rep.p("Not available: " + (t4.attrs.get("note") or "see notes"))
+        else:
+            rep.p("Per classifier, at the ratio Table 2 chose on validation accuracy, each adjective's synthetic trials "
+                  "against controls that add exactly as many images per class from the fold's real training images: "
+                  "`classical` = the real images through the adjective's classical twin (bright -> brightness, "
+                  "sheared -> shear, ...; adjectives without a twin have none), `duplicate` = the real images again. "
+                  "Δ = synthetic - control test accuracy, paired by (fold, repeat) with common random numbers; the "
+                  "same tests as Table 2, p Holm-adjusted over all "
+                  f"{len(t4)} comparisons of this table. ✓ = the adjective Table 2 selected.")
+            rep.table(_fmt_table4(t4))
+    if gate is not None and len(gate):
+        rep.h(2, "Label fidelity of the synthetic images")
+        rep.p(_fidelity_lead(gate, cfg))
+        rep.table(_fmt_fidelity(gate))
+        if fidelity_fig:
+            rep.img(fidelity_fig, "Label fidelity (judge's probability of the prompted class) per adjective and class")
     rep.h(2, "FID, KID and memorisation")
     if fid_all is not None and len(fid_all):
         overall = fid[fid["class_name"] == "all"].sort_values(["dims", "fold", "adjective"], ascending=[False, True, True])

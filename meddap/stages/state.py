@@ -95,6 +95,15 @@ _EXECUTION_ONLY = {
 }
 
 
+# Keys of a section that decide only later stages: the label-fidelity gate (generate.filter*) lives in the
+# generate section with its spares but chooses which images sweep trials use, never which images exist, so
+# changing it reruns gated trials, not generate or fid.
+_NOT_FOR_STAGE = {
+    "generate": {"generate.filter", "generate.filter_value", "generate.filter_judge"},
+    "fid": {"generate.filter", "generate.filter_value", "generate.filter_judge"},
+}
+
+
 @dataclass
 class StageStatus:
     stage: str
@@ -127,7 +136,8 @@ def stage_settings(cfg, stage: str) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for section in _SECTIONS[stage]:
         flat.update(_flatten(full[section], section + "."))
-    return {k: v for k, v in sorted(flat.items()) if k not in _EXECUTION_ONLY}
+    skip = _EXECUTION_ONLY | _NOT_FOR_STAGE.get(stage, set())
+    return {k: v for k, v in sorted(flat.items()) if k not in skip}
 
 
 _HASHES: dict[tuple[str, int, int], str] = {}  # (local path, size, mtime_ns) -> sha256, for this process

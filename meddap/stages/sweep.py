@@ -3,7 +3,17 @@
 Grid: classify.models x generate.adjectives x generate.ratios x folds, plus one real-only baseline
 (adjective None, ratio 0) per classifier and fold: M x F x (A x R + 1) trials (paper: 3 x 5 x 31 = 465),
 times classify.repeats (each repeat with new seeds; all trials of one classifier, fold and repeat start
-from the same weights and data-order seed: common random numbers).
+from the same weights and data-order seed: common random numbers). classify.controls adds equal-budget
+control trials (column `augmentation`): `duplicate` per classifier x fold x ratio, `classical` per
+classifier x fold x ratio x adjective with a classical twin (meddap.classify.controls; ids end in
+`__dup` / `__cls`; real-only and synthetic ids are unchanged).
+
+Label-fidelity gate (generate.filter): every real-only trial of repeat 0 scores its fold's synthetic
+images (part `fidelity.parquet`); the real-only trials of generate.filter_judge are the judges. The
+sweep then runs in two phases, two Tune experiments: every trial that does not depend on the gate
+first, the gated synthetic trials after, each taking `filter_synthetic` of its pool with its fold
+judge's scores (summary/fidelity_gate.parquet). A gate that leaves a trial short of its count stops
+the sweep before the second phase with every shortfall listed.
 
 How it runs
 - The driver reads the manifests, checks that every needed (fold, adjective) has enough synthetic
@@ -18,8 +28,9 @@ How it runs
   end of an epoch (`ray.tune.report(..., checkpoint=)`), so a retried trial continues from there
   (`ray.tune.get_checkpoint()`).
 - Outputs, written by each trial as it finishes under `run_dir/trials/<trial_id>/`:
-  `predictions.parquet`, `synthetic_eval.parquet` (real-only trials), `model.pt` (per
-  classify.save_models), and LAST `trials.parquet`, the marker that the trial is done. The driver
+  `predictions.parquet`, `synthetic_eval.parquet` and `fidelity.parquet` (real-only trials), `model.pt`
+  (per classify.save_models; always for the judges while a gate is on), and LAST `trials.parquet`, the
+  marker that the trial is done. The driver
   merges these parts into `summary/trials.parquet`, `summary/predictions.parquet` and
   `summary/synthetic_eval.parquet` (atomic rewrites) after every finished trial.
 
@@ -51,13 +62,18 @@ from meddap.config import Config
 from meddap.errors import MeddapError
 from meddap.layout import RunLayout
 
-__all__ = ["run", "build_grid", "grid_size", "check_classifiers", "TRIAL_COLUMNS"]
+__all__ = ["run", "build_grid", "grid_size", "check_classifiers", "filter_label", "judge_spec", "fidelity_gate",
+           "TRIAL_COLUMNS", "GATE_COLUMNS"]
 
 TRIAL_COLUMNS = ["trial_id", "classifier", "adjective", "ratio", "fold", "eval_set", "accuracy", "sensitivity",
                  "specificity", "precision", "f1", "n_real", "n_synthetic", "best_epoch", "train_seconds",
                  "images_per_second", "n_eval", "confusion", "seed", "epochs", "resumed_from_epoch", "repeat",
-                 "made_from"]
-_PARTS = ("trials", "predictions", "synthetic_eval")   # per-trial part files; "trials" is written last
+                 "made_from", "augmentation", "filter"]
+# Per-trial part files; "trials" is written last. "fidelity": a judge's scores of its fold's synthetic
+# images, merged into summary/fidelity_gate.parquet with the gate's kept flags.
+_PARTS = ("trials", "predictions", "synthetic_eval", "fidelity")
+FIDELITY_COLUMNS = ["image_id", "fold", "source_fold", "adjective", "class_name", "label", "index", "fidelity", "judge"]
+GATE_COLUMNS = [*FIDELITY_COLUMNS, "filter", "filter_value", "kept"]
 _STATE_FILE = "state.pt"
 _META_FILE = "meta.json"
 
@@ -70,9 +86,14 @@ def _log(msg: str) -> None:
 # The grid
 # ---------------------------------------------------------------------------------------------
 def build_grid(cfg: Config):
-    """Every trial of the sweep, fold by fold, a classifier's baseline before its synthetic trials."""
+    """Every trial of the sweep, fold by fold, a classifier's baseline before its synthetic trials, then
+    its control trials (classify.controls): `duplicate` once per ratio (it does not depend on the
+    adjective), `classical` per ratio and adjective that has a classical twin (an adjective without one,
+    '' or 'stylized', has the duplicate as its control: meddap.classify.controls)."""
+    from meddap.classify.controls import classical_name
     from meddap.classify.data import TrialSpec
 
+    controls = cfg.classify.controls
     specs = []
     for repeat in range(cfg.classify.repeats):
         for fold in range(cfg.data.folds):
@@ -81,13 +102,40 @@ def build_grid(cfg: Config):
                 for adjective in cfg.generate.adjectives:
                     for ratio in cfg.generate.ratios:
                         specs.append(TrialSpec(model, fold, adjective, float(ratio), repeat=repeat))
+                for ratio in cfg.generate.ratios:
+                    if "duplicate" in controls:
+                        specs.append(TrialSpec(model, fold, None, float(ratio), repeat, "duplicate"))
+                    if "classical" in controls:
+                        specs += [TrialSpec(model, fold, adjective, float(ratio), repeat, "classical")
+                                  for adjective in cfg.generate.adjectives if classical_name(adjective)]
     return specs
 
 
 def grid_size(cfg: Config) -> int:
-    c = cfg
-    return (len(c.classify.models) * c.data.folds * (len(c.generate.adjectives) * len(c.generate.ratios) + 1)
-            * c.classify.repeats)
+    return len(build_grid(cfg))
+
+
+def filter_label(cfg: Config) -> str:
+    """How synthetic trials pick their images: 'none', or e.g. 'threshold 0.5' / 'drop_lowest 0.2'."""
+    g = cfg.generate
+    return "none" if g.filter == "none" else f"{g.filter} {g.filter_value:g}"
+
+
+def gated(cfg: Config, spec) -> bool:
+    """A synthetic trial whose images the label-fidelity gate picks (it waits for its fold's judge)."""
+    return cfg.generate.filter != "none" and spec.augmentation == "synthetic"
+
+
+def judge_spec(cfg: Config, fold: int):
+    """The trial whose best model judges fold `fold`'s synthetic images: the real-only trial of
+    generate.filter_judge (default: the first classifier), repeat 0 (one gate per fold for every repeat)."""
+    from meddap.classify.data import TrialSpec
+
+    return TrialSpec(cfg.filter_judge, fold)
+
+
+def _is_judge(cfg: Config, spec) -> bool:
+    return spec.real_only and spec.repeat == 0 and spec.classifier == cfg.filter_judge
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,28 +167,56 @@ def _inputs_key(cfg: Config, manifest: pd.DataFrame) -> str:
 
 
 def trial_made_from(cfg: Config, spec, manifest: pd.DataFrame, synthetic: Optional[pd.DataFrame],
-                    shared_key: str) -> str:
+                    shared_key: str, judge_key: Optional[str] = None) -> str:
     """sha256 of what one trial is made from: `shared_key` (_inputs_key), its grid cell and the
     synthetic images it trains on (ids and generation specs, which hash the adapter's weights) or, for a
-    real-only trial, those of its fold it scores (Figure 1a). Kept with its outputs and checkpoints: a
-    finished trial or a checkpoint made from other inputs is never reused."""
+    real-only trial, those of its fold it scores (Figure 1a). A control trial: its control rows (real
+    source images, transform and seed of each). A gated trial (generate.filter): its whole pool (spares
+    included: which images it uses depends on the judge), the filter and the judge (trial id and
+    `judge_key`, the judge's own made_from), so changing the filter or the judge's inputs reruns gated
+    trials only. Kept with its outputs and checkpoints: a finished trial or a checkpoint made from other
+    inputs is never reused."""
     import hashlib
 
-    from meddap.classify.data import select_training_rows
+    from meddap.classify.data import control_training_rows, select_training_rows, synthetic_pool
 
-    if synthetic is None:
-        used = pd.DataFrame(columns=["image_id", "spec"])
-    elif spec.real_only:
-        used = synthetic[synthetic["fold"].isin([spec.fold, -1])]
+    extra = {}
+    if spec.control:
+        used = control_training_rows(manifest, spec, cfg.data.classes, cfg.generate.seed)
+        rows = sorted(zip(used["image_id"].astype(str), used["source_image_id"].astype(str),
+                          used["transform"].astype(str), used["seed"].astype(str)))
     else:
-        _, used = select_training_rows(manifest, synthetic, spec, cfg.data.classes)
-    ident = used["spec"] if "spec" in used else used["path"]
-    rows = sorted(zip(used["image_id"].astype(str), ident.astype(str)))
-    blob = json.dumps({"shared": shared_key, "spec": spec.to_dict(), "synthetic": rows}, sort_keys=True, default=str)
+        if synthetic is None:
+            used = pd.DataFrame(columns=["image_id", "spec"])
+        elif spec.real_only:
+            used = synthetic[synthetic["fold"].isin([spec.fold, -1])]
+        elif gated(cfg, spec):
+            used = synthetic_pool(synthetic, spec.fold, spec.adjective)
+            extra = {"filter": [cfg.generate.filter, cfg.generate.filter_value],
+                     "judge": [judge_spec(cfg, spec.fold).trial_id, judge_key]}
+        else:
+            _, used = select_training_rows(manifest, synthetic, spec, cfg.data.classes)
+        ident = used["spec"] if "spec" in used else used["path"]
+        rows = sorted(zip(used["image_id"].astype(str), ident.astype(str)))
+    # Keys only gated trials have: every other trial keeps the key of earlier sweeps.
+    blob = json.dumps({"shared": shared_key, "spec": spec.to_dict(), "synthetic": rows, **extra}, sort_keys=True,
+                      default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _trial_rows(result, made_from: str = "") -> pd.DataFrame:
+def made_from_keys(cfg: Config, specs: list, manifest: pd.DataFrame, synthetic: Optional[pd.DataFrame],
+                   shared_key: str) -> dict[str, str]:
+    """trial_id -> trial_made_from for `specs`; judges' keys first, since gated trials include them."""
+    keys = {s.trial_id: trial_made_from(cfg, s, manifest, synthetic, shared_key) for s in specs if not gated(cfg, s)}
+    for s in specs:
+        if gated(cfg, s):
+            judge = judge_spec(cfg, s.fold)
+            judge_key = keys.get(judge.trial_id) or trial_made_from(cfg, judge, manifest, synthetic, shared_key)
+            keys[s.trial_id] = trial_made_from(cfg, s, manifest, synthetic, shared_key, judge_key)
+    return keys
+
+
+def _trial_rows(result, made_from: str = "", filter_: str = "none") -> pd.DataFrame:
     spec = result.spec
     rows = []
     for eval_set, m in result.metrics.items():
@@ -152,17 +228,69 @@ def _trial_rows(result, made_from: str = "") -> pd.DataFrame:
             "train_seconds": float(result.train_seconds), "images_per_second": float(result.images_per_second),
             "n_eval": int(m["n"]), "confusion": json.dumps(m["confusion"]), "seed": result.seed,
             "epochs": result.epochs, "resumed_from_epoch": result.resumed_from_epoch, "repeat": int(spec.repeat),
-            "made_from": made_from})
+            "made_from": made_from, "augmentation": spec.augmentation,
+            "filter": filter_ if spec.augmentation == "synthetic" else "none"})
     return _typed(pd.DataFrame(rows, columns=TRIAL_COLUMNS))
 
 
 def _typed(df: pd.DataFrame) -> pd.DataFrame:
     if "adjective" in df:  # null for real-only; keep a string column even when every row is null
         df["adjective"] = df["adjective"].astype("string")
+    if "trial_id" in df and "ratio" in df:  # trials parts of sweeps before controls and the gate lack these
+        if "augmentation" not in df:
+            df["augmentation"] = None
+        derived = df["adjective"].isna().map({True: "none", False: "synthetic"})
+        df["augmentation"] = df["augmentation"].where(df["augmentation"].notna(), derived).astype(str)
+        df["filter"] = df["filter"].fillna("none").astype(str) if "filter" in df else "none"
     return df
 
 
-def _write_trial_outputs(cfg: Config, result, made_from: str = "") -> None:
+def _fidelity_part(result, images, cfg: Config) -> Optional[pd.DataFrame]:
+    """A real-only trial's fidelity scores (meddap.classify.fidelity.prompted_probability) of every
+    synthetic image of its fold it scored, with each image's pool (source_fold), class and index; None for
+    other trials. Every real-only trial of repeat 0 writes them (a few bytes per image), so choosing another
+    generate.filter_judge needs no rerun; the gate uses the judge's."""
+    from meddap.classify.data import _pool_key
+    from meddap.classify.fidelity import prompted_probability
+
+    spec = result.spec
+    if not spec.real_only or spec.repeat != 0 or result.synthetic_predictions is None \
+            or result.synthetic_predictions.empty:
+        return None
+    preds = result.synthetic_predictions
+    parts = []
+    for eval_set, g in preds.groupby("eval_set", sort=True):
+        adjective = eval_set.split(":", 1)[1]
+        source = _pool_key(images, spec.fold, adjective)
+        info = images.synthetic_rows[source].set_index(images.synthetic_rows[source]["image_id"].astype(str))
+        probs = g[[f"prob_{c}" for c in cfg.data.classes]].to_numpy()          # (N, K)
+        ids = g["image_id"].astype(str)
+        parts.append(pd.DataFrame({
+            "image_id": ids.to_numpy(), "fold": spec.fold, "source_fold": int(source[0]), "adjective": adjective,
+            "class_name": info.loc[ids, "class_name"].to_numpy(), "label": g["label"].to_numpy(),
+            "index": info.loc[ids, "index"].to_numpy(), "fidelity": prompted_probability(probs, g["label"].to_numpy()),
+            "judge": spec.trial_id}))
+    return pd.concat(parts, ignore_index=True)[FIDELITY_COLUMNS]
+
+
+def fidelity_gate(fidelity: pd.DataFrame, method: str, value: Optional[float]) -> pd.DataFrame:
+    """summary/fidelity_gate.parquet from the judges' fidelity parts: each image's fidelity per judge fold,
+    with `kept` = what the gate (`method`, `value`) keeps in its (fold, adjective, class) pool
+    (meddap.classify.fidelity.kept_mask; all True for 'none')."""
+    from meddap.classify.fidelity import kept_mask
+
+    value = float(value or 0.0)
+    if fidelity.empty:
+        return pd.DataFrame(columns=GATE_COLUMNS)
+    parts = []
+    for _, g in fidelity.groupby(["fold", "adjective", "class_name"], sort=True):
+        g = g.sort_values("index")
+        parts.append(g.assign(filter=method, filter_value=value if method != "none" else float("nan"),
+                              kept=kept_mask(g, method, value)))
+    return pd.concat(parts, ignore_index=True)[GATE_COLUMNS]
+
+
+def _write_trial_outputs(cfg: Config, result, made_from: str = "", fidelity: Optional[pd.DataFrame] = None) -> None:
     """Parts of one finished trial; `trials.parquet` last, so its presence means complete."""
     import torch
 
@@ -175,13 +303,17 @@ def _write_trial_outputs(cfg: Config, result, made_from: str = "") -> None:
                             for adjective, v in sorted(result.synthetic_eval.items())],
                            columns=["trial_id", "classifier", "fold", "adjective", "accuracy", "n", "repeat"])
         storage.write_parquet(syn, _part(lay, spec.trial_id, "synthetic_eval"))
+    if fidelity is not None:
+        storage.write_parquet(fidelity, _part(lay, spec.trial_id, "fidelity"))
     keep = cfg.classify.save_models
-    if keep == "all" or (keep == "fold0" and spec.fold == 0):
+    # A judge keeps its best weights while a gate is on: its scores can then be checked or recomputed.
+    judge = cfg.generate.filter != "none" and _is_judge(cfg, spec)
+    if keep == "all" or (keep == "fold0" and spec.fold == 0) or judge:
         with storage.open_output(lay.path("trials", spec.trial_id, "model.pt")) as f:
             torch.save({"state_dict": result.state_dict, "classifier": spec.classifier,
                         "classes": list(cfg.data.classes), "image_size": cfg.classify_image_size,
                         "trial_id": spec.trial_id, "best_epoch": result.best_epoch}, f)
-    storage.write_parquet(_trial_rows(result, made_from), _part(lay, spec.trial_id, "trials"))
+    storage.write_parquet(_trial_rows(result, made_from, filter_label(cfg)), _part(lay, spec.trial_id, "trials"))
 
 
 class _Summaries:
@@ -189,7 +321,9 @@ class _Summaries:
 
     def __init__(self, cfg: Config):
         self.lay = RunLayout(cfg.run_dir)
+        self.cfg = cfg
         self.frames: dict[str, dict[str, pd.DataFrame]] = {name: {} for name in _PARTS}
+        self.dirty = set(_PARTS)  # summaries to rewrite: a paper grid merges ~870 parts, once per finished trial
 
     def add(self, trial_id: str, made_from: Optional[str] = None) -> bool:
         """Load a finished trial's parts; False when it has not finished (no trials part) or, given
@@ -207,15 +341,33 @@ class _Summaries:
             path = _part(self.lay, trial_id, name)
             if storage.exists(path):
                 self.frames[name][trial_id] = storage.read_parquet(path)
+                self.dirty.add(name)
         return True
+
+    def drop(self, trial_id: str) -> None:
+        for name in _PARTS:
+            if self.frames[name].pop(trial_id, None) is not None:
+                self.dirty.add(name)
 
     def write(self) -> None:
         for name in _PARTS:
             parts = [self.frames[name][t] for t in sorted(self.frames[name])]
-            if not parts:
+            if not parts or name not in self.dirty:
                 continue
-            merged = _typed(pd.concat(parts, ignore_index=True))
-            storage.write_parquet(merged, self.lay.summary(name))
+            if name == "fidelity":
+                g = self.cfg.generate
+                storage.write_parquet(fidelity_gate(self.fidelity, g.filter, g.filter_value),
+                                      self.lay.summary("fidelity_gate"))
+            else:
+                storage.write_parquet(_typed(pd.concat(parts, ignore_index=True)), self.lay.summary(name))
+        self.dirty.clear()
+
+    @property
+    def fidelity(self) -> pd.DataFrame:
+        """The judges' scores: of each fold, those of generate.filter_judge's real-only trial (repeat 0)."""
+        judges = {judge_spec(self.cfg, k).trial_id for k in range(self.cfg.data.folds)}
+        parts = [self.frames["fidelity"][t] for t in sorted(self.frames["fidelity"]) if t in judges]
+        return _typed(pd.concat(parts, ignore_index=True)) if parts else pd.DataFrame(columns=FIDELITY_COLUMNS)
 
     @property
     def trials(self) -> pd.DataFrame:
@@ -304,8 +456,7 @@ def _trainable(config: dict, shared: dict) -> None:
     import torch
     from ray import tune
 
-    from meddap.classify.data import TrialSpec, trial_tensors
-    from meddap.classify.trial import train_trial
+    from meddap.classify.data import TrialSpec
     from meddap.device import compute_device
 
     cfg = Config.from_dict(shared["cfg"])
@@ -328,7 +479,6 @@ def _trainable(config: dict, shared: dict) -> None:
         checkpoint = tune.Checkpoint(fs_path, filesystem=fs)
     state = _load_state(checkpoint, spec.trial_id) if checkpoint is not None else None
 
-    tensors = trial_tensors(shared["images"], spec, get=ray.get)
     fail_at = shared.get("fail_after_epoch", {}).get(spec.trial_id)
 
     def report(epoch: int, metrics: dict, ckpt_state: Optional[dict]) -> None:
@@ -343,10 +493,22 @@ def _trainable(config: dict, shared: dict) -> None:
         if fail_at is not None and epoch == fail_at:  # test hook: a node lost mid-trial
             raise RuntimeError(f"injected failure in {spec.trial_id} after epoch {epoch}")
 
-    result = train_trial(spec, tensors, c, cfg.data.classes, device, checkpoint=state, report=report)
-    _write_trial_outputs(cfg, result, made_from)
+    result = run_trial(cfg, spec, shared["images"], made_from, device, state, report, get=ray.get)
     tune.report({"done": 1, "val_accuracy": result.metrics["val"]["accuracy"],
                  "test_accuracy": result.metrics["test"]["accuracy"] if "test" in result.metrics else float("nan")})
+
+
+def run_trial(cfg: Config, spec, images, made_from: str, device, state: Optional[dict] = None, report=None,
+              get=lambda x: x):
+    """One trial from the sweep's decoded images to its parts on disk (the Tune trainable's body; no Ray
+    here: `get` resolves object refs)."""
+    from meddap.classify.data import trial_tensors
+    from meddap.classify.trial import train_trial
+
+    tensors = trial_tensors(images, spec, get=get)
+    result = train_trial(spec, tensors, cfg.classify, cfg.data.classes, device, checkpoint=state, report=report)
+    _write_trial_outputs(cfg, result, made_from, _fidelity_part(result, images, cfg))
+    return result
 
 
 def _error_line(trial) -> str:
@@ -543,55 +705,8 @@ def _tune_round(cfg: Config, specs: list, keys: dict, images, summaries: "_Summa
     return progress, name, errors
 
 
-def run(cfg: Config, *, _fail_after_epoch: Optional[dict] = None) -> dict:
-    """Run every grid trial not finished yet; returns counts. `_fail_after_epoch` ({trial_id: epoch})
-    is a test hook that makes those trials fail right after that epoch's checkpoint."""
-    from meddap.classify.data import load_sweep_images
-    from meddap.classify.models import build_classifier
-
-    check_classifiers(cfg, weights=False)
-
-    lay = RunLayout(cfg.run_dir)
-    specs = build_grid(cfg)
-    total = len(specs)
-    manifest, synthetic = _read_inputs(cfg)
-    shared_key = _inputs_key(cfg, manifest)
-    keys = {s.trial_id: trial_made_from(cfg, s, manifest, synthetic, shared_key) for s in specs}
-    summaries = _Summaries(cfg)
-    on_disk = _done_trials(lay)
-    done = {s.trial_id for s in specs if s.trial_id in on_disk and summaries.add(s.trial_id, keys[s.trial_id])}
-    stale = sorted(on_disk & set(keys) - done)
-    if stale:
-        # Finished with other inputs (prepare or generate ran again with other data or seeds, or parts
-        # were copied from another run): their rows would describe other models.
-        _log(f"{len(stale)} finished trial(s) were made from other images or settings: removed, running them "
-             f"again: {', '.join(stale[:5])}{' ...' if len(stale) > 5 else ''}")
-        for tid in stale:
-            storage.remove(lay.path("trials", tid))
-    summaries.write()  # a sweep killed between a trial's parts and the merge loses nothing
-    todo = [s for s in specs if s.trial_id not in done]
-    repeats = f" x {cfg.classify.repeats} repeats" if cfg.classify.repeats > 1 else ""
-    _log(f"grid {total} trials ({len(cfg.classify.models)} classifiers x {len(cfg.generate.adjectives)} adjectives "
-         f"x {len(cfg.generate.ratios)} ratios x {cfg.data.folds} folds + baselines{repeats}); {len(done)} already "
-         f"done, {len(todo)} to run")
-    if not todo:
-        return {"total": total, "done": len(done), "ran": 0, "failed": 0}
-
-    if cfg.classify.pretrained == "imagenet":
-        # Missing weights would otherwise fail every trial inside Ray, the reason buried in its logs.
-        for model in sorted({s.classifier for s in todo}):
-            build_classifier(model, len(cfg.data.classes), "imagenet", cfg.classify.weights_dir)
-    todo_folds = {s.fold for s in todo}
-    # Real-only trials also score every adjective's synthetic set of their fold (Figure 1a): decode
-    # the pools of every fold with pending work.
-    images = load_sweep_images(manifest, synthetic, [s for s in specs if s.fold in todo_folds],
-                               cfg.data.classes, cfg.classify_image_size, channels=cfg.classify.channels,
-                               exclude_overlap=cfg.data.external.exclude_overlap)
-    n_excluded = int((images.real_rows["eval_set"] == "external_overlap").sum())
-    if n_excluded:
-        _log(f"{n_excluded} Dataset B images copy a Dataset A image (manifest a_overlap): scored apart as "
-             f"'external_overlap', left out of 'external' (data.external.exclude_overlap=true)")
-
+def _connect(cfg: Config, images) -> float:
+    """Join or start Ray, put the decoded arrays in its object store; returns classify.gpus_per_trial resolved."""
     import ray
 
     from meddap.raytools import ensure_ray
@@ -600,13 +715,19 @@ def run(cfg: Config, *, _fail_after_epoch: Optional[dict] = None) -> dict:
     gpus = resolve_gpus(cfg)
     images.real_images = ray.put(images.real_images)
     images.synthetic_images = {k: ray.put(v) for k, v in images.synthetic_images.items()}
+    return gpus
 
-    root = _tune_root(cfg)
+
+def _run_rounds(cfg: Config, pending: list, keys: dict, images, summaries: "_Summaries", total: int, root: str,
+                gpus: float, fail_after_epoch: Optional[dict]):
+    """Tune experiments over `pending` until every trial finished, one failed on its own, the sweep was
+    interrupted or classify.max_failures extra rounds for lost nodes are spent. Returns (unfinished specs,
+    errors by trial id, the last progress callback, the last experiment name)."""
     c = cfg.classify
-    pending, errors, rounds = list(todo), {}, 1 + c.max_failures
+    errors, rounds = {}, 1 + c.max_failures
     for round_no in range(1, rounds + 1):
         progress, name, round_errors = _tune_round(cfg, pending, keys, images, summaries, total,
-                                                   len(summaries.frames["trials"]), root, gpus, _fail_after_epoch)
+                                                   len(summaries.frames["trials"]), root, gpus, fail_after_epoch)
         errors.update(round_errors)
         # Trials that finished in a worker whose completion the driver missed are still picked up here.
         for s in pending:
@@ -625,14 +746,147 @@ def run(cfg: Config, *, _fail_after_epoch: Optional[dict] = None) -> dict:
         _log(f"{len(lost)} trial(s) lost their worker or node ({', '.join(lost[:5])}{' ...' if len(lost) > 5 else ''}); "
              f"running them again from their checkpoints (round {round_no + 1} of at most {rounds}, "
              f"classify.max_failures={c.max_failures})")
-    failed = [s.trial_id for s in pending]
+    return pending, errors, progress, name
+
+
+def _set_gate(cfg: Config, images, gated_specs: list, fidelity: pd.DataFrame) -> None:
+    """Give `images` each gated (fold, adjective)'s pool with the fold judge's fidelity, after checking
+    that the gate leaves every gated trial its full count. MeddapError listing every shortfall (never a
+    silently smaller set): the judges' results stay on disk, so a rerun with more spares or a milder
+    filter only runs the gated trials."""
+    from meddap.classify.data import _pool_key, _real_train_rows, _synthetic_counts
+    from meddap.classify.fidelity import filter_synthetic
+
+    method, value = cfg.generate.filter, float(cfg.generate.filter_value)
+    images.gate_filter = (method, value)
+    gate, short = {}, []
+    for spec in gated_specs:
+        cell = (spec.fold, spec.adjective)
+        if cell not in gate:
+            pool = images.synthetic_rows[_pool_key(images, spec.fold, spec.adjective)]
+            scores = fidelity[(fidelity["fold"] == spec.fold) & (fidelity["adjective"] == spec.adjective)]
+            gate[cell] = pool.merge(scores[["image_id", "fidelity"]].astype({"image_id": str}),
+                                    how="left", on="image_id")
+        real = _real_train_rows(images.real_rows, spec.fold)
+        need = {cfg.data.classes[c]: n for c, n in _synthetic_counts(real, spec.ratio, len(cfg.data.classes)).items()}
+        try:
+            filter_synthetic(gate[cell], need, method, value)
+        except MeddapError as e:
+            short.append(f"{spec.trial_id}: {e}")
+    if short:
+        raise MeddapError(
+            f"the label-fidelity gate (generate.filter={method}, filter_value={value:g}, judge "
+            f"{cfg.filter_judge}) leaves {len(short)} gated trial(s) short of their ratio's images, so they were not "
+            f"run (the real-only judges and the other trials are kept; their fidelity is in "
+            f"{RunLayout(cfg.run_dir).summary('fidelity_gate')}):\n  " + "\n  ".join(short[:10])
+            + ("\n  ..." if len(short) > 10 else "")
+            + "\nRaise generate.filter_overgenerate (then rerun generate, which adds only spares) or relax "
+              "generate.filter_value, then rerun the sweep.")
+    images.gate = gate
+
+
+def run(cfg: Config, *, _fail_after_epoch: Optional[dict] = None) -> dict:
+    """Run every grid trial not finished yet; returns counts. `_fail_after_epoch` ({trial_id: epoch})
+    is a test hook that makes those trials fail right after that epoch's checkpoint.
+
+    With a label-fidelity gate (generate.filter) the sweep runs in two phases: first every trial that
+    does not depend on the gate (the real-only judges among them), then the gated synthetic trials,
+    whose images are chosen by the judges' scores."""
+    from meddap.classify.controls import unmapped_adjectives
+    from meddap.classify.data import load_sweep_images
+    from meddap.classify.models import build_classifier
+
+    check_classifiers(cfg, weights=False)
+
+    lay = RunLayout(cfg.run_dir)
+    specs = build_grid(cfg)
+    total = len(specs)
+    manifest, synthetic = _read_inputs(cfg)
+    shared_key = _inputs_key(cfg, manifest)
+    keys = made_from_keys(cfg, specs, manifest, synthetic, shared_key)
+    summaries = _Summaries(cfg)
+    on_disk = _done_trials(lay)
+    done = {s.trial_id for s in specs if s.trial_id in on_disk and summaries.add(s.trial_id, keys[s.trial_id])}
+    stale = sorted(on_disk & set(keys) - done)
+    gated_folds = {s.fold for s in specs if gated(cfg, s) and s.trial_id not in done}
+    unscored = sorted(judge_spec(cfg, k).trial_id for k in gated_folds
+                      if judge_spec(cfg, k).trial_id in done and judge_spec(cfg, k).trial_id not in summaries.frames["fidelity"])
+    if unscored:
+        # Finished by a sweep before the gate existed: they never wrote the fidelity scores the gate needs.
+        _log(f"{len(unscored)} real-only judge trial(s) have no fidelity scores (finished before the label-fidelity "
+             f"gate existed): running them again: {', '.join(unscored[:5])}")
+        for tid in unscored:
+            done.discard(tid)
+            summaries.drop(tid)
+        stale = sorted(set(stale) | set(unscored))
+    if stale:
+        # Finished with other inputs (prepare or generate ran again with other data or seeds, or parts
+        # were copied from another run): their rows would describe other models.
+        _log(f"{len(stale)} finished trial(s) were made from other images or settings: removed, running them "
+             f"again: {', '.join(stale[:5])}{' ...' if len(stale) > 5 else ''}")
+        for tid in stale:
+            storage.remove(lay.path("trials", tid))
+    summaries.write()  # a sweep killed between a trial's parts and the merge loses nothing
+    todo = [s for s in specs if s.trial_id not in done]
+    repeats = f" x {cfg.classify.repeats} repeats" if cfg.classify.repeats > 1 else ""
+    controls = f" + controls ({', '.join(cfg.classify.controls)})" if cfg.classify.controls else ""
+    _log(f"grid {total} trials ({len(cfg.classify.models)} classifiers x {len(cfg.generate.adjectives)} adjectives "
+         f"x {len(cfg.generate.ratios)} ratios x {cfg.data.folds} folds + baselines{controls}{repeats}); {len(done)} "
+         f"already done, {len(todo)} to run")
+    if "classical" in cfg.classify.controls:
+        twinless = [a for a in cfg.generate.adjectives if a in ("", "stylized") or a in unmapped_adjectives([a])]
+        if twinless:
+            _log(f"adjective(s) {', '.join(repr(a) for a in twinless)} have no classical twin: Table 4 compares them "
+                 f"with the duplicate control only (docs/controls.md)")
+    if not todo:
+        return {"total": total, "done": len(done), "ran": 0, "failed": 0}
+
+    if cfg.classify.pretrained == "imagenet":
+        # Missing weights would otherwise fail every trial inside Ray, the reason buried in its logs.
+        for model in sorted({s.classifier for s in todo}):
+            build_classifier(model, len(cfg.data.classes), "imagenet", cfg.classify.weights_dir)
+    todo_folds = {s.fold for s in todo}
+    # Real-only trials also score every adjective's synthetic set of their fold (Figure 1a): decode
+    # the pools of every fold with pending work. With spares (filter_overgenerate) or a gate, whole pools:
+    # the judges score the spares too, and a gate tops counts up from them.
+    whole = cfg.generate.filter != "none" or cfg.generate.filter_overgenerate > 0
+    images = load_sweep_images(manifest, synthetic, [s for s in specs if s.fold in todo_folds],
+                               cfg.data.classes, cfg.classify_image_size, channels=cfg.classify.channels,
+                               exclude_overlap=cfg.data.external.exclude_overlap, whole_pools=whole,
+                               run_seed=cfg.generate.seed)
+    n_excluded = int((images.real_rows["eval_set"] == "external_overlap").sum())
+    if n_excluded:
+        _log(f"{n_excluded} Dataset B images copy a Dataset A image (manifest a_overlap): scored apart as "
+             f"'external_overlap', left out of 'external' (data.external.exclude_overlap=true)")
+
+    gpus = _connect(cfg, images)
+    root = _tune_root(cfg)
+    first = [s for s in todo if not gated(cfg, s)]
+    second = [s for s in todo if gated(cfg, s)]
+    if second:
+        _log(f"label-fidelity gate {filter_label(cfg)}: {len(first)} trial(s) first (the real-only judges of "
+             f"{cfg.filter_judge} among them), then {len(second)} gated synthetic trial(s)")
+    failed, errors, progress, name = [], {}, None, ""
+    for phase in (first, second):
+        if not phase:
+            continue
+        if phase is second:
+            _set_gate(cfg, images, second, summaries.fidelity)
+        failed, errors, progress, name = _run_rounds(cfg, phase, keys, images, summaries, total, root, gpus,
+                                                     _fail_after_epoch)
+        if failed:
+            if phase is first:  # the gated trials wait for judges that may have failed: not run either
+                failed = failed + second
+            break
+    finished = set(summaries.frames["trials"])
     _log(f"{len(finished)}/{total} trials done; {summaries.best_line()}; summaries in {lay.summary('trials')}")
-    if failed and progress.interrupted:
+    if failed and progress is not None and progress.interrupted:
         raise KeyboardInterrupt  # Ctrl-C: the CLI says so (exit 130); the unfinished trials did not fail
     if failed:
+        failed_ids = [s.trial_id for s in failed]
         raise MeddapError(
-            f"{len(failed)} of {total} trials did not finish ({', '.join(failed[:5])}{' ...' if len(failed) > 5 else ''}); "
-            f"first error: {next((errors[t] for t in failed if errors.get(t)), 'unknown')}; full errors in "
+            f"{len(failed)} of {total} trials did not finish ({', '.join(failed_ids[:5])}{' ...' if len(failed) > 5 else ''}); "
+            f"first error: {next((errors[t] for t in failed_ids if errors.get(t)), 'unknown')}; full errors in "
             f"{storage.join(root, name)}. Finished trials are kept: rerun `python -m meddap sweep` "
             f"to run the missing ones (each resumes from its last checkpoint).")
     return {"total": total, "done": len(finished), "ran": len(todo), "failed": 0}

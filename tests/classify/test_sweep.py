@@ -16,7 +16,7 @@ from meddap.stages import sweep
 
 
 def test_paper_grid_is_465_trials():
-    cfg = load_config("paper")
+    cfg = load_config("paper", ["classify.controls=[]"])  # the paper's grid, without the controls
     specs = sweep.build_grid(cfg)
     assert len(specs) == sweep.grid_size(cfg) == 465
     ids = [s.trial_id for s in specs]
@@ -29,14 +29,17 @@ def test_paper_grid_is_465_trials():
 def test_demo_grid_matches_its_config():
     cfg = load_config("demo")
     c = cfg
-    assert len(sweep.build_grid(cfg)) == len(c.classify.models) * c.data.folds * (
-        len(c.generate.adjectives) * len(c.generate.ratios) + 1)
+    n_twins = sum(a in ("bright", "dark") for a in c.generate.adjectives)   # the demo's adjectives with a classical twin
+    assert c.classify.controls == ["duplicate", "classical"]
+    assert len(sweep.build_grid(cfg)) == sweep.grid_size(cfg) == len(c.classify.models) * c.data.folds * (
+        len(c.generate.adjectives) * len(c.generate.ratios) + 1 + len(c.generate.ratios) * (1 + n_twins))
 
 
 def test_repeats_multiply_the_grid_with_new_ids_and_seeds():
     from meddap.classify.trial import trial_seed
 
-    one, two = load_config("paper"), load_config("paper", ["classify.repeats=2"])
+    one, two = load_config("paper", ["classify.controls=[]"]), load_config("paper", ["classify.repeats=2",
+                                                                                    "classify.controls=[]"])
     specs = sweep.build_grid(two)
     assert len(specs) == sweep.grid_size(two) == 2 * 465 and len({s.trial_id for s in specs}) == 930
     first = [s.trial_id for s in specs if s.repeat == 0]
