@@ -119,6 +119,31 @@ def test_recipe_runs_every_phase_and_is_deterministic(phantom_base_dir, tmp_path
     assert not np.array_equal(imgs0, imgs1)
 
 
+def test_recipe_killed_mid_unet_resumes_to_the_same_files(phantom_base_dir, tmp_path, monkeypatch):
+    """Killed right after the UNet's step-2 checkpoint, rerun: it resumes there and writes exactly the
+    files of an uninterrupted run, with the killed session's UNet time carried in the checkpoint."""
+    from meddap.diffusion import pretrain
+
+    folder, uninterrupted = phantom_base_dir
+    save = pretrain._save_atomic
+
+    def save_then_die(obj, path):
+        save(obj, path)
+        if path.name == "unet.pt" and obj["step"] == 2:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(pretrain, "_save_atomic", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain_base(tmp_path / "out", settings_from(quick=True), log=lambda _: None)
+    monkeypatch.setattr(pretrain, "_save_atomic", save)
+    lines: list[str] = []
+    resumed = pretrain_base(tmp_path / "out", settings_from(quick=True), log=lines.append)
+    assert "[pretrain] vae: resuming at step 3/3" in lines and "[pretrain] unet: resuming at step 2/3" in lines
+    assert resumed["files"] == uninterrupted["files"]
+    assert resumed["unet"]["resumed_seconds"] > 0 and resumed["untimed_steps"] == {}
+    assert resumed["wall_seconds"]["unet"] >= resumed["unet"]["resumed_seconds"]
+
+
 def test_recipe_refuses_a_work_dir_of_other_settings(tmp_path):
     (tmp_path / "out" / ".work").mkdir(parents=True)
     (tmp_path / "out" / ".work" / "settings.json").write_text(json.dumps({"seed": 5}))
