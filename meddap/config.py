@@ -216,8 +216,10 @@ class DiffusionTrainConfig:
 class DiffusionConfig:
     base_model: str = _f("CompVis/stable-diffusion-v1-4",
                          "Hub id (from the Hugging Face cache or the hub), a local diffusers folder, or a single-file "
-                         "checkpoint (sd-v1-4.ckpt / .safetensors); 'builtin:tiny' builds a few-MB SD into "
-                         "<run_dir>/models/.")
+                         "checkpoint (sd-v1-4.ckpt / .safetensors); 'builtin:tiny' builds a few-MB SD with random "
+                         "weights into <run_dir>/models/ (plumbing); 'builtin:phantom' is the phantom-pretrained model "
+                         "shipped in meddap/models/phantom/ (not shipped yet: build one with `python -m meddap "
+                         "pretrain-base <folder>` and give that folder here).")
     single_file_config: Optional[str] = _f(
         None, "For a single-file base_model: the diffusers folder or hub id whose configs and tokenizer describe it "
               "(a checkpoint holds neither); null = CompVis/stable-diffusion-v1-4 from the Hugging Face cache.")
@@ -410,11 +412,27 @@ class ClassifyConfig:
                "[duplicate, classical]; [] = no controls)")
 
 
+# fid.features names (meddap.fid.FEATURE_EXTRACTORS describes them); anything path-like is a TorchScript file.
+FID_FEATURES = ("inception", "phantom-judge")
+FIDELITY_JUDGES = ("phantom-judge",)
+
+
+def _path_like(text: str) -> bool:
+    return text.startswith(("/", "./", "../", "~")) or text.endswith((".pt", ".pth", ".ts")) or "/" in text
+
+
 @dataclass
 class FidConfig:
-    dims: Literal[64, 192, 768, 2048] = _f(2048, "InceptionV3 feature size (pytorch-fid block): 64, 192, 768 or 2048.")
-    extra_dims: list[int] = _f([], "Further feature sizes reported beside `dims`, each labelled with its dims (the "
-                                   "paper's FID magnitudes suggest 64); the memorisation check uses `dims` only.")
+    features: str = _f(
+        "inception", "Feature extractor of FID/KID/memorisation: inception (pytorch-fid, the paper's); "
+                     "phantom-judge (domain encoder, 32-d: the judge beside the base model, "
+                     "<diffusion.base_model folder>/judge/, as pretrain-base writes it); or the path of a "
+                     "TorchScript encoder (.pt). FIDs from different extractors are not comparable.")
+    dims: Literal[64, 192, 768, 2048] = _f(2048, "InceptionV3 feature size (pytorch-fid block): 64, 192, 768 or 2048 "
+                                                 "(features=inception only; other extractors have their own).")
+    extra_dims: list[int] = _f([], "Further Inception feature sizes reported beside `dims`, each labelled with its "
+                                   "dims (the paper's FID magnitudes suggest 64); the memorisation check uses `dims` "
+                                   "only; other fid.features have one size.")
     weights: Optional[str] = _f(None, "Path of pytorch-fid's pt_inception weights file; null = torch hub's cache.")
     batch_size: int = _f(50, "Images per Inception forward pass.")
     kid_subset_size: int = _f(100, "Subset size for KID's unbiased MMD estimate.")
@@ -426,8 +444,17 @@ class FidConfig:
     memorization_threshold: float = _f(
         0.1, "A synthetic image whose nearest real image is closer than this share of the median real-real "
              "nearest-neighbour distance is flagged as a near copy.")
+    judge: Optional[str] = _f(
+        None, "Reference classifier that scores every synthetic image's label fidelity (summary/fidelity.parquet): "
+              "null = none; phantom-judge = the judge beside the base model (<diffusion.base_model folder>/judge/; "
+              "phantom classes only).")
 
     def validate(self, prefix: str) -> None:
+        _check(self.features in FID_FEATURES or _path_like(self.features), f"{prefix}.features", self.features,
+               f"one of {', '.join(FID_FEATURES)}, or the path of a TorchScript encoder file (*.pt)")
+        if self.judge is not None:
+            _check(self.judge in FIDELITY_JUDGES, f"{prefix}.judge", self.judge,
+                   f"null or one of {', '.join(FIDELITY_JUDGES)}")
         _check(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, "an integer >= 1")
         _check(all(d in (64, 192, 768, 2048) for d in self.extra_dims) and len(set(self.extra_dims)) == len(self.extra_dims)
                and self.dims not in self.extra_dims, f"{prefix}.extra_dims", self.extra_dims,
@@ -506,6 +533,15 @@ class Config:
         _check(judge is None or judge in self.classify.models, "generate.filter_judge", judge,
                f"null (the first of classify.models) or one of classify.models = {self.classify.models}: the judge is "
                "that classifier's real-only trial")
+        # The phantom judge lives beside the base model (<folder>/judge/): builtin:tiny has none.
+        for key, value in (("fid.features", self.fid.features), ("fid.judge", self.fid.judge)):
+            if value == "phantom-judge" and self.diffusion.base_model.startswith("builtin:") \
+                    and self.diffusion.base_model != "builtin:phantom":
+                raise ConfigError(f"config key '{key}' = 'phantom-judge' takes the judge beside the base model "
+                                  f"(<base model folder>/judge/), but diffusion.base_model = "
+                                  f"{self.diffusion.base_model!r} has none. Set diffusion.base_model to "
+                                  f"builtin:phantom or a folder made by `python -m meddap pretrain-base <folder>`, "
+                                  f"or set {key} to something else.")
         missing = [c for c in self.data.classes if c not in self.diffusion.class_phrases]
         _check(not missing, "diffusion.class_phrases", self.diffusion.class_phrases,
                f"a phrase for every class in data.classes (missing: {missing})")

@@ -11,7 +11,13 @@ Everything here is plain numpy / PyTorch and knows nothing of Ray or the run dir
   - `load_inception(dims, weights, device)`: pytorch-fid's InceptionV3 as a (B, 3, H, W) -> (B, dims)
     extractor, from `fid.weights` or torch hub's cache, never downloaded behind the user's back when
     absent: `MissingWeightsError` says what is missing and where to put it;
-  - `extract_features(paths, extractor, ...)`: any such extractor over image files (tests use a small one).
+  - `extract_features(paths, extractor, ...)`: any such extractor over image files (tests use a small one);
+  - `build_feature_extractor(cfg_fid, device, base_model)`: the extractor `fid.features` names, as a
+    `FeatureExtractor` (name, dims, input size, module): `inception` (pytorch-fid, the paper's), the
+    domain encoder `phantom-judge` (the reference phantom classifier beside the base model, in
+    `<folder>/judge/` as `pretrain-base` writes it: its penultimate layer), or a TorchScript encoder
+    file given by path. FIDs from different extractors are different quantities: every row names its
+    extractor and dims.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import os
 import pickle
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
@@ -30,6 +37,10 @@ from scipy import linalg
 from meddap.errors import MeddapError
 
 __all__ = [
+    "FEATURE_EXTRACTORS",
+    "FeatureExtractor",
+    "build_feature_extractor",
+    "check_features_name",
     "INCEPTION_WEIGHTS_FILE",
     "INCEPTION_INPUT_SIZE",
     "MissingWeightsError",
@@ -299,3 +310,97 @@ def extract_features(paths: Sequence[str], extractor: nn.Module, batch_size: int
     if not chunks:
         return np.zeros((0, 0))
     return np.concatenate(chunks)
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing the extractor: fid.features
+# ---------------------------------------------------------------------------------------------
+FEATURE_EXTRACTORS = {
+    "inception": "pytorch-fid's InceptionV3 (fid.dims: 64/192/768/2048), ImageNet features, 299 px: the paper's FID",
+    "phantom-judge": "the reference phantom classifier beside the base model (<diffusion.base_model folder>/judge/, "
+                     "written by pretrain-base): its 32-d penultimate layer, 64 px (a domain encoder, as RadImageNet "
+                     "encoders are for radiology)",
+}
+_TORCHSCRIPT_SIZE = 224  # input side of a TorchScript encoder without an `image_size` attribute
+
+
+@dataclass
+class FeatureExtractor:
+    """An image encoder for FID/KID/memorisation. `module` maps (B, 3, H, W) in [0, 1] (grey replicated)
+    to (B, dims); images are read at `image_size`. `name` goes into every row it produces."""
+    name: str
+    dims: int
+    image_size: int
+    module: nn.Module
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.dims}-d)"
+
+    def features(self, paths: Sequence[str], batch_size: int, device: str | torch.device = "cpu",
+                 reader: Callable[[str, int], np.ndarray] | None = None,
+                 progress: Callable[[int], None] | None = None) -> np.ndarray:
+        return extract_features(paths, self.module, batch_size, self.image_size, device, reader, progress)
+
+
+def _is_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or name.endswith((".pt", ".pth", ".ts")) or os.sep in name
+
+
+def check_features_name(name: str, key: str = "fid.features") -> None:
+    """Refuse a `fid.features` value that is neither a known extractor nor a file path."""
+    if name in FEATURE_EXTRACTORS or _is_path(name):
+        return
+    raise MeddapError(f"config key '{key}' = {name!r} is not a feature extractor. Use one of: "
+                      + "; ".join(f"{k} ({v})" for k, v in FEATURE_EXTRACTORS.items())
+                      + "; or the path of a TorchScript encoder file (*.pt) mapping (B, 3, H, W) images in [0, 1] "
+                        "to (B, D) features.")
+
+
+def _torchscript_encoder(path: str, key: str, device) -> FeatureExtractor:
+    full = os.path.expanduser(path)
+    fix = ("export your encoder with torch.jit.save(torch.jit.script(model), PATH) (input (B, 3, H, W) in [0, 1], "
+           "output (B, D); an `image_size` attribute sets H = W, else 224), or use "
+           + " / ".join(FEATURE_EXTRACTORS))
+    if not os.path.isfile(full):
+        raise MeddapError(f"config key '{key}' = {path!r}: no such file. Give the path of a TorchScript encoder: {fix}.")
+    import warnings
+
+    try:
+        with warnings.catch_warnings():  # torch 2.14 marks TorchScript deprecated; the format still loads
+            warnings.simplefilter("ignore", FutureWarning)
+            module = torch.jit.load(full, map_location="cpu").eval()
+    except (RuntimeError, ValueError, OSError) as e:
+        raise MeddapError(f"config key '{key}' = {path!r} could not be loaded as TorchScript "
+                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]}): {fix}.") from None
+    size = int(getattr(module, "image_size", _TORCHSCRIPT_SIZE))
+    with torch.no_grad():
+        out = module(torch.zeros(2, 3, size, size))
+    if out.ndim != 2 and out.ndim != 4:
+        raise MeddapError(f"config key '{key}' = {path!r}: the encoder returned shape {tuple(out.shape)}; it must "
+                          f"return (B, D) features: {fix}.")
+    return FeatureExtractor(f"torchscript:{os.path.basename(full)}", int(out.reshape(2, -1).shape[1]), size,
+                            module.to(device))
+
+
+def build_feature_extractor(cfg_fid, device: str | torch.device = "cpu",
+                            base_model: str | None = None) -> FeatureExtractor:
+    """The extractor `cfg_fid.features` names. `inception` raises MissingWeightsError when pytorch-fid's
+    weights are absent (the fid stage records that); `phantom-judge` is the judge beside `base_model`
+    (diffusion.base_model: `<its folder>/judge/`, as pretrain-base writes it); anything that cannot be
+    built raises a MeddapError naming fid.features and the fix."""
+    name = getattr(cfg_fid, "features", "inception") or "inception"
+    check_features_name(name)
+    if name == "inception":
+        return FeatureExtractor("inception", cfg_fid.dims, INCEPTION_INPUT_SIZE,
+                                load_inception(cfg_fid.dims, cfg_fid.weights, device))
+    if name == "phantom-judge":
+        from meddap.classify.judge import JudgeFeatures, load_judge
+        from meddap.diffusion.base import base_model_judge_dir
+
+        if base_model is None:
+            raise ValueError("fid.features = 'phantom-judge' needs base_model (diffusion.base_model)")
+        judge = load_judge(base_model_judge_dir(base_model, "fid.features"), key="fid.features")
+        return FeatureExtractor("phantom-judge", judge.embedding_dims, judge.image_size,
+                                JudgeFeatures(judge).eval().to(device))
+    return _torchscript_encoder(name, "fid.features", device)

@@ -71,3 +71,23 @@ def tiny_sd_dir(tmp_path_factory):
     from meddap.diffusion.base import build_tiny_sd
 
     return build_tiny_sd(tmp_path_factory.mktemp("models") / "tiny-sd")
+
+
+@pytest.fixture(scope="session")
+def phantom_base_dir(tmp_path_factory):
+    """A base-model folder as `python -m meddap pretrain-base OUT --quick` writes it (diffusers folder,
+    judge/ beside it, meddap_pretrain.json), built once per test run (measured 20-60 s on the busy shared
+    2-core box, imports included; the build alone about 7 s of CPU).
+    It stands in for builtin:phantom, whose weights are not shipped yet: same files, same loaders, a
+    few training steps. Returns (folder, the record pretrain_base returned)."""
+    import torch
+
+    from meddap.diffusion.pretrain import pretrain_base, settings_from
+
+    threads = torch.get_num_threads()
+    out = tmp_path_factory.mktemp("models") / "phantom-quick"
+    try:
+        record = pretrain_base(out, settings_from(quick=True), log=lambda _: None)
+    finally:
+        torch.set_num_threads(threads)  # pretrain_base sets the recipe's thread count for the process
+    return out, record

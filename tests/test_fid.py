@@ -243,6 +243,10 @@ def _blob(rng, bright: int, size: int = 16) -> np.ndarray:
     return np.clip(img, 0, 255)
 
 
+# The demo uses the phantom judge; these tests exercise the Inception path (and their own extractor).
+_INCEPTION = ["fid.features=inception", "fid.judge=null", "fid.dims=2048"]
+
+
 @pytest.fixture
 def fid_run(tmp_path):
     """A 2-fold manifest (6 train images per class and fold + test rows) and two synthetic sets per
@@ -279,7 +283,7 @@ def fid_run(tmp_path):
     storage.write_parquet(manifest, lay.manifest)
     storage.write_parquet(pd.DataFrame(srows), lay.synthetic_manifest)
     cfg = load_config("demo", [f"run_dir={run_dir}", "fid.kid_subset_size=4", "fid.kid_subsets=5",
-                               "fid.memorization_threshold=0.1"])
+                               "fid.memorization_threshold=0.1", *_INCEPTION])
     return cfg, manifest, pd.DataFrame(srows)
 
 
@@ -293,6 +297,7 @@ def test_fid_stage_missing_weights_records_status_and_nulls(fid_run, tmp_path, m
     lay = RunLayout(cfg.run_dir)
     fid = storage.read_parquet(lay.summary("fid"))
     assert list(fid.columns[:len(stage.FID_COLUMNS)]) == stage.FID_COLUMNS
+    assert (fid["features"] == "inception").all() and (fid["dims"] == 2048).all()
     assert len(fid) == 2 * 2 * (len(CLASSES) + 1)                 # (fold, adjective) x (classes + all)
     assert fid["fid"].isna().all() and fid["kid"].isna().all()
     assert fid["status"].str.startswith("missing_weights: ").all()
@@ -313,7 +318,7 @@ def test_fid_stage_with_small_extractor(fid_run):
     cfg, manifest, synth = fid_run
     feats4 = _PoolFeatures(side=2)                           # 4 features: per-class N = 5 >= 4
     out = stage.run(cfg, extractor=feats4, image_size=16)
-    assert out == {"groups": 4, "computed": 4, "missing_weights": False, "flagged": out["flagged"]}
+    assert out == {"groups": 4, "computed": 4, "missing_weights": False, "flagged": out["flagged"], "fidelity": None}
     lay = RunLayout(cfg.run_dir)
     fid = storage.read_parquet(lay.summary("fid"))
     assert (fid["status"] == "ok").all() and fid["fid"].notna().all()
@@ -330,7 +335,7 @@ def test_fid_stage_with_small_extractor(fid_run):
     row = fid[(fid.fold == 1) & (fid.adjective == "dark") & (fid.class_name == "malignant")].iloc[0]
     assert row.fid == pytest.approx(fid_from_features(fr, fs, method=cfg.fid.method), rel=1e-9)
     assert row.kid == pytest.approx(kernel_inception_distance(fr, fs, 4, 5, seed=cfg.fid.seed)[0], rel=1e-9)
-    assert (row.n_real, row.n_synthetic, row.n_real_available, row.dims) == (5, 5, 6, cfg.fid.dims)
+    assert (row.n_real, row.n_synthetic, row.n_real_available, row.dims, row.features) == (5, 5, 6, cfg.fid.dims, "_PoolFeatures")
     mem = storage.read_parquet(lay.summary("memorization"))
     assert len(mem) == len(synth)
     copy = mem[mem.image_id == "s-0-none-benign-0"].iloc[0]
@@ -342,7 +347,7 @@ def test_fid_stage_with_small_extractor(fid_run):
     pd.testing.assert_frame_equal(storage.read_parquet(lay.summary("fid")), fid)
     # Other settings, or a regenerated set with other images, are recomputed, never mixed in.
     cfg2 = load_config("demo", [f"run_dir={cfg.run_dir}", "fid.kid_subset_size=4", "fid.kid_subsets=5",
-                                "fid.memorization_threshold=0.0"])
+                                "fid.memorization_threshold=0.0", *_INCEPTION])
     assert stage.run(cfg2, extractor=feats4, image_size=16)["computed"] == 4
     assert storage.read_parquet(lay.summary("memorization"))["flagged"].sum() == 0
     fewer = synth[~((synth.fold == 0) & (synth.adjective == "dark") & (synth["index"] == 4))]
@@ -426,12 +431,121 @@ def test_fid_stage_in_a_ray_task_writes_the_same_rows(fid_run, tmp_path, ray_ses
 
     cfg, _, _ = fid_run
     # Workers were started before this test: the config (not the environment) says where weights are.
-    cfg = load_config("demo", [f"run_dir={cfg.run_dir}", f"fid.weights={tmp_path / 'absent.pth'}"])
+    cfg = load_config("demo", [f"run_dir={cfg.run_dir}", f"fid.weights={tmp_path / 'absent.pth'}", *_INCEPTION])
     out = stage.run(cfg, _remote=True)
     assert out["missing_weights"] and out["groups"] == 4
     fid = storage.read_parquet(RunLayout(cfg.run_dir).summary("fid"))
     assert len(fid) == 16 and fid["status"].str.startswith("missing_weights").all() and fid["fid"].isna().all()
     assert fid["status"].str.contains("absent.pth").all()
+
+
+# ---------------------------------------------------------------------------------------------
+# fid.features: the extractor abstraction and its errors
+# ---------------------------------------------------------------------------------------------
+def test_fid_features_unknown_name_is_refused_naming_the_key_and_the_choices(tmp_path):
+    from meddap.config import ConfigError, FID_FEATURES
+    from meddap.errors import MeddapError
+    from meddap.fid import FEATURE_EXTRACTORS, build_feature_extractor
+
+    assert tuple(FEATURE_EXTRACTORS) == FID_FEATURES
+    with pytest.raises(ConfigError, match=r"fid\.features.*'radimagenet'.*inception, phantom-judge.*TorchScript"):
+        load_config("demo", ["fid.features=radimagenet"])
+    cfg = load_config("demo")
+    cfg.fid.features = "radimagenet"          # past the config check (e.g. a config object built in code)
+    with pytest.raises(MeddapError, match=r"'fid\.features' = 'radimagenet'.*inception.*phantom-judge.*\.pt"):
+        build_feature_extractor(cfg.fid)
+
+
+def test_fid_features_missing_or_broken_file_says_the_key_and_the_fix(tmp_path):
+    from meddap.errors import MeddapError
+    from meddap.fid import build_feature_extractor
+
+    cfg = load_config("demo", [f"fid.features={tmp_path / 'encoder.pt'}"])
+    with pytest.raises(MeddapError, match=r"'fid\.features' = .*encoder\.pt.*no such file.*torch\.jit\.save"):
+        build_feature_extractor(cfg.fid)
+    (tmp_path / "encoder.pt").write_bytes(b"not a model")
+    with pytest.raises(MeddapError, match=r"could not be loaded as TorchScript.*torch\.jit\.save"):
+        build_feature_extractor(cfg.fid)
+
+
+class _Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.image_size = 24
+
+    def forward(self, x):
+        return nn.functional.adaptive_avg_pool2d(x, 2).flatten(1)   # (B, 12)
+
+
+def test_fid_features_torchscript_file_and_phantom_judge(tmp_path, phantom_base_dir):
+    """A TorchScript file by path, and the phantom judge beside a pretrain-base folder given as the base model."""
+    from meddap.classify.judge import JudgeFeatures, load_judge
+    from meddap.fid import build_feature_extractor
+
+    path = tmp_path / "encoder.pt"
+    torch.jit.save(torch.jit.script(_Encoder()), str(path))
+    fe = build_feature_extractor(load_config("demo", [f"fid.features={path}"]).fid)
+    assert (fe.name, fe.dims, fe.image_size) == ("torchscript:encoder.pt", 12, 24)
+    img = tmp_path / "a.png"
+    _png(img, np.full((30, 30), 51.0))
+    assert fe.features([str(img)], 4) == pytest.approx(np.full((1, 12), 0.2), abs=1e-6)
+    folder, _ = phantom_base_dir
+    cfg = load_config("demo", ["fid.features=phantom-judge", f"diffusion.base_model={folder}"])
+    judge = build_feature_extractor(cfg.fid, base_model=cfg.diffusion.base_model)
+    assert (judge.name, judge.dims, judge.image_size, judge.label) == ("phantom-judge", 32, 64, "phantom-judge (32-d)")
+    img2 = tmp_path / "b.png"
+    _png(img2, _blob(np.random.default_rng(0), 120))
+    feats = judge.features([str(img), str(img2), str(img)], 2)
+    assert feats.shape == (3, 32) and np.isfinite(feats).all()
+    assert feats[0] == pytest.approx(feats[2], rel=1e-4, abs=1e-6) and not np.allclose(feats[0], feats[1])
+    # the very judge pretrain-base wrote: its penultimate layer, on the image as read at its input size
+    with torch.no_grad():
+        expected = JudgeFeatures(load_judge(folder / "judge"))(torch.full((1, 3, 64, 64), 0.2)).double().numpy()
+    assert feats[0] == pytest.approx(expected[0], rel=1e-4, abs=1e-6)   # float32, other batch size
+
+
+def test_fid_features_phantom_judge_without_a_judge_says_the_key_the_path_and_the_fix(tmp_path):
+    from meddap.config import ConfigError
+    from meddap.errors import MeddapError
+    from meddap.fid import build_feature_extractor
+
+    # builtin:tiny has no judge: refused at the door
+    with pytest.raises(ConfigError, match=r"'fid\.features' = 'phantom-judge'.*judge/.*'builtin:tiny' has none.*"
+                                          r"pretrain-base <folder>"):
+        load_config("demo", ["fid.features=phantom-judge"])
+    with pytest.raises(ConfigError, match=r"'fid\.judge' = 'phantom-judge'.*'builtin:tiny' has none"):
+        load_config("demo", ["fid.judge=phantom-judge"])
+    # a folder without judge/ (not made by pretrain-base): the expected path and the fix
+    cfg = load_config("demo", ["fid.features=phantom-judge", f"diffusion.base_model={tmp_path / 'sd'}"])
+    with pytest.raises(MeddapError, match=r"fid\.features .*expected in .*sd/judge.*absent.*pretrain-base <folder>"):
+        build_feature_extractor(cfg.fid, base_model=cfg.diffusion.base_model)
+    # a hub id carries no judge
+    with pytest.raises(MeddapError, match=r"fid\.features .*'CompVis/stable-diffusion-v1-4' has none.*pretrain-base"):
+        build_feature_extractor(cfg.fid, base_model="CompVis/stable-diffusion-v1-4")
+
+
+def test_fid_judge_scores_every_synthetic_image_with_the_judge_beside_the_base_model(fid_run, phantom_base_dir):
+    """fid.judge: summary/fidelity.parquet holds the judge's class of every synthetic image, as the judge
+    itself predicts it, and `correct` is whether that is the prompted class."""
+    from meddap.classify.judge import judge_predict, load_judge
+    from meddap.data.decode import read_grey
+    from meddap.stages import fid as stage
+
+    cfg, _, synth = fid_run
+    folder, _ = phantom_base_dir
+    cfg = load_config("demo", [f"run_dir={cfg.run_dir}", f"diffusion.base_model={folder}",
+                               "fid.judge=phantom-judge"])
+    mean = stage.score_fidelity(cfg, synth)
+    scored = storage.read_parquet(RunLayout(cfg.run_dir).summary("fidelity"))
+    assert list(scored.columns) == stage.FIDELITY_COLUMNS and len(scored) == len(synth)
+    judge = load_judge(folder / "judge")
+    grey = np.stack([read_grey(p, judge.image_size) for p in synth["path"]])
+    assert scored["predicted"].tolist() == [judge.classes[k] for k in judge_predict(judge, grey)]
+    assert (scored["correct"] == (scored["predicted"] == scored["class_name"])).all()
+    plain = scored[scored["adjective"] == ""]
+    assert mean == pytest.approx(plain.groupby("class_name")["correct"].mean().mean())
+    dark = scored[scored["adjective"] == "dark"]
+    assert dark["mean_intensity"].mean() < plain["mean_intensity"].mean()     # the fixture's dark set is -40
 
 
 def test_fid_stage_extra_dims_rows_labelled_and_resumed_per_dims(fid_run, monkeypatch):
@@ -441,7 +555,7 @@ def test_fid_stage_extra_dims_rows_labelled_and_resumed_per_dims(fid_run, monkey
 
     cfg, _, _ = fid_run
     cfg = load_config("demo", [f"run_dir={cfg.run_dir}", "fid.kid_subset_size=4", "fid.kid_subsets=5",
-                               "fid.extra_dims=[64]"])
+                               "fid.extra_dims=[64]", *_INCEPTION])
     loaded = []
     monkeypatch.setattr(stage, "load_inception",
                         lambda dims, weights, device: loaded.append(dims) or _PoolFeatures(side=1 if dims == 64 else 2))

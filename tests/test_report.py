@@ -220,6 +220,14 @@ def report_run(tmp_path_factory, trials):
                                                                      ("s001", "t01", 0.5, None, None))])
                           .astype({"source_image_id": "string", "source_distance": float, "source_flagged": "boolean"}),
                           lay.summary("memorization"))
+    # Label fidelity: no-adjective images right except malignant ones; every dark image wrong.
+    storage.write_parquet(pd.DataFrame([dict(image_id=r.image_id, fold=r.fold, adjective=r.adjective,
+                                             class_name=r.class_name,
+                                             predicted=r.class_name if (r.adjective == "" and r.class_name != "malignant")
+                                             else "normal" if r.class_name != "normal" else "benign",
+                                             correct=r.adjective == "" and r.class_name != "malignant", confidence=0.9,
+                                             mean_intensity=50.0 if r.adjective == "" else 20.0, judge="phantom-judge")
+                                        for r in synth.itertuples()]), lay.summary("fidelity"))
     storage.write_parquet(pd.DataFrame([dict(rank=r, fold=-1, fid=None, kid=k, dims=2048, status=st, chosen=r == 4)
                                         for r, k, st in ((2, 0.031, "kid only"), (4, 0.012, "kid only"),
                                                          (8, 0.020, "kid only"))]).astype({"fid": float}),
@@ -275,6 +283,10 @@ def test_report_notes_missing_parts(report_run):
     assert "| 0 | \"\" (none) | 1 / 2 |" in md              # memorisation: flagged / images per set
     assert not any("memorisation" in s for s in out["skipped"])
     assert "## LoRA rank selection" in md and "Chosen rank: 4." in md
+    assert "## Label fidelity (reference judge)" in md
+    n = len(FOLDS) * len(CLASSES) * 3                      # images per adjective
+    assert f'| "" (none) | 100 | 0 | 100 | 67 | {n} | 50.0 |' in md
+    assert f"| dark | 0 | 0 | 0 | 0 | {n} | 20.0 |" in md
     assert "| 4 | -1 | n/a | 0.0120 | 2048 | yes |" in md
 
 

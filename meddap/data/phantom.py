@@ -16,7 +16,10 @@ the way a B-mode scanner makes one, in miniature:
    BUSI, where classifiers learn to latch onto such marks).
 
 `variant="shifted"` is another "device" (gain, dynamic range, speckle size, curvilinear fan): the
-embedded Dataset B. Every image comes from its own seed, derived from (seed, variant, class, index),
+embedded Dataset B. `random_device` draws a new simulated scanner from a range spanning both, and
+`make_phantom_scan` makes an unlabeled scan with a lesion described by its look (`LesionShape`:
+size, aspect, margin roughness, lobes, spicules, capsule, halo, posterior feature, calcifications),
+never by class: the pretraining corpus of the `builtin:phantom` base model. Every image comes from its own seed, derived from (seed, variant, class, index),
 so any single image can be remade alone. numpy + scipy.ndimage + PIL only; ~4 ms per 128 px image.
 """
 
@@ -39,7 +42,8 @@ from meddap.errors import MeddapError
 
 __all__ = [
     "PHANTOM_CLASSES", "PHANTOM_VARIANTS", "make_phantom_image", "phantom_image_rng", "phantom_file_name",
-    "write_phantom", "phantom_contact_sheet",
+    "write_phantom", "phantom_contact_sheet", "LesionShape", "random_lesion_shape", "random_device",
+    "make_phantom_scan",
 ]
 
 PHANTOM_CLASSES = ("benign", "malignant", "normal")
@@ -204,6 +208,55 @@ def _soft_inside(signed: np.ndarray, edge: float) -> np.ndarray:
     return np.clip(0.5 + signed / (2 * edge), 0.0, 1.0)
 
 
+def _lesion_outline(rng: np.random.Generator, size: int, cx: float, cy: float, half_w: float, half_h: float,
+                    angle: float, harmonics: list[tuple[int, float]]) -> tuple[np.ndarray, float]:
+    """(size, size) signed distance inside the margin (> 0 inside, image units) of an ellipse rotated by
+    `angle` whose radius is modulated by cosine `harmonics` (k, amplitude) at random phases, and its
+    mean radius."""
+    y, x = _grid(size)
+    ca, sa = np.cos(angle), np.sin(angle)
+    u = ((x - cx) * ca + (y - cy) * sa) / half_w                 # lesion frame, unit = half width/height
+    v = (-(x - cx) * sa + (y - cy) * ca) / half_h
+    rho = np.sqrt(u * u + v * v)
+    theta = np.arctan2(v, u)
+    boundary = np.ones_like(rho)
+    for k, a in harmonics:
+        boundary += a * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
+    mean_radius = np.sqrt(half_w * half_h)
+    return (boundary - rho) * mean_radius, float(mean_radius)
+
+
+def _capsule(size: int, signed: np.ndarray) -> np.ndarray:
+    """A thin echogenic capsule along the margin."""
+    return 0.9 * np.exp(-0.5 * (signed / (0.9 / size)) ** 2)
+
+
+def _halo(rng: np.random.Generator, size: int, signed: np.ndarray) -> np.ndarray:
+    """A thick echogenic halo just outside the margin (infiltration)."""
+    halo = rng.uniform(2.0, 4.0) / size
+    return 1.2 * np.exp(-0.5 * ((signed + halo) / halo) ** 2) * (signed < 0)
+
+
+def _spicules(rng: np.random.Generator, size: int, cx: float, cy: float, mean_radius: float, signed: np.ndarray,
+              count: int) -> np.ndarray:
+    """`count` thin dark or bright strands radiating from the lesion."""
+    y, x = _grid(size)
+    px = 1.0 / size
+    extra = np.zeros((size, size), np.float32)
+    for _ in range(count):
+        phi = rng.uniform(-np.pi, np.pi)
+        length = rng.uniform(0.6, 1.5) * mean_radius
+        # distance from the ray at angle phi leaving the lesion centre, in image units
+        dx, dy = np.cos(phi), np.sin(phi)
+        along = (x - cx) * dx + (y - cy) * dy
+        across = np.abs(-(x - cx) * dy + (y - cy) * dx)
+        width = rng.uniform(0.6, 1.2) * px
+        reach = np.clip(1.0 - (along - mean_radius) / length, 0.0, 1.0) * (along > 0.5 * mean_radius)
+        strand = np.exp(-0.5 * (across / width) ** 2) * reach * (signed < 0)
+        extra += (rng.choice([-0.7, 0.9])) * strand              # dark or bright radiating strands
+    return extra
+
+
 def _lesion(rng: np.random.Generator, size: int, class_name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(inside 0..1, hard mask, extra echo) of one lesion: shape, internal echoes, margins.
 
@@ -212,7 +265,6 @@ def _lesion(rng: np.random.Generator, size: int, class_name: str) -> tuple[np.nd
     overlap a little (some malignant lesions are fairly round, some benign ones lobulated), as real
     ones do, so the task is learnable from shape but not trivial.
     """
-    y, x = _grid(size)
     px = 1.0 / size
     cx, cy = rng.uniform(0.3, 0.7), rng.uniform(0.4, 0.6)
     if class_name == "benign":
@@ -228,48 +280,101 @@ def _lesion(rng: np.random.Generator, size: int, class_name: str) -> tuple[np.nd
         roughness = 0.4 if rng.uniform() < 0.2 else 1.0         # a fifth look almost circumscribed
         harmonics = [(k, roughness * rng.uniform(0.04, 0.14)) for k in (3, 4, 5, 7, 9)]  # angular, microlobulated
         spicules = int(rng.integers(0, 13))
-    ca, sa = np.cos(angle), np.sin(angle)
-    u = ((x - cx) * ca + (y - cy) * sa) / half_w                 # lesion frame, unit = half width/height
-    v = (-(x - cx) * sa + (y - cy) * ca) / half_h
-    rho = np.sqrt(u * u + v * v)
-    theta = np.arctan2(v, u)
-    boundary = np.ones_like(rho)
-    for k, a in harmonics:
-        boundary += a * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
-    mean_radius = np.sqrt(half_w * half_h)
-    signed = (boundary - rho) * mean_radius                      # ~ distance inside the margin, image units
+    signed, mean_radius = _lesion_outline(rng, size, cx, cy, half_w, half_h, angle, harmonics)
     edge = (0.6 if class_name == "benign" else 1.2) * px
     inside = _soft_inside(signed, edge)
     mask = signed > 0
 
     extra = np.zeros((size, size), np.float32)                   # echo around the lesion: capsule, halo, spicules
-    if class_name == "benign" and rng.uniform() < 0.5:           # thin echogenic capsule
-        extra += 0.9 * np.exp(-0.5 * (signed / (0.9 * px)) ** 2)
+    if class_name == "benign" and rng.uniform() < 0.5:
+        extra += _capsule(size, signed)
     if class_name == "malignant":
-        if rng.uniform() < 0.5:                                  # thick echogenic halo (infiltration)
-            halo = rng.uniform(2.0, 4.0) * px
-            extra += 1.2 * np.exp(-0.5 * ((signed + halo) / halo) ** 2) * (signed < 0)
-        for _ in range(spicules):
-            phi = rng.uniform(-np.pi, np.pi)
-            length = rng.uniform(0.6, 1.5) * mean_radius
-            # distance from the ray at angle phi leaving the lesion centre, in image units
-            dx, dy = np.cos(phi), np.sin(phi)
-            along = (x - cx) * dx + (y - cy) * dy
-            across = np.abs(-(x - cx) * dy + (y - cy) * dx)
-            width = rng.uniform(0.6, 1.2) * px
-            reach = np.clip(1.0 - (along - mean_radius) / length, 0.0, 1.0) * (along > 0.5 * mean_radius)
-            strand = np.exp(-0.5 * (across / width) ** 2) * reach * (signed < 0)
-            extra += (rng.choice([-0.7, 0.9])) * strand          # dark or bright radiating strands
+        if rng.uniform() < 0.5:
+            extra += _halo(rng, size, signed)
+        extra += _spicules(rng, size, cx, cy, mean_radius, signed, spicules)
     return inside.astype(np.float32), mask, extra
+
+
+@dataclass(frozen=True)
+class LesionShape:
+    """A lesion described by its look, not its class: what the base model's captions can name.
+
+    half_width: half the lesion's width (image widths); aspect: height / width (> 1 = taller than
+    wide, i.e. not parallel to the skin); roughness: 0 (smooth oval) .. 1 (angular, microlobulated
+    margin); lobulation: amplitude of a few large lobes; spicules: radiating strands; capsule, halo:
+    echogenic rim inside / thick rim outside; posterior: 'enhancement' | 'none' | 'shadow';
+    calcifications: bright dots inside.
+    """
+    half_width: float
+    aspect: float
+    roughness: float
+    lobulation: float
+    spicules: int
+    capsule: bool
+    halo: bool
+    posterior: str
+    calcifications: bool
+
+
+def random_lesion_shape(rng: np.random.Generator) -> LesionShape:
+    """A lesion whose descriptors are drawn independently over the range both phantom classes span (and
+    beyond): no class's joint pattern is favoured, so a model trained on these shapes has no notion of
+    which combinations make a class."""
+    return LesionShape(
+        half_width=float(rng.uniform(0.06, 0.2)),
+        aspect=float(np.exp(rng.uniform(np.log(0.42), np.log(1.6)))),
+        roughness=float(rng.uniform() ** 1.5),
+        lobulation=float(rng.uniform(0.0, 0.08)),
+        spicules=int(rng.integers(0, 13)) if rng.uniform() < 0.35 else 0,
+        capsule=bool(rng.uniform() < 0.3),
+        halo=bool(rng.uniform() < 0.3),
+        posterior=str(rng.choice(("enhancement", "none", "shadow"))),
+        calcifications=bool(rng.uniform() < 0.15),
+    )
+
+
+def _shaped_lesion(rng: np.random.Generator, size: int,
+                   shape: LesionShape) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(inside 0..1, hard mask, extra echo) of a lesion drawn to `shape` (see `_lesion` for the class ones)."""
+    px = 1.0 / size
+    cx, cy = rng.uniform(0.3, 0.7), rng.uniform(0.4, 0.6)
+    half_w = shape.half_width
+    half_h = half_w * shape.aspect
+    angle = rng.normal(0.0, 0.12 + 0.08 * shape.roughness)
+    harmonics = [(k, rng.uniform(0.0, shape.lobulation)) for k in (2, 3)]
+    harmonics += [(k, shape.roughness * rng.uniform(0.04, 0.14)) for k in (3, 4, 5, 7, 9)]
+    signed, mean_radius = _lesion_outline(rng, size, cx, cy, half_w, half_h, angle, harmonics)
+    inside = _soft_inside(signed, (0.6 + 0.6 * shape.roughness) * px)
+    mask = signed > 0
+    extra = np.zeros((size, size), np.float32)
+    if shape.capsule:
+        extra += _capsule(size, signed)
+    if shape.halo:
+        extra += _halo(rng, size, signed)
+    extra += _spicules(rng, size, cx, cy, mean_radius, signed, shape.spicules)
+    return inside.astype(np.float32), mask, extra
+
+
+def _calcifications(rng: np.random.Generator, amp: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """A few bright dots inside the lesion (microcalcifications)."""
+    ys, xs = np.nonzero(mask)
+    pick = rng.integers(0, len(ys), size=int(rng.integers(2, 7)))
+    amp[ys[pick], xs[pick]] += 3.0
+    return amp
 
 
 def _posterior(rng: np.random.Generator, size: int, mask: np.ndarray, class_name: str) -> np.ndarray:
     """(size, size) amplitude factor under the lesion: mostly enhancement behind fluid-like benign
     lesions and shadowing behind malignant ones (sound absorbed by desmoplastic tissue), sometimes
     neither or the other one (_POSTERIOR_ODDS), as in real images."""
+    feature = rng.choice(("enhancement", "none", "shadow"), p=_POSTERIOR_ODDS[class_name])
+    return _posterior_factor(rng, size, mask, str(feature))
+
+
+def _posterior_factor(rng: np.random.Generator, size: int, mask: np.ndarray, feature: str) -> np.ndarray:
+    """(size, size) amplitude factor of posterior `feature` ('enhancement' | 'none' | 'shadow') under the lesion."""
     y, _ = _grid(size)
     cols = mask.any(axis=0)
-    feature = rng.choice(("enhancement", "none", "shadow"), p=_POSTERIOR_ODDS[class_name])
     if not cols.any() or feature == "none":
         return np.ones((size, size), np.float32)
     rows = np.where(mask.any(axis=1))[0]
@@ -445,10 +550,16 @@ def make_phantom_image(class_name: str, rng: np.random.Generator, size: int = 12
         texture = np.exp(0.5 * _smooth_noise(rng, size, (1.0 * scale + 0.3,) * 2))
         amp = amp * (1.0 - inside) + interior * texture * inside + extra.clip(-0.95 * amp, None)
         if class_name == "malignant" and rng.uniform() < 0.3:                  # microcalcifications: bright dots
-            ys, xs = np.nonzero(mask)
-            pick = rng.integers(0, len(ys), size=int(rng.integers(2, 7)))
-            amp[ys[pick], xs[pick]] += 3.0
+            amp = _calcifications(rng, amp, mask)
         amp = amp * _posterior(rng, size, mask, class_name)
+    return _scan(rng, amp, mask, device)
+
+
+def _scan(rng: np.random.Generator, amp: np.ndarray, mask: np.ndarray, device: _Device) -> tuple[np.ndarray, np.ndarray]:
+    """The imaging chain of `device` over an echo-amplitude map: speckle, display, probe footprint,
+    annotations. Returns the uint8 image and the uint8 (0/255) lesion mask in the image's geometry."""
+    size = amp.shape[0]
+    scale = size / _REF_SIZE
     sigma = (device.psf_axial * scale * rng.uniform(0.9, 1.1), device.psf_lateral * scale * rng.uniform(0.9, 1.1))
     image = _display(rng, _speckle(rng, np.maximum(amp, 0.0), sigma), device)  # (H, W) float grey 0..255
     if device.smoothing > 0:
@@ -462,6 +573,54 @@ def make_phantom_image(class_name: str, rng: np.random.Generator, size: int = 12
         frame = (top, left, right)
     grey = _annotate(rng, np.round(image).astype(np.uint8), mask, device, frame)
     return grey, (mask.astype(np.uint8) * 255)
+
+
+def random_device(rng: np.random.Generator) -> _Device:
+    """A simulated scanner drawn from a range that spans the 'standard' and 'shifted' devices and beyond:
+    speckle size (PSF), dynamic range, gain, attenuation and time-gain compensation, linear or
+    curvilinear probe, framing, overlays and display smoothing all vary. Each setting is a narrow range
+    around the device's own value, as one scanner's images vary a little."""
+    def around(centre: float, spread: float) -> tuple[float, float]:
+        return (centre - spread, centre + spread)
+
+    fan = bool(rng.uniform() < 0.4)
+    half_angle = rng.uniform(20.0, 34.0)
+    return _Device(
+        psf_axial=float(rng.uniform(0.45, 1.15)), psf_lateral=float(rng.uniform(1.0, 2.6)),
+        dynamic_range_db=around(rng.uniform(34.0, 58.0), 3.0), gain_db=around(rng.uniform(-5.0, 9.0), 2.0),
+        attenuation_db=around(rng.uniform(10.0, 24.0), 3.0), tgc_share=around(rng.uniform(0.4, 0.85), 0.1),
+        fan=fan, fan_half_angle_deg=(half_angle, half_angle + 4.0) if fan else (0.0, 0.0),
+        frame_share=float(rng.uniform(0.0, 0.6)), text_share=float(rng.uniform(0.0, 0.8)),
+        ruler_share=float(rng.uniform(0.0, 0.7)), caliper_share=float(rng.uniform(0.0, 0.5)),
+        smoothing=float(rng.uniform(0.0, 0.6)) if rng.uniform() < 0.7 else 0.0,
+    )
+
+
+def make_phantom_scan(rng: np.random.Generator, size: int = 128, lesion: LesionShape | None = None,
+                      device: _Device | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """One unlabeled scan: breast tissue with the lesion `lesion` (None: no lesion), imaged by `device`
+    (None: `random_device(rng)`). The pretraining corpus of the `builtin:phantom` base model is made of
+    these: lesions described by look (`LesionShape`), never by class.
+
+    Returns ((size, size) uint8 image, (size, size) uint8 mask, facts) where facts records what a
+    caption may say: {"lesion": bool, "fan": bool, "mask_share": float}."""
+    if not isinstance(size, (int, np.integer)) or size < _MIN_SIZE:
+        raise MeddapError(f"phantom: size {size!r} is too small; give an integer >= {_MIN_SIZE}.")
+    device = device or random_device(rng)
+    scale = size / _REF_SIZE
+    amp = _tissue(rng, size)
+    mask = np.zeros((size, size), bool)
+    if lesion is not None:
+        inside, mask, extra = _shaped_lesion(rng, size, lesion)
+        interior = rng.uniform(0.03, 0.1)
+        texture = np.exp(0.5 * _smooth_noise(rng, size, (1.0 * scale + 0.3,) * 2))
+        amp = amp * (1.0 - inside) + interior * texture * inside + extra.clip(-0.95 * amp, None)
+        if lesion.calcifications and mask.any():
+            amp = _calcifications(rng, amp, mask)
+        amp = amp * _posterior_factor(rng, size, mask, lesion.posterior)
+    grey, out_mask = _scan(rng, amp, mask, device)
+    return grey, out_mask, {"lesion": bool(out_mask.any()), "fan": device.fan,
+                            "mask_share": float((out_mask > 0).mean())}
 
 
 # ---------------------------------------------------------------------------------------------

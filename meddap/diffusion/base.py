@@ -3,7 +3,9 @@ SD-1.4-shaped models with random weights.
 
 - `resolve_base_model(cfg)`: `diffusion.base_model` -> something `from_pretrained` accepts (a local
   diffusers folder or a hub id). `builtin:tiny` builds the tiny SD into `<run_dir>/models/tiny-sd`
-  once (a local cache folder when run_dir is an object-store URI).
+  once (a local cache folder when run_dir is an object-store URI); `builtin:phantom` is the pretrained
+  phantom model shipped inside the package (`meddap/models/phantom/`, made by
+  `python -m meddap pretrain-base`; see docs/base-model.md).
 - `load_pipeline(model)`: `StableDiffusionPipeline.from_pretrained` with the safety checker off, and a
   MeddapError that says how to provide the weights when they are missing.
 - `load_components(model)`: UNet, VAE, text encoder, tokenizer and the training noise scheduler,
@@ -35,6 +37,11 @@ from meddap.errors import MeddapError
 
 __all__ = [
     "TINY_MODEL",
+    "PHANTOM_MODEL",
+    "PHANTOM_DIR",
+    "BUILTIN_MODELS",
+    "phantom_model_dir",
+    "base_model_judge_dir",
     "SD14_CONFIG_DIR",
     "build_tiny_sd",
     "resolve_base_model",
@@ -53,6 +60,12 @@ __all__ = [
 ]
 
 TINY_MODEL = "builtin:tiny"
+PHANTOM_MODEL = "builtin:phantom"
+# The pretrained phantom base model and its reference judge (judge/), shipped as package data.
+PHANTOM_DIR = Path(__file__).resolve().parent.parent / "models" / "phantom"
+BUILTIN_MODELS = {TINY_MODEL: "a few-MB SD with random weights, built locally (plumbing tests)",
+                  PHANTOM_MODEL: "an SD-shaped model pretrained on unlabeled phantom scans, shipped in "
+                                 "meddap/models/phantom/ once built (python -m meddap pretrain-base)"}
 SD14_CONFIG_DIR = Path(__file__).parent / "sd14"
 
 # The tiny model's architecture. Same classes and wiring as SD-1.4, channel counts cut ~10-40x.
@@ -184,12 +197,53 @@ def _local_cache_dir() -> Path:
     return Path(root)
 
 
+PRETRAIN_COMMAND = "python -m meddap pretrain-base <folder>"
+JUDGE_SUBDIR = "judge"   # where pretrain-base writes the reference judge, beside the model
+
+
+def phantom_model_dir(asked_by: str | None = None) -> str:
+    """The shipped `builtin:phantom` folder; a MeddapError while it is absent (naming `asked_by`, the config
+    key that needs it, when that is not diffusion.base_model itself)."""
+    if not (PHANTOM_DIR / "model_index.json").is_file() or not (PHANTOM_DIR / "unet").is_dir():
+        why = f" (for {asked_by})" if asked_by else ""
+        raise MeddapError(
+            f"diffusion.base_model = {PHANTOM_MODEL!r}{why} needs the shipped folder {PHANTOM_DIR}, which is absent "
+            f"(its weights are not shipped yet: docs/base-model.md). Build the model with `{PRETRAIN_COMMAND}` "
+            "(resumable; hours on a 2-core CPU), then either set diffusion.base_model=<folder> (a pretrain-base "
+            f"output folder is a base model as it stands) or copy <folder> to {PHANTOM_DIR}. For plumbing only, "
+            f"use diffusion.base_model={TINY_MODEL}.")
+    return str(PHANTOM_DIR)
+
+
+def base_model_judge_dir(base_model: str, key: str) -> Path:
+    """The reference judge beside a base model: `<base model folder>/judge/`, as pretrain-base writes it.
+    A MeddapError naming `key` (the config key that asked for the judge), the expected path and the fix
+    when there is none: `builtin:tiny` and hub ids carry no judge; a folder without judge/ was not made by
+    pretrain-base."""
+    fix = (f"set diffusion.base_model to builtin:phantom or to a folder made by `{PRETRAIN_COMMAND}` (it writes "
+           f"<folder>/{JUDGE_SUBDIR}/)")
+    if base_model == PHANTOM_MODEL:
+        folder = Path(phantom_model_dir(asked_by=key))
+    elif base_model.startswith("builtin:") or not _looks_like_path(base_model):
+        raise MeddapError(f"{key} takes the phantom judge beside the base model (<base model folder>/{JUDGE_SUBDIR}/), "
+                          f"but diffusion.base_model = {base_model!r} has none. Fix: {fix}, or set {key} to "
+                          "something else (see docs/configuration.md).")
+    else:
+        folder = Path(os.path.expanduser(base_model))
+    judge = folder / JUDGE_SUBDIR
+    if not judge.is_dir():
+        raise MeddapError(f"{key} takes the phantom judge beside the base model, expected in {judge}, which is "
+                          f"absent. Fix: {fix}, or set {key} to something else.")
+    return judge
+
+
 def resolve_base_model(cfg) -> str:
     """`diffusion.base_model` as a local diffusers folder or hub id that `from_pretrained` accepts.
 
     `builtin:tiny` builds the tiny SD once: into `<run_dir>/models/tiny-sd` for a local run_dir, or
     into a node-local cache (`$MEDDAP_CACHE`, default ~/.cache/meddap) for an s3:// / gs:// run_dir,
-    where each node builds the same seeded model itself instead of downloading it.
+    where each node builds the same seeded model itself instead of downloading it. `builtin:phantom`
+    is the package's own folder, the same on every node.
     """
     from meddap.layout import RunLayout
     from meddap.storage import is_uri  # pyarrow: imported here so `bench gpu` loads this module without it
@@ -199,8 +253,11 @@ def resolve_base_model(cfg) -> str:
         if is_uri(cfg.run_dir):
             return build_tiny_sd(_local_cache_dir() / f"tiny-sd-v{_TINY_VERSION}")
         return build_tiny_sd(RunLayout(cfg.run_dir).tiny_model)
+    if model == PHANTOM_MODEL:
+        return phantom_model_dir()
     if model.startswith("builtin:"):
-        raise MeddapError(f"diffusion.base_model = {model!r}: the only builtin model is {TINY_MODEL!r}.")
+        raise MeddapError(f"diffusion.base_model = {model!r} is not a builtin model; builtin models: "
+                          + "; ".join(f"{k} ({v})" for k, v in BUILTIN_MODELS.items()) + ".")
     return os.path.expanduser(model) if _looks_like_path(model) else model
 
 

@@ -16,14 +16,18 @@ every train row), per class and over all classes ("all"). Fair comparisons:
   - fid.dims, plus each of fid.extra_dims (the paper config adds 64, the magnitude the paper's FIDs
     suggest), each row labelled with its dims.
 Outputs:
-  summary/fid.parquet           fold, adjective, class_name, fid, kid, kid_std, dims, n_real, n_synthetic, status,
+  summary/fid.parquet           fold, adjective, class_name, fid, kid, kid_std, features, dims, n_real, n_synthetic, status,
                                 n_real_available, n_synthetic_available,
                                 settings and made_from (what the numbers were made with and from: sha256 of
                                 the compared images; a rerun keeps only sets whose both match)
   summary/memorization.parquet  image_id, fold, adjective, class_name, nearest_real_id, nearest_real_class,
-                                distance, reference_distance, threshold_distance, flagged, dims
-When pytorch-fid's Inception weights are absent, rows carry fid/kid null and status
-"missing_weights: <reason and where to put the file>"; no number is made up.
+                                distance, reference_distance, threshold_distance, flagged, features, dims
+  summary/fidelity.parquet      (only with fid.judge) image_id, fold, adjective, class_name, predicted,
+                                correct, confidence, mean_intensity, judge: the reference judge's class of
+                                every synthetic image (label fidelity = share of correct)
+The feature extractor is `fid.features` (`meddap.fid.build_feature_extractor`): every row names it
+(`features`) and its `dims`. When pytorch-fid's Inception weights are absent, rows carry fid/kid null and
+status "missing_weights: <reason and where to put the file>"; no number is made up.
 
 Features are computed in one process: this one when it has CUDA (or no Ray cluster with GPUs is
 around), else one Ray task holding a GPU of the cluster (a CPU-only head node would take an hour on
@@ -41,12 +45,14 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from meddap import logs, storage
 from meddap.errors import MeddapError
 from meddap.fid import (
     INCEPTION_INPUT_SIZE,
     MissingWeightsError,
+    build_feature_extractor,
     extract_features,
     fid_from_features,
     kernel_inception_distance,
@@ -57,14 +63,17 @@ from meddap.fid import (
 from meddap.layout import RunLayout, adapter_name
 from meddap.progress import Progress
 
-__all__ = ["run", "fid_for_sets", "equal_n", "FID_COLUMNS", "MEMORIZATION_COLUMNS"]
+__all__ = ["run", "fid_for_sets", "equal_n", "score_fidelity", "FID_COLUMNS", "MEMORIZATION_COLUMNS",
+           "FIDELITY_COLUMNS"]
 
-FID_COLUMNS = ["fold", "adjective", "class_name", "fid", "kid", "kid_std", "dims", "n_real", "n_synthetic", "status",
-               "n_real_available", "n_synthetic_available"]
+FID_COLUMNS = ["fold", "adjective", "class_name", "fid", "kid", "kid_std", "features", "dims", "n_real", "n_synthetic",
+               "status", "n_real_available", "n_synthetic_available"]
 MEMORIZATION_COLUMNS = ["image_id", "fold", "adjective", "class_name", "nearest_real_id", "nearest_real_class",
-                        "distance", "reference_distance", "threshold_distance", "flagged", "dims",
+                        "distance", "reference_distance", "threshold_distance", "flagged", "features", "dims",
                         # img2img: the image's own source (null / NaN / NA for txt2img images)
                         "source_image_id", "source_distance", "source_flagged"]
+FIDELITY_COLUMNS = ["image_id", "fold", "adjective", "class_name", "predicted", "correct", "confidence",
+                    "mean_intensity", "judge"]
 ALL_CLASSES = "all"
 
 
@@ -134,7 +143,8 @@ def equal_n(real_df: pd.DataFrame, synth_df: pd.DataFrame, classes: Sequence[str
 
 
 def fid_for_sets(real_paths: Sequence[str], synth_paths: Sequence[str], cfg_fid, device: str | None = None,
-                 extractor: nn.Module | None = None, image_size: int = INCEPTION_INPUT_SIZE) -> dict:
+                 extractor: nn.Module | None = None, image_size: int = INCEPTION_INPUT_SIZE,
+                 base_model: str | None = None) -> dict:
     """FID and KID between two lists of image files (the rank selection's call); pass the generation
     resolution as `image_size` so both sides take one resize path.
 
@@ -142,12 +152,15 @@ def fid_for_sets(real_paths: Sequence[str], synth_paths: Sequence[str], cfg_fid,
     "missing_weights: ..." when pytorch-fid's Inception weights are absent (and `extractor` is None).
     """
     device = device or _device()
-    out = {"dims": cfg_fid.dims, "n_real": len(real_paths), "n_synthetic": len(synth_paths)}
+    out = {"features": type(extractor).__name__ if extractor is not None else cfg_fid.features, "dims": cfg_fid.dims,
+           "n_real": len(real_paths), "n_synthetic": len(synth_paths)}
     if extractor is None:
         try:
-            extractor = load_inception(cfg_fid.dims, cfg_fid.weights, device)
+            fe = build_feature_extractor(cfg_fid, device, base_model)
         except MissingWeightsError as e:
             return {**out, "fid": None, "kid": None, "kid_std": None, "status": e.status}
+        extractor, image_size = fe.module, fe.image_size
+        out.update(features=fe.name, dims=fe.dims)
     cache = _FeatureCache(extractor, cfg_fid.batch_size, image_size, device)
     progress = Progress(len(real_paths) + len(synth_paths), "fid features", "images")
     real, synth = cache.get(list(real_paths), progress), cache.get(list(synth_paths), progress)
@@ -170,12 +183,14 @@ def _read_input(path: str, what: str, stage: str) -> pd.DataFrame:
 
 def _group_rows(fold: int, adjective: str, dims: int, real_df: pd.DataFrame, synth_df: pd.DataFrame,
                 classes: list[str], cfg_fid, cache: _FeatureCache | None, missing: MissingWeightsError | None,
-                progress: Progress | None, memorize: bool) -> tuple[list[dict], pd.DataFrame]:
+                progress: Progress | None, memorize: bool, features: str = "inception") -> tuple[list[dict], pd.DataFrame]:
     """fid.parquet rows (one per class and 'all', equal N on both sides) and, with `memorize`, the
-    memorisation rows (every synthetic image against every real training image) of one synthetic set."""
+    memorisation rows (every synthetic image against every real training image) of one synthetic set; every
+    row names the extractor (`features`) and its `dims`."""
     rows: list[dict] = []
     mem = pd.DataFrame(columns=MEMORIZATION_COLUMNS)
     real_feats = synth_feats = None
+    dims = cfg_fid.dims if dims is None else dims
     if cache is not None:
         real_feats = cache.get(real_df["path"].tolist(), progress)      # (Nr, D)
         synth_feats = cache.get(synth_df["path"].tolist(), progress)    # (Ns, D)
@@ -184,7 +199,7 @@ def _group_rows(fold: int, adjective: str, dims: int, real_df: pd.DataFrame, syn
     for cls in [*classes, ALL_CLASSES]:
         r_sel = keep_r if cls == ALL_CLASSES else keep_r[r_cls[keep_r] == cls]
         s_sel = keep_s if cls == ALL_CLASSES else keep_s[s_cls[keep_s] == cls]
-        row = {"fold": fold, "adjective": adjective, "class_name": cls, "dims": dims,
+        row = {"fold": fold, "adjective": adjective, "class_name": cls, "features": features, "dims": dims,
                "n_real": len(r_sel), "n_synthetic": len(s_sel),
                "n_real_available": len(r_cls) if cls == ALL_CLASSES else int((r_cls == cls).sum()),
                "n_synthetic_available": len(s_cls) if cls == ALL_CLASSES else int((s_cls == cls).sum())}
@@ -203,7 +218,7 @@ def _group_rows(fold: int, adjective: str, dims: int, real_df: pd.DataFrame, syn
             "nearest_real_id": nearest["image_id"].astype(str).to_numpy(),
             "nearest_real_class": nearest["class_name"].to_numpy(),
             "distance": m["distance"], "reference_distance": m["reference"],
-            "threshold_distance": m["threshold_distance"], "flagged": m["flagged"], "dims": dims,
+            "threshold_distance": m["threshold_distance"], "flagged": m["flagged"], "features": features, "dims": dims,
             "source_image_id": src_ids, "source_distance": src_dist, "source_flagged": src_flag,
         })
     return rows, mem
@@ -302,7 +317,7 @@ def _write(lay: RunLayout, rows: list[pd.DataFrame], mems: list[pd.DataFrame]) -
         else pd.DataFrame(columns=MEMORIZATION_COLUMNS)
     fid = fid.astype({"fid": "float64", "kid": "float64", "kid_std": "float64", "fold": "int64", "dims": "int64",
                       "n_real": "int64", "n_synthetic": "int64", "n_real_available": "int64",
-                      "n_synthetic_available": "int64"})
+                      "n_synthetic_available": "int64", "features": "str"})
     mem = mem.reindex(columns=MEMORIZATION_COLUMNS)  # rows kept from a run before the source columns: nulls
     mem = mem.astype({"distance": "float64", "reference_distance": "float64", "threshold_distance": "float64",
                       "flagged": "bool", "fold": "int64", "dims": "int64", "source_image_id": "string",
@@ -333,18 +348,42 @@ def _run_on_worker(cfg_dict: dict) -> dict:
     return run(Config.from_dict(cfg_dict), _remote=False)
 
 
-def _extractors(cfg, extractor: nn.Module | None, device: str) -> dict[int, tuple]:
-    """dims -> (extractor or None, MissingWeightsError or None): fid.dims and fid.extra_dims from Inception,
-    or only fid.dims from an injected `extractor` (tests)."""
+def _extractors(cfg, extractor: nn.Module | None, device: str) -> tuple[dict[int, tuple], str]:
+    """({dims: (extractor or None, MissingWeightsError or None)}, features name), primary dims first.
+    inception: fid.dims and fid.extra_dims; another fid.features: its one encoder (its own dims); an injected
+    `extractor` (tests): fid.dims."""
     if extractor is not None:
-        return {cfg.fid.dims: (extractor, None)}
+        return {cfg.fid.dims: (extractor, None)}, type(extractor).__name__
+    name = cfg.fid.features
+    if name != "inception":
+        # MeddapError naming fid.features when it cannot be built
+        fe = build_feature_extractor(cfg.fid, device, cfg.diffusion.base_model)
+        if cfg.fid.extra_dims:
+            logs.say(f"[fid] fid.extra_dims {cfg.fid.extra_dims} apply to inception features only; "
+                     f"{fe.name} has {fe.dims} dims")
+        logs.say(f"[fid] features: {fe.label}")
+        return {fe.dims: (_AtInputSize(fe.module, fe.image_size), None)}, fe.name
     out = {}
     for dims in [cfg.fid.dims, *cfg.fid.extra_dims]:
         try:
             out[dims] = (load_inception(dims, cfg.fid.weights, device), None)
         except MissingWeightsError as e:
             out[dims] = (None, e)
-    return out
+    return out, "inception"
+
+
+class _AtInputSize(nn.Module):
+    """An encoder fed at its own input side: images are read at the generation resolution for every
+    extractor (one resize path); pytorch-fid's Inception resizes inside, this does the same for others."""
+
+    def __init__(self, module: nn.Module, size: int):
+        super().__init__()
+        self.module, self.size = module, size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:   # (B, 3, H, W) in [0, 1]
+        if x.shape[-1] != self.size or x.shape[-2] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
+        return self.module(x)
 
 
 def run(cfg, *, extractor: nn.Module | None = None, image_size: int | None = None, _remote: bool | None = None) -> dict:
@@ -370,7 +409,8 @@ def run(cfg, *, extractor: nn.Module | None = None, image_size: int | None = Non
     channels = cfg.classify.channels
     primary = cfg.fid.dims
 
-    extractors = _extractors(cfg, extractor, device)
+    extractors, features = _extractors(cfg, extractor, device)
+    primary = next(iter(extractors))
     missing = extractors[primary][1]
     if missing is not None:
         logs.say(f"[fid] FID/KID cannot be computed: {missing.reason}.\n[fid] Rows are written with fid/kid null "
@@ -384,7 +424,7 @@ def run(cfg, *, extractor: nn.Module | None = None, image_size: int | None = Non
     groups = sorted(groups)
     current = {(f, a): _made_from(_real_training(manifest, f), synth[(synth["fold"] == f) & (synth["adjective"] == a)])
                for f, a in groups}
-    settings = {d: _settings(cfg.fid, image_size, type(ex).__name__ if ex is not None else "none", d, channels)
+    settings = {d: _settings(cfg.fid, image_size, features if ex is not None else "none", d, channels)
                 for d, (ex, _) in extractors.items()}
     kept, kept_mem, done = _finished_groups(lay, settings, current, primary)
     todo = [(f, a, d) for f, a in groups for d in extractors if (f, a, d) not in done]
@@ -404,7 +444,8 @@ def run(cfg, *, extractor: nn.Module | None = None, image_size: int | None = Non
         real_df = _real_training(manifest, fold).reset_index(drop=True)
         synth_df = synth[(synth["fold"] == fold) & (synth["adjective"] == adj)].reset_index(drop=True)
         group_rows, mem = _group_rows(fold, adj, dims, real_df, synth_df, list(cfg.data.classes), cfg.fid,
-                                      caches[dims], extractors[dims][1], progress, memorize=dims == primary)
+                                      caches[dims], extractors[dims][1], progress, memorize=dims == primary,
+                                      features=features)
         rows.append(pd.DataFrame(group_rows, columns=FID_COLUMNS).assign(settings=settings[dims],
                                                                          made_from=current[(fold, adj)]))
         mems.append(mem)
@@ -417,5 +458,42 @@ def run(cfg, *, extractor: nn.Module | None = None, image_size: int | None = Non
     if not todo:
         _write(lay, rows, mems)
     n_flagged = int(sum(int(m["flagged"].sum()) for m in mems if len(m)))
+    fidelity = score_fidelity(cfg, synth, device) if cfg.fid.judge else None
     return {"groups": len(groups), "computed": len({(f, a) for f, a, _ in todo}), "missing_weights": missing is not None,
-            "flagged": n_flagged}
+            "flagged": n_flagged, "fidelity": fidelity}
+
+
+def score_fidelity(cfg, synth: pd.DataFrame, device: str = "cpu") -> float | None:
+    """The reference judge's class of every synthetic image -> summary/fidelity.parquet (FIDELITY_COLUMNS).
+    Prints and returns the mean no-adjective fidelity over classes (None when there is no such prompt)."""
+    from meddap.classify.judge import fidelity_summary, judge_predict, load_judge
+    from meddap.diffusion.base import base_model_judge_dir
+
+    judge = load_judge(base_model_judge_dir(cfg.diffusion.base_model, "fid.judge"), key="fid.judge").to(device)
+    unknown = sorted(set(synth["class_name"]) - set(judge.classes))
+    if unknown:
+        raise MeddapError(f"fid.judge = {cfg.fid.judge!r} knows the classes {judge.classes}, not {unknown}: it judges "
+                          "phantom images only. Set fid.judge=null for other data.")
+    grey = np.stack([_reader(p, judge.image_size) for p in synth["path"]]) if len(synth) else \
+        np.zeros((0, judge.image_size, judge.image_size), np.uint8)
+    probs = judge_predict(judge, grey, probabilities=True)                          # (N, classes)
+    predicted = np.asarray(judge.classes, dtype=object)[probs.argmax(1)] if len(synth) else np.zeros(0, object)
+    df = pd.DataFrame({
+        "image_id": synth["image_id"].astype(str).to_numpy(), "fold": synth["fold"].astype("int64").to_numpy(),
+        "adjective": synth["adjective"].astype(str).to_numpy(), "class_name": synth["class_name"].astype(str).to_numpy(),
+        "predicted": predicted.astype(str), "correct": synth["class_name"].to_numpy() == predicted,
+        "confidence": probs.max(1) if len(synth) else np.zeros(0),
+        # of the full-resolution synthetic image as read for every consumer (grey, 0..255)
+        "mean_intensity": [float(_reader(p, None).mean()) for p in synth["path"]],
+        "judge": cfg.fid.judge,
+    }, columns=FIDELITY_COLUMNS)
+    storage.write_parquet(df.astype({"correct": "bool"}), RunLayout(cfg.run_dir).summary("fidelity"))
+    if not len(df):
+        return None
+    summary = fidelity_summary(df)
+    plain = summary[(summary["adjective"] == "") & (summary["class_name"] == "all")]
+    for adj, g in summary.groupby("adjective"):
+        per_class = ", ".join(f"{r.class_name} {r.fidelity:.0%}" for r in g.itertuples() if r.class_name != "all")
+        overall = g[g["class_name"] == "all"]["fidelity"].iloc[0]
+        logs.say(f"[fid] label fidelity ({cfg.fid.judge}) adjective={adj or '(none)'}: {overall:.0%} ({per_class})")
+    return float(plain["fidelity"].iloc[0]) if len(plain) else None

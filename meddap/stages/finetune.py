@@ -32,7 +32,7 @@ from typing import Any
 
 from meddap import logs, storage
 from meddap.config import Config
-from meddap.diffusion.base import TINY_MODEL
+from meddap.diffusion.base import BUILTIN_MODELS
 from meddap.errors import MeddapError
 from meddap.layout import RunLayout, adapter_name
 
@@ -162,8 +162,8 @@ def _train_loop(config: dict) -> None:
     settings = FinetuneSettings.from_config(cfg)
     examples = [Example(p, q) for p, q in zip(config["paths"], config["prompts"])]
     # Resolved again here: `builtin:tiny` with an object-store run_dir builds into a node-local cache,
-    # which the driver's node has but this worker's node may not.
-    model = resolve_base_model(cfg) if cfg.diffusion.base_model == TINY_MODEL else config["model"]
+    # which the driver's node has but this worker's node may not; `builtin:phantom` is this node's install.
+    model = resolve_base_model(cfg) if cfg.diffusion.base_model in BUILTIN_MODELS else config["model"]
     ft = LoraFinetuner(load_components(model, single_file_config=cfg.diffusion.single_file_config), examples,
                        settings, device=device, rank=rank, world_size=world)
     ckpt = ray.train.get_checkpoint()

@@ -11,7 +11,7 @@ list, each rank is fine-tuned in `run_dir/rank-selection/rank-<r>/` (one shared 
 whole training pool, so a rank costs one adapter, not one per fold), a no-adjective set the size of
 the training set is generated (ratio 1.0), its FID against the real training images is computed by
 the fid stage, and the rank with the lowest FID is used for the main run. All of it is recorded in
-`summary/rank_selection.parquet` (rank, fold, fid, kid, dims, status, chosen).
+`summary/rank_selection.parquet` (rank, fold, fid, kid, features, dims, status, chosen).
 """
 
 from __future__ import annotations
@@ -233,7 +233,7 @@ def select_rank(cfg: Config, force: Iterable[str] = (), timings: dict | None = N
                               f"does not match its contract.")
         r = hit.iloc[0]
         rows.append({"rank": rank, "fold": int(r["fold"]), "fid": r["fid"], "kid": r["kid"],
-                     "dims": int(r["dims"]), "status": str(r["status"]), "run_dir": sub.run_dir})
+                     "features": str(r["features"]) if "features" in r else "inception", "dims": int(r["dims"]), "status": str(r["status"]), "run_dir": sub.run_dir})
     best, why = choose_rank(rows)
     for i, r in enumerate(rows):
         r["chosen"] = i == best
@@ -245,7 +245,8 @@ def select_rank(cfg: Config, force: Iterable[str] = (), timings: dict | None = N
     chosen = rows[best]["rank"]
     _log(f"rank selection: chose rank {chosen} ({why}); table in {out}")
     for r in rows:
-        _log(f"  rank {r['rank']}: fid={r['fid']} kid={r['kid']} dims={r['dims']} status={r['status']}")
+        _log(f"  rank {r['rank']}: fid={r['fid']} kid={r['kid']} features={r['features']} dims={r['dims']} "
+             f"status={r['status']}")
     return chosen
 
 

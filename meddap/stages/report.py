@@ -208,6 +208,13 @@ def _accuracy_heatmaps(t1: pd.DataFrame, run_dir: str) -> list[tuple[str, str]]:
     return out
 
 
+def _features_label(fid: pd.DataFrame) -> str:
+    """'phantom-judge (32-d)': the feature extractor of the FID rows (older files: inception)."""
+    names = sorted(set(fid["features"].astype(str))) if "features" in fid.columns else ["inception"]
+    dims = sorted({int(d) for d in fid["dims"]}) if len(fid) else []
+    return ", ".join(names) + (f" ({'/'.join(str(d) for d in dims)}-d)" if dims else "")
+
+
 def _fid_figure(fid_all: pd.DataFrame, run_dir: str) -> Optional[str]:
     ok = fid_all[fid_all["fid"].notna()]    # one feature size (fid.dims)
     if ok.empty:
@@ -217,7 +224,7 @@ def _fid_figure(fid_all: pd.DataFrame, run_dir: str) -> Optional[str]:
     ax1, ax2 = fig.subplots(1, 2)
     labels = [_adj_label(a) for a in per["adjective"]]
     ax1.bar(labels, per["fid"], color="tab:blue")
-    ax1.set_title(f"FID (dims {int(ok['dims'].iloc[0])}), mean over folds", fontsize=9)
+    ax1.set_title(f"FID, {_features_label(ok)} features, mean over folds", fontsize=9)
     ax2.bar(labels, per["kid"], color="tab:orange")
     ax2.set_title("KID, mean over folds", fontsize=9)
     for ax in (ax1, ax2):
@@ -403,6 +410,26 @@ def _gradcam_figures(trials: pd.DataFrame, best: pd.DataFrame, manifest: pd.Data
 # ---------------------------------------------------------------------------------------------
 # Formatted tables
 # ---------------------------------------------------------------------------------------------
+def _fidelity_section(rep: Report, scored: pd.DataFrame, classes: list[str]) -> None:
+    """Label fidelity: share of each (adjective, class) set the reference judge puts in the prompted class."""
+    from meddap.classify.judge import fidelity_summary
+
+    summary = fidelity_summary(scored.assign(adjective=scored["adjective"].fillna("").astype(str)))
+    judge = str(scored["judge"].iloc[0])
+    rep.h(2, "Label fidelity (reference judge)")
+    rep.p(f"Share of synthetic images that the reference judge (`{judge}`, trained on its own phantom set, never "
+          f"on this run's images) assigns to the class their prompt asked for; chance is {1 / len(classes):.0%}. "
+          "`all` is the mean over classes. Mean intensity: grey level 0-255 of the images as generated.")
+    rows = []
+    for adj, g in summary.groupby("adjective", sort=False):
+        by = dict(zip(g["class_name"], g["fidelity"]))
+        rows.append({"adjective": _adj_label(adj), **{c: _pct(by.get(c), 0) for c in [*classes, "all"]},
+                     "images": int(g.loc[g["class_name"] == "all", "n"].iloc[0]),
+                     "mean intensity": _num(g.loc[g["class_name"] == "all", "mean_intensity"].iloc[0], ".1f")})
+    rep.table(pd.DataFrame(rows))
+
+
+
 def _fmt_table1(t1: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     aug = t1[t1["adjective"].notna()]
     ratios = sorted(aug["ratio"].unique())
@@ -702,7 +729,8 @@ def run(cfg) -> dict:
     rep.h(2, "Table 1: test accuracy by adjective and synthetic ratio")
     t1_fmt, baselines = _fmt_table1(t1)
     rep.p("FID/KID: synthetic set vs the same fold's real training images, all classes, mean over folds "
-          "(n/a: not computed, see notes). Bold: each classifier's best test cell (for reading only; the best "
+          + (f"on {_features_label(fid)} features " if fid is not None and len(fid) else "")
+          + "(n/a: not computed, see notes). Bold: each classifier's best test cell (for reading only; the best "
           "setting of Table 2 is chosen on validation accuracy).")
     filters = sorted(set(t1.loc[t1["adjective"].notna(), "filter"])) if "filter" in t1 else ["none"]
     rep.p("Label-fidelity gate of the synthetic trials (column `filter` of summary/table1.parquet): "
@@ -774,15 +802,23 @@ def run(cfg) -> dict:
         avail = overall["n_real_available"] if "n_real_available" in overall else overall["n_real"]
         rep.table(pd.DataFrame({
             "fold": overall["fold"], "adjective": [_adj_label(a) for a in overall["adjective"]],
+            "features": overall["features"] if "features" in overall else "inception",
             "dims": overall["dims"], "FID": [_num(v) for v in overall["fid"]],
             "KID": [_num(v, ".4f") for v in overall["kid"]],
             "N (each side)": overall["n_real"], "real available": avail,
             "synthetic available": overall.get("n_synthetic_available", overall["n_synthetic"]),
             "status": [s if len(s) < 40 else s[:37] + "..." for s in overall["status"]]}))
-        rep.p("The paper's FID values (0.26 to 0.66) are far below what 2048-d Inception features give; they look "
-              "like low-dimensional features (fid.extra_dims: [64] reports those beside, labelled dims 64). Compare "
-              "FIDs only at equal dims and N. With fewer images than dimensions the covariance is singular and "
-              "FID is biased upwards; per-class FID is then not computed.")
+        rep.p(f"Features: {_features_label(overall)}. An FID is a distance in one feature space: values from "
+              "different extractors (or dims) are different quantities and are never compared here.")
+        features = set(overall["features"].astype(str)) if "features" in overall else {"inception"}
+        if features == {"inception"}:
+            rep.p("The paper's FID values (0.26 to 0.66) are far below what 2048-d Inception features give; they look "
+                  "like low-dimensional features (fid.extra_dims: [64] reports those beside, labelled dims 64).")
+        else:
+            rep.p("These are domain-feature FIDs (the practice of RadImageNet-based FID in medical imaging): they "
+                  "cannot be set beside the paper's Inception FIDs.")
+        rep.p("Compare FIDs only at equal features, dims and N. With fewer images than dimensions the covariance "
+              "is singular and FID is biased upwards; per-class FID is then not computed.")
     if fid_fig:
         rep.img(fid_fig, "Overall FID and KID per adjective (mean over folds)")
     if mem is not None and len(mem):
@@ -824,6 +860,9 @@ def run(cfg) -> dict:
             "KID": [_num(v, ".4f") for v in ranks["kid"]], "dims": ranks["dims"],
             "chosen": ["yes" if c else "" for c in ranks["chosen"]],
             "status": [str(x) if len(str(x)) < 40 else str(x)[:37] + "..." for x in ranks["status"]]}))
+    fidelity = _optional(lay.summary("fidelity"))
+    if fidelity is not None and len(fidelity):
+        _fidelity_section(rep, fidelity, list(cfg.data.classes))
     rep.h(2, "Figure 1(a): real-only classifiers on each synthetic set")
     if f1a is not None and len(f1a):
         piv = f1a.pivot(index="adjective", columns="classifier", values="accuracy_mean")
