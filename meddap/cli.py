@@ -68,9 +68,10 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("--force", action="append", default=[], metavar="STAGE",
                             help="redo STAGE and every stage after it that depends on it (repeatable)")
         else:
-            sp.add_argument("--force", action="store_true",
+            # `--force` or `--force NAME` (the form the stale-stage messages give, as for `run`)
+            sp.add_argument("--force", nargs="?", const=True, default=False, metavar=name.upper(),
                             help=f"redo {name} even if its record says done or its settings/inputs changed "
-                                 f"(its earlier outputs are deleted first)")
+                                 f"(its earlier outputs are deleted first); `--force {name}` says the same")
         _verbose_flag(sp)
         sp.add_argument("overrides", nargs="*", metavar="key=value")
     st = sub.add_parser("status", help="how far a run has got: each stage done, running, stale or missing; "
@@ -87,12 +88,14 @@ def _parser() -> argparse.ArgumentParser:
     pb = sub.add_parser("pretrain-base", help="pretrain the builtin:phantom base model (and its judge) into OUT",
                         description="Make the builtin:phantom base model from scratch: phantom corpus, VAE, UNet + "
                                     "text encoder, reference judge. Deterministic for --seed; resumes from OUT/.work "
-                                    "when killed. The shipped model took about the wall time its "
-                                    "meddap_pretrain.json records (2-core CPU).")
-    pb.add_argument("out_dir", metavar="OUT")
-    pb.add_argument("--seed", type=int, default=0)
+                                    "when killed. Its meddap_pretrain.json records the settings, wall time and losses. "
+                                    "The full recipe takes hours on a 2-core CPU (docs/base-model.md).")
+    pb.add_argument("out_dir", metavar="OUT", help="folder to write the model into (a diffusers folder + judge/)")
+    pb.add_argument("--seed", type=int, default=0, help="the recipe's seed (data, initialisation, order)")
     pb.add_argument("--quick", action="store_true", help="a few steps of every phase (smoke test), not a usable model")
     pb.add_argument("--keep-work", action="store_true", help="keep OUT/.work (corpus, latents, checkpoints)")
+    pb.add_argument("--overwrite", action="store_true", help="write over an OUT that holds a finished model or "
+                                                                "other files (refused without it)")
     pb.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default 2, the model's setting; --quick: 1)")
     b = sub.add_parser("bench", help="benchmarks that print figures: " + ", ".join(BENCHES))
@@ -171,8 +174,23 @@ def resume_args(argv: list[str]) -> str:
     return " ".join(shlex.quote(a) for a in keep)
 
 
+def _one_stage_force(parser, args) -> None:
+    """A one-stage command's --force: True, the command's own name, or (argparse took it) an override."""
+    if args.command in ("run", "demo") or not isinstance(args.force, str):
+        return
+    value, args.force = args.force, True
+    if "=" in value:
+        args.overrides.insert(0, value)
+    elif value != args.command:
+        parser.error(f"`{args.command} --force` redoes {args.command} only; to redo {value} and the stages "
+                     f"after it: python -m meddap run --force {value} (same --config and overrides)")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "overrides", None) is not None and hasattr(args, "force"):
+        _one_stage_force(parser, args)
     if args.command is None:
         _parser().print_help()
         return 2
@@ -194,7 +212,7 @@ def _main(args, argv: list[str] | None) -> int:
         if args.command == "pretrain-base":
             from meddap.diffusion.pretrain import pretrain_base, settings_from
             pretrain_base(args.out_dir, settings_from(args.quick, seed=args.seed, threads=args.threads),
-                          keep_work=args.keep_work)
+                          keep_work=args.keep_work, overwrite=args.overwrite)
             return 0
         if args.command == "config":
             cfg = load_config(args.config, args.overrides)

@@ -175,7 +175,10 @@ def _stage_line(cfg: Config, stage: str) -> tuple[str, str]:
         st = check_stage(cfg, stage)
     except MeddapError as e:
         return "damaged", str(e)
-    count = _count(stage_progress(cfg, stage))
+    try:
+        count = _count(stage_progress(cfg, stage))
+    except Exception as e:  # a damaged file the count reads: the damage line below names it
+        count = f"count unreadable ({type(e).__name__})"
     record = st.record or {}
     if st.state == "done":
         return "done", "; ".join(x for x in (count, f"{record.get('seconds', 0):.1f}s, finished "
@@ -185,6 +188,13 @@ def _stage_line(cfg: Config, stage: str) -> tuple[str, str]:
         more = f" (+{len(st.changed) - 1} more)" if len(st.changed) > 1 else ""
         how = "started" if record.get("status") == "running" else "ran"
         return "stale", "; ".join(x for x in (count, f"{how} with other settings or inputs: {first}{more}") if x)
+    if st.state == "damaged":
+        shown = "; ".join(st.damaged[:3]) + (f" (+{len(st.damaged) - 3} more)" if len(st.damaged) > 3 else "")
+        return "damaged", "; ".join(x for x in (count, f"{shown}; `python -m meddap run` (same config) remakes "
+                                                        f"them") if x)
+    if record.get("status") in ("failed", "interrupted"):
+        why = f"its last run {record['status']}" + (f": {record['error']}" if record.get("error") else "")
+        return record["status"], "; ".join(x for x in (count, why, "rerun to resume") if x)
     if record.get("status") == "running":
         return "running", "; ".join(x for x in (count, _started_at(cfg, stage), _last_log_write(cfg),
                                                 "if its process is gone, rerun to resume") if x)

@@ -12,8 +12,8 @@ run, and each test module only collects its run's result (`result(name)` blocks 
   cluster (tests/test_gpu_cluster.py). Two lanes, not three: three Ray clusters starting at once
   beside the suite's own Ray slowed every one of them on 2 cores.
 
-A run starts only when a test that needs it was selected (`-k`, a single file, `-m 'not slow'` all
-work as before). What a run returns or raises is handed to the test that asks, so a failure is
+A run starts only when a selected test needs it (`-k`, a single file, `-m 'not slow'` all work as
+before); one still running when the session ends early (-x, Ctrl-C) is stopped. What a run returns or raises is handed to the test that asks, so a failure is
 reported by that test, with the run's own log.
 """
 
@@ -22,11 +22,11 @@ from __future__ import annotations
 import threading
 from typing import Any, Callable
 
-# name -> the test files that need it
+# name -> what asks for it: a fixture name in a selected test's closure, or a test's name
 NEEDS = {
-    "node_loss": ("test_node_loss.py",),
-    "demo_job": ("test_jobs.py", "test_pipeline.py"),
-    "autoscale": ("test_gpu_cluster.py",),
+    "node_loss": {"faults"},                          # tests/test_node_loss.py
+    "demo_job": {"job", "demo_cfg"},                  # tests/test_jobs.py, tests/test_pipeline.py
+    "autoscale": {"test_demo_with_gpu_defaults_on_an_autoscaling_cluster_from_zero_gpu_nodes"},
 }
 LANES = (("node_loss",), ("demo_job", "autoscale"))
 
@@ -72,9 +72,10 @@ def _lane(names: tuple[str, ...]) -> None:
             _done[name].set()
 
 
-def start(selected_files: set[str]) -> list[str]:
-    """Start the lanes holding a run some selected test file needs; returns the names started."""
-    wanted = {n for n, files in NEEDS.items() if set(files) & selected_files}
+def start(asked: set[str]) -> list[str]:
+    """Start the lanes holding a run some selected test asks for (`asked`: the selected tests' fixture
+    names and names); returns the names started."""
+    wanted = {n for n, askers in NEEDS.items() if askers & asked}
     started = []
     for lane in LANES:
         names = tuple(n for n in lane if n in wanted)

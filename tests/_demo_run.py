@@ -26,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 _RESULT: dict | None = None
 JOB_TIMEOUT_S = 900
+AGENT_WAIT_S = 120
 # The suite's demo job is the demo config shrunk by overrides (every stage, every table and figure, the
 # controls, 2 folds, 2 classifiers, 2 adjectives, one ratio, 32 px, 2 classifier epochs): CI checks the
 # pipeline and its outputs, not the demo's numbers. `python -m meddap demo` runs the full demo config.
@@ -110,7 +111,15 @@ def submit(url: str, args: list[str], token: bool = True, timeout: int = JOB_TIM
     runtime = ["--runtime-env-json", json.dumps({"env_vars": env_vars})] if env_vars else []
     where = ["--working-dir", str(ROOT)] if upload else []
     cmd = _ray_cli() + ["job", "submit", "--address", url, *where, *runtime, "--", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    # A head's job server answers before its dashboard agent has registered; a submit then gets HTTP 500
+    # "No available agent to submit job, please try again later" (seen on a loaded 2-core box). Doing as
+    # it says: try again for up to AGENT_WAIT_S.
+    deadline = time.time() + AGENT_WAIT_S
+    while True:
+        res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        if "No available agent to submit job" not in res.stdout + res.stderr or time.time() > deadline:
+            return res
+        time.sleep(3)
 
 
 def demo_job() -> dict:

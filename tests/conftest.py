@@ -40,8 +40,11 @@ def pytest_collection_finish(session):
     sys.path.insert(0, str(Path(__file__).parent))
     import _background
 
-    _background.start({Path(str(item.fspath)).name for item in session.items
-                       if not item.get_closest_marker("skip")})
+    asked: set[str] = set()
+    for item in session.items:
+        if not item.get_closest_marker("skip"):
+            asked |= set(getattr(item, "fixturenames", ())) | {getattr(item, "originalname", item.name)}
+    _background.start(asked)
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -299,7 +299,7 @@ def _save_atomic(obj: Any, path: Path) -> None:
 
 
 def _load(path: Path) -> Any | None:
-    return torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None
+    return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -492,7 +492,7 @@ def file_hashes(folder: str | Path) -> dict[str, str]:
 # The recipe
 # ---------------------------------------------------------------------------------------------
 def pretrain_base(out: str | os.PathLike, settings: PretrainSettings | None = None,
-                  log: Callable[[str], None] = print, keep_work: bool = False) -> dict:
+                  log: Callable[[str], None] = print, keep_work: bool = False, overwrite: bool = False) -> dict:
     """Run the recipe into `out` (see the module docstring); returns the record it writes."""
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline  # noqa: F401
     from transformers import CLIPTokenizer
@@ -504,6 +504,16 @@ def pretrain_base(out: str | os.PathLike, settings: PretrainSettings | None = No
     s = settings or PretrainSettings()
     out = Path(out).expanduser().absolute()
     work = out / WORK_DIR
+    if s.threads < 1:
+        raise MeddapError(f"pretrain-base --threads {s.threads}: give a positive number of torch CPU threads.")
+    # A finished model (its record) or a folder of other files is never written over: one stray command
+    # must not replace hours of pretraining. An unfinished run of this recipe (OUT/.work) resumes.
+    others = sorted(p.name for p in out.iterdir() if p.name != WORK_DIR) if out.is_dir() else []
+    if others and not overwrite:
+        what = "a finished model (meddap_pretrain.json)" if PRETRAIN_RECORD in others else \
+            "other files (" + ", ".join(others[:4]) + (", ..." if len(others) > 4 else "") + ")"
+        raise MeddapError(f"{out} already holds {what}; choose an empty or new OUT, or pass --overwrite to "
+                          f"replace it.")
     work.mkdir(parents=True, exist_ok=True)
     settings_file = work / "settings.json"
     if settings_file.is_file() and json.loads(settings_file.read_text()) != s.to_dict():
@@ -549,7 +559,7 @@ def pretrain_base(out: str | os.PathLike, settings: PretrainSettings | None = No
     vae, vae_record = _train_vae(s, images, work, log)
     latents_file = work / "latents.pt"
     if latents_file.is_file():
-        latents = torch.load(latents_file)
+        latents = torch.load(latents_file, map_location="cpu", weights_only=True)
     else:
         latents = _encode(vae, images)
         _save_atomic(latents, latents_file)

@@ -316,6 +316,23 @@ def write_record(cfg, stage: str, seconds: float, extra: dict | None = None) -> 
     return record
 
 
+def _unrecorded_defaults_dropped(old: dict, new: dict, stage: str) -> dict:
+    """`new` without the keys the record predates that are at their defaults: a key added to meddap after
+    a stage ran, left at its default, changes nothing that stage made (a new feature is off or behaves
+    as before by default), so an upgrade does not turn every finished run dir stale. Set to anything
+    else, it is a change like any other."""
+    if all(k in old for k in new):
+        return new
+    defaults = _default_settings(stage)
+    return {k: v for k, v in new.items() if k in old or k not in defaults or repr(v) != repr(defaults[k])}
+
+
+def _default_settings(stage: str) -> dict[str, Any]:
+    from meddap.config import Config
+
+    return stage_settings(Config(), stage)
+
+
 def _diff(old: dict, new: dict, what: str) -> list[str]:
     """'<what>key: old -> new' for every key whose value differs (or is only on one side)."""
     lines = []
@@ -338,7 +355,8 @@ def check_stage(cfg, stage: str) -> StageStatus:
     record = read_record(cfg, stage)
     if record is None:
         return StageStatus(stage, "missing")
-    changed = _diff(record.get("config", {}), stage_settings(cfg, stage), "")
+    changed = _diff(record.get("config", {}), _unrecorded_defaults_dropped(record.get("config", {}),
+                                                                   stage_settings(cfg, stage), stage), "")
     if record.get("status") != "done":
         # Partial outputs of other settings must not be resumed; a stage that stopped before writing
         # anything (refused at the door: a wrong path, a missing file) left nothing to mix.

@@ -238,3 +238,17 @@ def test_short_uslora_on_the_shipped_base_raises_fidelity(tmp_path):
 
 LORA_TEST_EPOCHS = 6
 LORA_TEST_LR = 1e-3
+
+
+def test_recipe_never_writes_over_a_finished_model_or_other_files(phantom_base_dir, tmp_path):
+    phantom_base_dir, _ = phantom_base_dir
+    before = (phantom_base_dir / PRETRAIN_RECORD).read_bytes()
+    with pytest.raises(MeddapError, match="already holds a finished model.*--overwrite"):
+        pretrain_base(phantom_base_dir, settings_from(quick=True, seed=1), log=lambda _: None)
+    assert (phantom_base_dir / PRETRAIN_RECORD).read_bytes() == before
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "notes.txt").write_text("mine")
+    with pytest.raises(MeddapError, match=r"other files \(notes.txt\)"):
+        pretrain_base(tmp_path / "notes", settings_from(quick=True), log=lambda _: None)
+    with pytest.raises(MeddapError, match="--threads 0"):
+        pretrain_base(tmp_path / "t", settings_from(quick=True, threads=0), log=lambda _: None)
