@@ -85,11 +85,16 @@ class _Clock:
         return self.t
 
 
-def test_progress_in_a_file_prints_quarters_and_the_end(monkeypatch):
+def _console(monkeypatch, tty: bool):
+    """(clock, output, console) with the console's clock under the test's control."""
     clock = _Clock()
     monkeypatch.setattr(logs.time, "monotonic", clock)
     out = io.StringIO()
-    con = logs._Console(out, out, tty=False)
+    return clock, out, logs._Console(out, out, tty=tty)
+
+
+def test_progress_in_a_file_prints_quarters_and_the_end(monkeypatch):
+    clock, out, con = _console(monkeypatch, tty=False)
     for done in range(1, 101):
         clock.t += 1.0  # a 100 s loop, reported every second
         con.progress("loop", f"[loop] {done}/100 items", done, 100)
@@ -98,10 +103,7 @@ def test_progress_in_a_file_prints_quarters_and_the_end(monkeypatch):
 
 
 def test_progress_in_a_file_short_loop_prints_only_the_end(monkeypatch):
-    clock = _Clock()
-    monkeypatch.setattr(logs.time, "monotonic", clock)
-    out = io.StringIO()
-    con = logs._Console(out, out, tty=False)
+    clock, out, con = _console(monkeypatch, tty=False)
     for done in range(1, 11):
         clock.t += 0.1
         con.progress("loop", f"[loop] {done}/10 items", done, 10)
@@ -109,10 +111,7 @@ def test_progress_in_a_file_short_loop_prints_only_the_end(monkeypatch):
 
 
 def test_progress_on_a_terminal_redraws_one_line_with_a_bar(monkeypatch):
-    clock = _Clock()
-    monkeypatch.setattr(logs.time, "monotonic", clock)
-    out = io.StringIO()
-    con = logs._Console(out, out, tty=True)
+    clock, out, con = _console(monkeypatch, tty=True)
     for done in range(1, 5):
         clock.t += 1.0
         con.progress("loop", f"[loop] {done}/4 items", done, 4)
