@@ -47,6 +47,14 @@ def _pp(v: float) -> str:
     return f"{100 * v:+.1f}"
 
 
+def _p_text(p: float, row: dict) -> str:
+    """'p = 0.012'; a bootstrap p of 0 means no draw crossed 0: it is below 1 / draws, not zero."""
+    draws = row.get("boot_samples")
+    if p == 0 and _ok(draws) and draws:
+        return f"p < {1 / float(draws):.1g}"
+    return f"p = {p:.3g}"
+
+
 def _setting(row: dict) -> str:
     adj = row.get("adjective")
     return f"+{float(row['ratio']):.0%} synthetic ({'no adjective' if adj == '' else repr(adj)})"
@@ -70,7 +78,7 @@ def _lines(table: pd.DataFrame, where: str) -> tuple[list[str], dict[str, str], 
         low, high, p, what = _interval(row)
         kinds.add(what)
         ci = f" [95 % CI {_pp(low)}, {_pp(high)}]" if low is not None else ""
-        pv = (f", {'Holm-adjusted ' if 'Holm' in what else ''}p = {p:.3g}" if p is not None else "")
+        pv = (f", {'Holm-adjusted ' if 'Holm' in what else ''}{_p_text(p, row)}" if p is not None else "")
         d = f"{_pp(diff)} pp" if _ok(diff) else "n/a"
         real, aug = row.get("real_accuracy"), row.get("aug_accuracy")
         acc = f"{100 * real:.1f} % -> {100 * aug:.1f} %, " if _ok(real) and _ok(aug) else ""

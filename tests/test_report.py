@@ -453,3 +453,11 @@ def test_answer_uses_the_paired_bootstrap_when_the_tables_have_it(trials):
     none = t2.assign(ci_low=float("nan"), ci_high=float("nan"))   # one fold: no interval, no verdict
     assert all("cannot tell" in a for a in answer(none, None, n_folds=1).answers)
     assert [c.split(":")[0] for c in out.console] == list(t2["classifier"])
+
+
+def test_a_bootstrap_p_of_zero_reads_as_below_one_over_the_draws():
+    from meddap.answer import _p_text
+
+    assert _p_text(0.0, {"boot_samples": 10000}) == "p < 0.0001"  # no draw crossed 0: not "p = 0"
+    assert _p_text(0.0123, {"boot_samples": 10000}) == "p = 0.0123"
+    assert _p_text(0.0, {}) == "p = 0"  # a t-test p of 0 (underflow) has no draw count to bound it
