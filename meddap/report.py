@@ -33,6 +33,8 @@ aggregate, a scipy test of trials.parquet rows or a bootstrap of predictions.par
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 from scipy import stats
@@ -44,6 +46,7 @@ from meddap.stats import correctness_matrices, holm, paired_bootstrap
 
 __all__ = [
     "METRICS",
+    "collapsed_baselines",
     "SELECTED_BY",
     "CONFIDENCE",
     "load_trials",
@@ -101,6 +104,24 @@ def study_trials(trials: pd.DataFrame) -> pd.DataFrame:
     """The real-only and synthetic trials (Tables 1-3 and the selection), without the control trials."""
     trials = _normalise(trials)
     return trials[trials["augmentation"].isin(("none", "synthetic"))]
+
+
+def collapsed_baselines(trials: pd.DataFrame, eval_set: str = "test") -> dict[str, list[int]]:
+    """{classifier: folds} whose real-only baseline predicted one class for every `eval_set` image.
+
+    Such a baseline scores the share of that class (chance on balanced classes), so a "gain" over it
+    measures the baseline's failure to train, not what the synthetic images add; the duplicate control
+    of Table 4 (the same number of extra training steps on real images) tells the two apart."""
+    trials = _normalise(trials)
+    if "confusion" not in trials:
+        return {}
+    rows = trials[_real_only(trials) & (trials["eval_set"] == eval_set) & trials["confusion"].notna()]
+    out: dict[str, list[int]] = {}
+    for r in rows.itertuples():
+        predicted = np.asarray(json.loads(r.confusion)).sum(axis=0)
+        if predicted.sum() > 0 and int((predicted > 0).sum()) == 1:
+            out.setdefault(r.classifier, []).append(int(r.fold))
+    return {c: sorted(set(f)) for c, f in sorted(out.items())}
 
 
 def _real_only(trials: pd.DataFrame) -> pd.Series:

@@ -461,3 +461,20 @@ def test_a_bootstrap_p_of_zero_reads_as_below_one_over_the_draws():
     assert _p_text(0.0, {"boot_samples": 10000}) == "p < 0.0001"  # no draw crossed 0: not "p = 0"
     assert _p_text(0.0123, {"boot_samples": 10000}) == "p = 0.0123"
     assert _p_text(0.0, {}) == "p = 0"  # a t-test p of 0 (underflow) has no draw count to bound it
+
+
+def test_a_baseline_that_predicts_one_class_is_named():
+    import json as _json
+
+    import pandas as _pd
+
+    from meddap.report import collapsed_baselines
+
+    one_class = _json.dumps([[6, 0, 0], [6, 0, 0], [6, 0, 0]])  # rows: true class, columns: predicted
+    trained = _json.dumps([[4, 1, 1], [1, 4, 1], [0, 2, 4]])
+    rows = [dict(trial_id=f"{c}__real__r0__f{f}", classifier=c, adjective=None, ratio=0.0, fold=f, eval_set=e,
+                 confusion=conf, repeat=0, accuracy=0.5)
+            for c, f, conf in [("resnet34", 0, one_class), ("resnet34", 1, trained), ("densenet121", 0, trained)]
+            for e in ("test", "val")]
+    rows.append(dict(rows[2], trial_id="resnet34__dark__r1__f1", adjective="dark", ratio=1.0, confusion=one_class))
+    assert collapsed_baselines(_pd.DataFrame(rows)) == {"resnet34": [0]}  # synthetic trials are not baselines

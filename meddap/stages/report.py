@@ -32,8 +32,8 @@ from meddap import logs, storage
 from meddap.errors import MeddapError
 from meddap.answer import answer
 from meddap.layout import RunLayout, adjective_slug
-from meddap.report import (TABLE4_COLUMNS, best_settings, crn_violations, fig1a, load_trials, study_trials, table1, table2, table3,
-                           table4)
+from meddap.report import (TABLE4_COLUMNS, best_settings, collapsed_baselines, crn_violations, fig1a, load_trials,
+                           study_trials, table1, table2, table3, table4)
 
 __all__ = ["run", "Report"]
 
@@ -649,6 +649,11 @@ def run(cfg) -> dict:
         t4.attrs["note"] = f"Table 4 not computed: {e}"
     if t4.attrs.get("note") and (cfg.classify.controls or len(t4)):
         rep.note(t4.attrs["note"])
+    for clf, folds in collapsed_baselines(trials).items():
+        rep.note(f"{clf}: the real-only baseline predicted one class for every test image in fold(s) "
+                 f"{', '.join(map(str, folds))}, so it scores chance there: a difference against it measures a "
+                 f"baseline that did not train, not what the synthetic images add. Table 4's duplicate control "
+                 f"(as many extra real images) tells the two apart; more classify.epochs may train it.")
     crn = crn_violations(all_trials)
     if crn:
         rep.note(f"{len(crn)} (classifier, fold, repeat) cell(s) hold trials trained from different seeds "
