@@ -435,18 +435,33 @@ def refuse_if_invalidated(cfg, statuses: Iterable[StageStatus], forced: Iterable
     if not bad:
         return
     first = bad[0]
-    redo = downstream(first.stage)
-    lines = "\n".join(f"  - {c}" for c in first.changed[:20])
-    more = f"\n  ... and {len(first.changed) - 20} more" if len(first.changed) > 20 else ""
+    # Forcing a stage redoes the stages after it that read it; a stale stage not among those (the sweep,
+    # after a stale fid) needs its own --force, so the message names every one at once.
+    roots, covered = [], set()
+    for st in bad:
+        if st.stage not in covered:
+            roots.append(st)
+            covered |= set(downstream(st.stage))
+    redo = [s for s in STAGES if s in covered]
+    force = " ".join(f"--force {st.stage}" for st in roots)
+    if len(bad) == 1:
+        lines = "\n".join(f"  - {c}" for c in first.changed[:20])
+        more = f"\n  ... and {len(first.changed) - 20} more" if len(first.changed) > 20 else ""
+        head = f"run_dir {cfg.run_dir} holds outputs of stage '{first.stage}' made with other settings or inputs:\n"
+    else:
+        lines = "\n".join(f"  {st.stage}:\n" + "\n".join(f"  - {c}" for c in st.changed[:10])
+                          + (f"\n  ... and {len(st.changed) - 10} more" if len(st.changed) > 10 else "") for st in bad)
+        more = ""
+        head = (f"run_dir {cfg.run_dir} holds outputs of stages {', '.join(repr(st.stage) for st in bad)} made "
+                f"with other settings or inputs:\n")
     from meddap.status import half_finished_note
 
     half = half_finished_note(cfg, first)  # "" unless it was interrupted while running
     raise MeddapError(
-        f"run_dir {cfg.run_dir} holds outputs of stage '{first.stage}' made with other settings or "
-        f"inputs:\n{lines}{more}\n"
+        f"{head}{lines}{more}\n"
         + (f"{half}\nTo use the new settings instead, redo it and the stages after it ({', '.join(redo)}) with "
-           f"`--force {first.stage}` (their outputs are deleted first), or use a new run_dir (run_dir=...): "
+           f"`{force}` (their outputs are deleted first), or use a new run_dir (run_dir=...): "
            f"mixing outputs of both settings would be wrong." if half else
-           f"Mixing them with this run's would be wrong. Either redo it and the stages after it "
-           f"({', '.join(redo)}) with `--force {first.stage}` (their outputs are deleted first), or use a "
+           f"Mixing them with this run's would be wrong. Either redo {'it' if len(bad) == 1 else 'them'} and the "
+           f"stages after ({', '.join(redo)}) with `{force}` (their outputs are deleted first), or use a "
            f"new run_dir (run_dir=...)."))
