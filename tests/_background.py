@@ -1,4 +1,4 @@
-"""The suite's three end-to-end cluster runs, started in the background when the run begins (not a test module).
+"""The suite's end-to-end cluster runs, started in the background when the run begins (not a test module).
 
 Each of them drives Ray in other processes and spends most of its wall time waiting on Ray (node
 starts, health checks, worker-group restarts, the autoscaler): measured on the 2-core box, the
@@ -7,6 +7,8 @@ they cost about 9 minutes of waiting; started at collection time, they wait whil
 run, and each test module only collects its run's result (`result(name)` blocks until it is there).
 
 - `node_loss`: tests/_cluster_faults.py on a `ray.cluster_utils.Cluster` (tests/test_node_loss.py);
+- `signals` (after node_loss, in its lane): the sweep driver stopped by SIGTERM, then SIGKILL, then rerun
+  (tests/classify/test_sweep_signals.py);
 - `demo_job` then `autoscale`, in one lane: the demo submitted as a Ray job to a head that declares a
   GPU (tests/test_jobs.py, tests/test_pipeline.py), then the demo on an autoscaling fake multi-node
   cluster (tests/test_gpu_cluster.py). Two lanes, not three: three Ray clusters starting at once
@@ -27,8 +29,9 @@ NEEDS = {
     "node_loss": {"faults"},                          # tests/test_node_loss.py
     "demo_job": {"job", "demo_cfg"},                  # tests/test_jobs.py, tests/test_pipeline.py
     "autoscale": {"test_demo_with_gpu_defaults_on_an_autoscaling_cluster_from_zero_gpu_nodes"},
+    "signals": {"test_sigterm_then_sigkill_then_rerun"},  # tests/classify/test_sweep_signals.py
 }
-LANES = (("node_loss",), ("demo_job", "autoscale"))
+LANES = (("node_loss", "signals"), ("demo_job", "autoscale"))
 
 _results: dict[str, tuple[bool, Any]] = {}
 _done: dict[str, threading.Event] = {name: threading.Event() for name in NEEDS}
@@ -58,6 +61,9 @@ def _runner(name: str) -> Callable[[], Any]:
     if name == "demo_job":
         from _demo_run import demo_job
         return demo_job
+    if name == "signals":
+        from test_sweep_signals import run_signals  # tests/classify (on sys.path once collected)
+        return run_signals
     from _sim_cluster import autoscaling_demo
     return autoscaling_demo
 
