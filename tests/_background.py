@@ -5,9 +5,10 @@ starts, health checks, worker-group restarts, the autoscaler): measured on the 2
 node-loss run used 43 s of CPU in 305 s of wall time. Run one after another at the end of the suite
 they cost about 9 minutes of waiting; started at collection time, they wait while the other tests
 run, and each test module only collects its run's result (`result(name)` blocks until it is there).
+tests/conftest.py moves the tests that collect a result to the end of the run.
 
 - `node_loss`: tests/_cluster_faults.py on a `ray.cluster_utils.Cluster` (tests/test_node_loss.py);
-- `signals` (after node_loss, in its lane): the sweep driver stopped by SIGTERM, then SIGKILL, then rerun
+- `signals` (then node_loss, in one lane): the sweep driver stopped by SIGTERM, then SIGKILL, then rerun
   (tests/classify/test_sweep_signals.py);
 - `demo_job` then `autoscale`, in one lane: the demo submitted as a Ray job to a head that declares a
   GPU (tests/test_jobs.py, tests/test_pipeline.py), then the demo on an autoscaling fake multi-node
@@ -31,7 +32,7 @@ NEEDS = {
     "autoscale": {"test_demo_with_gpu_defaults_on_an_autoscaling_cluster_from_zero_gpu_nodes"},
     "signals": {"test_sigterm_then_sigkill_then_rerun"},  # tests/classify/test_sweep_signals.py
 }
-LANES = (("node_loss", "signals"), ("demo_job", "autoscale"))
+LANES = (("signals", "node_loss"), ("demo_job", "autoscale"))
 
 _results: dict[str, tuple[bool, Any]] = {}
 _done: dict[str, threading.Event] = {name: threading.Event() for name in NEEDS}

@@ -21,7 +21,21 @@ def _has_cuda() -> bool:
         return False
 
 
+def _asks(item) -> set[str]:
+    return set(getattr(item, "fixturenames", ())) | {getattr(item, "originalname", item.name)}
+
+
 def pytest_collection_modifyitems(config, items):
+    # Tests that collect a background run's result (tests/_background.py) go last, in their order, so the
+    # other tests run while those runs wait on Ray instead of the suite waiting on them.
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _background import NEEDS
+
+    askers = set().union(*NEEDS.values())
+    items[:] = [i for i in items if not _asks(i) & askers] + [i for i in items if _asks(i) & askers]
     if _has_cuda():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
@@ -43,7 +57,7 @@ def pytest_collection_finish(session):
     asked: set[str] = set()
     for item in session.items:
         if not item.get_closest_marker("skip"):
-            asked |= set(getattr(item, "fixturenames", ())) | {getattr(item, "originalname", item.name)}
+            asked |= _asks(item)
     _background.start(asked)
 
 
