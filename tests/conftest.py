@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
+
+# tests/ holds the helper modules (_background, _demo_run, ...) the hooks below import.
+sys.path.insert(0, str(Path(__file__).parent))
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -28,10 +33,6 @@ def _asks(item) -> set[str]:
 def pytest_collection_modifyitems(config, items):
     # Tests that collect a background run's result (tests/_background.py) go last, in their order, so the
     # other tests run while those runs wait on Ray instead of the suite waiting on them.
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent))
     from _background import NEEDS
 
     askers = set().union(*NEEDS.values())
@@ -48,10 +49,6 @@ def pytest_collection_finish(session):
     """Start the end-to-end cluster runs the selected tests need (tests/_background.py)."""
     if session.config.option.collectonly or not session.items:
         return
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent))
     import _background
 
     asked: set[str] = set()
@@ -62,8 +59,6 @@ def pytest_collection_finish(session):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    import sys
-
     bg = sys.modules.get("_background")
     if bg is not None:
         bg.abort()

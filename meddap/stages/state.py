@@ -28,6 +28,7 @@ with different settings are never mixed.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import json
 import os
@@ -327,7 +328,9 @@ def _unrecorded_defaults_dropped(old: dict, new: dict, stage: str) -> dict:
     return {k: v for k, v in new.items() if k in old or k not in defaults or repr(v) != repr(defaults[k])}
 
 
+@functools.lru_cache(maxsize=None)
 def _default_settings(stage: str) -> dict[str, Any]:
+    """The stage's settings under an all-defaults config (built once per stage: check_stage runs often)."""
     from meddap.config import Config
 
     return stage_settings(Config(), stage)
