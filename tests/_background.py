@@ -23,6 +23,7 @@ reported by that test, with the run's own log.
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any, Callable
 
 # name -> what asks for it: a fixture name in a selected test's closure, or a test's name
@@ -38,6 +39,13 @@ _results: dict[str, tuple[bool, Any]] = {}
 _done: dict[str, threading.Event] = {name: threading.Event() for name in NEEDS}
 _threads: list[threading.Thread] = []
 _abort_hooks: list[Callable[[], None]] = []
+_t0 = time.monotonic()
+_spans: dict[str, tuple[float, float]] = {}   # name -> (start, end) in seconds since import (the session start)
+_marks: dict[str, float] = {}
+
+
+def mark(label: str) -> None:
+    _marks[label] = time.monotonic() - _t0
 
 
 def on_abort(hook: Callable[[], None]) -> None:
@@ -71,12 +79,24 @@ def _runner(name: str) -> Callable[[], Any]:
 
 def _lane(names: tuple[str, ...]) -> None:
     for name in names:
+        start_s = time.monotonic() - _t0
         try:
             _results[name] = (True, _runner(name)())
         except BaseException as exc:  # handed to the test that asks for it
             _results[name] = (False, exc)
         finally:
+            _spans[name] = (start_s, time.monotonic() - _t0)
             _done[name].set()
+
+
+def timeline() -> str:
+    """One line for the end of the run: when each background run started and ended, in seconds since the
+    session started (the suite cannot end before the last of them: shows which lane bounds its wall time)."""
+    if not _spans:
+        return ""
+    return "background runs (s since start): " + ", ".join(
+        f"{n} {a:.0f}-{b:.0f}" for n, (a, b) in sorted(_spans.items(), key=lambda kv: kv[1])) + "".join(
+        f"; {label} from {t:.0f}" for label, t in _marks.items())
 
 
 def start(asked: set[str]) -> list[str]:

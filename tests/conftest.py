@@ -58,6 +58,19 @@ def pytest_collection_finish(session):
     _background.start(asked)
 
 
+def pytest_runtest_setup(item):
+    bg = sys.modules.get("_background")
+    if bg is not None and "asker tests" not in bg._marks and _asks(item) & set().union(*bg.NEEDS.values()):
+        bg.mark("asker tests")  # the other tests are done: from here on the suite collects the runs
+
+
+def pytest_terminal_summary(terminalreporter):
+    bg = sys.modules.get("_background")
+    line = bg.timeline() if bg is not None else ""
+    if line:
+        terminalreporter.write_line(line)
+
+
 def pytest_sessionfinish(session, exitstatus):
     bg = sys.modules.get("_background")
     if bg is not None:

@@ -11,7 +11,11 @@ shipped base model, without Ray:
    one;
 4. printed: fidelity (share judged as the prompted class) per class for the no-adjective prompt at
    every checkpoint, fidelity per adjective at the last, and the mean grey level of each adjective's
-   images (dark < none < bright is what the adjectives should do), with training and generation time.
+   images (dark < none < bright is what the adjectives should do), with training and generation time;
+5. at every checkpoint, without the judge: the **conditioning gap**, how much worse the model denoises
+   each training image when given another class's prompt than its own (same noise, same timesteps; in
+   thousandths of the loss). 0 means the class words change nothing; it grows as the adapter learns to
+   use them, so it says whether USLoRA learned the classes even where the images cannot show it yet.
 
 The issue's targets, printed beside the figures: >= 80 % mean no-adjective fidelity with every class
 >= 60 % after training, the base model near chance. `--sheet PATH` writes a contact sheet of the last
@@ -86,6 +90,41 @@ def _generate(pipe, cfg, adjectives: list[str], per_cell: int, seed: int) -> pd.
     return pd.DataFrame(rows)
 
 
+@torch.no_grad()
+def conditioning_gap(ft, repeats: int = 4, seed: int = 5, chunk: int = 16) -> float:
+    """Mean over `ft`'s training images and `repeats` draws of (denoising loss under another class's prompt)
+    - (loss under the image's own prompt), with the same noise and timestep for every prompt: > 0 when the
+    model uses the class words, 0 when they change nothing. In the loss's own units (epsilon MSE)."""
+    if len(ft.prompts) < 2:
+        return float("nan")
+    was_training = ft.unet.training
+    ft.unet.eval()
+    g = torch.Generator(device=ft.device).manual_seed(seed)
+    n, n_prompts = len(ft.examples), len(ft.prompts)
+    text = ft._encode_text(torch.arange(n_prompts))                   # (P, L, D)
+    own_sum = other_sum = 0.0
+    for _ in range(repeats):
+        for start in range(0, n, chunk):
+            idx = torch.arange(start, min(start + chunk, n), device=ft.device)
+            if ft.latent_mean is not None:
+                latents = ft.latent_mean[idx, 0]
+            else:
+                latents = ft._encode_images(idx, torch.zeros(len(idx), dtype=torch.bool))[0]
+            latents = (latents - ft.shift_factor) * ft.scaling_factor
+            noise = torch.randn(latents.shape, generator=g, device=ft.device)
+            t = torch.randint(0, ft.num_train_timesteps, (len(idx),), generator=g, device=ft.device)
+            noisy = ft.noise_scheduler.add_noise(latents, noise, t).to(ft.weight_dtype)
+            target = ft.target(latents, noise, t).float()
+            per_prompt = torch.stack([
+                (ft.unet(noisy, t, encoder_hidden_states=text[p].expand(len(idx), -1, -1)).sample.float() - target)
+                .pow(2).mean((1, 2, 3)) for p in range(n_prompts)])    # (P, B)
+            own = per_prompt[ft.prompt_ids[idx], torch.arange(len(idx))]
+            own_sum += float(own.sum())
+            other_sum += float(((per_prompt.sum(0) - own) / (n_prompts - 1)).sum())
+    ft.unet.train(was_training)
+    return (other_sum - own_sum) / (n * repeats)
+
+
 def _score(judge, images: pd.DataFrame) -> pd.DataFrame:
     from PIL import Image
 
@@ -129,13 +168,15 @@ def fidelity_curve(cfg, epochs: list[int], per_cell: int, adjectives: list[str],
         gen_s = time.perf_counter() - t0
         ft.unet.train()
         summary = fidelity_summary(images)
+        gap = conditioning_gap(ft)
         plain = summary[summary["adjective"] == ""].set_index("class_name")["fidelity"]
         row = {"epoch": target, "steps": ft.step, "train_seconds": round(train_s, 1),
-               "generate_seconds": round(gen_s, 1), "images": int(len(images)),
+               "generate_seconds": round(gen_s, 1), "images": int(len(images)), "conditioning_gap": gap,
                "mean": float(plain["all"]), **{c: float(plain[c]) for c in cfg.data.classes}}
         curve.append(row)
         log(f"[bench fidelity] epoch {target} (step {ft.step}): no-adjective fidelity {row['mean']:.0%} ("
-            + ", ".join(f"{c} {row[c]:.0%}" for c in cfg.data.classes) + f"); trained {train_s:.0f}s")
+            + ", ".join(f"{c} {row[c]:.0%}" for c in cfg.data.classes)
+            + f"); conditioning gap {1000 * gap:.2f}e-3; trained {train_s:.0f}s")
         if final:
             last = (images, summary)
     images, summary = last
@@ -197,14 +238,17 @@ def main(cfg, argv: list[str]) -> None:
           f"{cfg.generate.steps} steps, guidance {cfg.generate.guidance_scale}; model {res['model']}")
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch threads {a.threads}; wall {wall:.0f}s\n")
     curve = pd.DataFrame(res["curve"])
-    show = curve[["epoch", "steps", "mean", *classes, "train_seconds", "generate_seconds"]].copy()
+    show = curve[["epoch", "steps", "mean", *classes, "conditioning_gap", "train_seconds", "generate_seconds"]].copy()
     for c in ["mean", *classes]:
         show[c] = [f"{100 * v:.0f} %" for v in show[c]]
+    show["conditioning_gap"] = [f"{1000 * v:.2f}e-3" for v in show["conditioning_gap"]]
     print("No-adjective prompts, fidelity against LoRA training (epoch 0 = base model without adapter; "
           f"chance {100 / len(classes):.0f} %):")
     print(show.to_string(index=False))
     last = res["curve"][-1]
     ok = last["mean"] >= TARGET_MEAN and all(last[c] >= TARGET_CLASS for c in classes)
+    print("conditioning gap: denoising loss of the training images under another class's prompt minus under their "
+          "own (same noise and timesteps); 0 = the class words change nothing")
     print(f"target: mean >= {TARGET_MEAN:.0%} and every class >= {TARGET_CLASS:.0%} after training -> "
           f"{'met' if ok else 'NOT met'}; base without adapter: {res['curve'][0]['mean']:.0%}")
     print("\nPer adjective, last checkpoint:")
