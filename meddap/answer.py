@@ -95,7 +95,7 @@ def answer(t2: pd.DataFrame, t3: Optional[pd.DataFrame], *, n_folds: int, n_sett
 
     n_settings: augmented (adjective, ratio) settings each best one was chosen from (the tables'
     `n_settings_compared` wins when present). synthetic_data_note: a sentence for runs whose data or
-    model cannot speak to the method (the demo's phantom images and tiny Stable Diffusion).
+    model cannot speak to the method (the demo's phantom images and phantom-pretrained base model).
     """
     out = Answer(QUESTION)
     answers, short, kinds = _lines(t2, "test set")

@@ -217,9 +217,10 @@ class DiffusionConfig:
     base_model: str = _f("CompVis/stable-diffusion-v1-4",
                          "Hub id (from the Hugging Face cache or the hub), a local diffusers folder, or a single-file "
                          "checkpoint (sd-v1-4.ckpt / .safetensors); 'builtin:tiny' builds a few-MB SD with random "
-                         "weights into <run_dir>/models/ (plumbing); 'builtin:phantom' is the phantom-pretrained model "
-                         "shipped in meddap/models/phantom/ (not shipped yet: build one with `python -m meddap "
-                         "pretrain-base <folder>` and give that folder here).")
+                         "weights into <run_dir>/models/ (plumbing); 'builtin:phantom' is the small SD-shaped model "
+                         "pretrained on phantom scans, shipped in meddap/models/phantom/ with its reference judge "
+                         "(the demo's; rebuilt by `python -m meddap pretrain-base <folder>`, whose output folder can "
+                         "also be given here).")
     single_file_config: Optional[str] = _f(
         None, "For a single-file base_model: the diffusers folder or hub id whose configs and tokenizer describe it "
               "(a checkpoint holds neither); null = CompVis/stable-diffusion-v1-4 from the Hugging Face cache.")
@@ -535,8 +536,8 @@ class Config:
                "that classifier's real-only trial")
         # The phantom judge lives beside the base model (<folder>/judge/): builtin:tiny has none.
         for key, value in (("fid.features", self.fid.features), ("fid.judge", self.fid.judge)):
-            if value == "phantom-judge" and self.diffusion.base_model.startswith("builtin:") \
-                    and self.diffusion.base_model != "builtin:phantom":
+            # (an unknown builtin:<name> is left to resolve_base_model, which lists the builtin models)
+            if value == "phantom-judge" and self.diffusion.base_model == "builtin:tiny":
                 raise ConfigError(f"config key '{key}' = 'phantom-judge' takes the judge beside the base model "
                                   f"(<base model folder>/judge/), but diffusion.base_model = "
                                   f"{self.diffusion.base_model!r} has none. Set diffusion.base_model to "

@@ -512,9 +512,9 @@ def test_fid_features_phantom_judge_without_a_judge_says_the_key_the_path_and_th
     # builtin:tiny has no judge: refused at the door
     with pytest.raises(ConfigError, match=r"'fid\.features' = 'phantom-judge'.*judge/.*'builtin:tiny' has none.*"
                                           r"pretrain-base <folder>"):
-        load_config("demo", ["fid.features=phantom-judge"])
+        load_config("demo", ["diffusion.base_model=builtin:tiny", "fid.judge=null"])
     with pytest.raises(ConfigError, match=r"'fid\.judge' = 'phantom-judge'.*'builtin:tiny' has none"):
-        load_config("demo", ["fid.judge=phantom-judge"])
+        load_config("demo", ["diffusion.base_model=builtin:tiny", "fid.features=inception"])
     # a folder without judge/ (not made by pretrain-base): the expected path and the fix
     cfg = load_config("demo", ["fid.features=phantom-judge", f"diffusion.base_model={tmp_path / 'sd'}"])
     with pytest.raises(MeddapError, match=r"fid\.features .*expected in .*sd/judge.*absent.*pretrain-base <folder>"):

@@ -119,6 +119,12 @@ def test_fid_is_computed_or_marked_missing_never_invented(cfg):
 
     fid = storage.read_parquet(RunLayout(cfg.run_dir).summary("fid"))
     assert set(fid["adjective"]) == set(cfg.generate.adjectives) and "all" in set(fid["class_name"])
+    assert set(fid["features"]) == {cfg.fid.features}
+    if cfg.fid.features == "phantom-judge":  # the demo: domain features shipped with builtin:phantom, offline
+        ok = fid[fid["status"] == "ok"]
+        assert len(ok) and ok["fid"].notna().all() and set(ok["dims"]) == {32}, fid
+        assert fid.loc[fid["status"] != "ok", "status"].str.match("too_few_images|fid_not_computed").all(), fid
+        return
     try:
         inception_weights_path(cfg.fid.weights)
         have_weights = True

@@ -478,3 +478,25 @@ def test_a_baseline_that_predicts_one_class_is_named():
             for e in ("test", "val")]
     rows.append(dict(rows[2], trial_id="resnet34__dark__r1__f1", adjective="dark", ratio=1.0, confusion=one_class))
     assert collapsed_baselines(_pd.DataFrame(rows)) == {"resnet34": [0]}  # synthetic trials are not baselines
+
+
+def test_a_fidelity_gate_judge_that_predicts_one_class_is_flagged():
+    """The gate's judge is the fold's real-only trial: one that labels every test image alike makes every
+    fidelity score describe the judge, and the report says so for that judge only."""
+    import json as _json
+
+    import pandas as _pd
+
+    from meddap.stages.report import _collapsed_judges, _fidelity_lead
+
+    one_class = _json.dumps([[6, 0, 0], [6, 0, 0], [6, 0, 0]])
+    trained = _json.dumps([[4, 1, 1], [1, 4, 1], [0, 2, 4]])
+    trials = _pd.DataFrame([dict(trial_id=f"resnet34__real__r0__f{f}", classifier="resnet34", adjective=None,
+                                 ratio=0.0, fold=f, eval_set="test", confusion=conf, repeat=0, accuracy=0.5)
+                            for f, conf in [(0, one_class), (1, trained)]])
+    gate = _pd.DataFrame({"judge": ["resnet34__real__r0__f0", "resnet34__real__r0__f1"], "fold": [0, 1],
+                          "filter": ["none"] * 2, "filter_value": [0.0] * 2})
+    assert _collapsed_judges(gate, trials) == ["resnet34__real__r0__f0"]
+    lead = _fidelity_lead(gate, None, trials)
+    assert "Read with care:** resnet34__real__r0__f0 predicted one class" in lead and "__f1 predicted" not in lead
+    assert "Read with care" not in _fidelity_lead(gate, None, trials.assign(confusion=trained))

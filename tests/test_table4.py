@@ -126,7 +126,7 @@ def test_report_shows_table4_filter_and_fidelity(tmp_path):
     assert "## Table 4: synthetic images vs equal-budget controls (test set)" in md
     assert "classical (brightness_down)" in md and "dark ✓" in md
     assert "Label-fidelity gate of the synthetic trials" in md and "`threshold 0.5`" in md
-    assert "## Label fidelity of the synthetic images" in md and "figures/fidelity.png" in md
+    assert "## Label fidelity of the synthetic images (the fold's real-only classifier)" in md and "figures/fidelity.png" in md
     assert "gate `threshold 0.5`" in md
     assert len(storage.read_parquet(lay.summary("table4"))) == 3
     assert set(storage.read_parquet(lay.summary("table1"))["filter"]) == {"none", "threshold 0.5"}

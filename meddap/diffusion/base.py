@@ -65,7 +65,7 @@ PHANTOM_MODEL = "builtin:phantom"
 PHANTOM_DIR = Path(__file__).resolve().parent.parent / "models" / "phantom"
 BUILTIN_MODELS = {TINY_MODEL: "a few-MB SD with random weights, built locally (plumbing tests)",
                   PHANTOM_MODEL: "an SD-shaped model pretrained on unlabeled phantom scans, shipped in "
-                                 "meddap/models/phantom/ once built (python -m meddap pretrain-base)"}
+                                 "meddap/models/phantom/ (built by python -m meddap pretrain-base)"}
 SD14_CONFIG_DIR = Path(__file__).parent / "sd14"
 
 # The tiny model's architecture. Same classes and wiring as SD-1.4, channel counts cut ~10-40x.

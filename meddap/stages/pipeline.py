@@ -226,7 +226,9 @@ def select_rank(cfg: Config, force: Iterable[str] = (), timings: dict | None = N
         run_stages(sub, ("finetune", "generate", "fid"), force=["finetune"] if redo else (),
                    timings=timings, label=f"rank-{rank}/")
         fid = storage.read_parquet(RunLayout(sub.run_dir).summary("fid"))
-        hit = fid[(fid["adjective"] == "") & (fid["class_name"] == "all") & (fid["dims"] == cfg.fid.dims)]
+        from meddap.fid import primary_dims
+
+        hit = fid[(fid["adjective"] == "") & (fid["class_name"] == "all") & (fid["dims"] == primary_dims(cfg.fid, fid))]
         if hit.empty:
             raise MeddapError(f"rank selection: {RunLayout(sub.run_dir).summary('fid')} has no overall "
                               f"(class_name 'all') row for the no-adjective set; the fid stage's output "

@@ -31,6 +31,7 @@ import pandas as pd
 from meddap import logs, storage
 from meddap.errors import MeddapError
 from meddap.answer import answer
+from meddap.fid import primary_dims
 from meddap.layout import RunLayout, adjective_slug
 from meddap.report import (TABLE4_COLUMNS, best_settings, collapsed_baselines, crn_violations, fig1a, load_trials,
                            study_trials, table1, table2, table3, table4)
@@ -497,7 +498,18 @@ def _fmt_table4(t4: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _fidelity_lead(gate: pd.DataFrame, cfg) -> str:
+def _collapsed_judges(gate: pd.DataFrame, trials: pd.DataFrame) -> list[str]:
+    """The gate's judge trials (real-only, one per fold) that predicted one class for every test image: their
+    fidelity scores describe the judge (every image gets that class), not the synthetic images."""
+    out = []
+    for clf, folds in collapsed_baselines(trials).items():
+        for fold in folds:
+            hit = gate[(gate["judge"].astype(str).str.startswith(f"{clf}__real__")) & (gate["fold"] == fold)]
+            out += sorted(set(hit["judge"].astype(str)))
+    return sorted(set(out))
+
+
+def _fidelity_lead(gate: pd.DataFrame, cfg, trials: pd.DataFrame | None = None) -> str:
     judges = ", ".join(sorted(gate["judge"].astype(str).unique()))
     method = str(gate["filter"].iloc[0])
     value = gate["filter_value"].iloc[0]
@@ -505,8 +517,13 @@ def _fidelity_lead(gate: pd.DataFrame, cfg) -> str:
                 "for reading" if method == "none" else
                 f"gate `{method} {value:g}`: the share kept is of every image scored (spares included); counts per "
                 f"trial are topped up from the spares, so each trial still has its ratio's count")
+    collapsed = _collapsed_judges(gate, trials) if trials is not None else []
+    warn = (f" **Read with care:** {', '.join(collapsed)} predicted one class for every test image, so the scores it "
+            "gives describe that judge (every image gets its one class), not the synthetic images; a better-trained "
+            "judge (generate.filter_judge, more classify.epochs) is needed before these scores mean anything."
+            if collapsed else "")
     return (f"Fidelity = the probability the fold's real-only judge ({judges}; best epoch) gives to the class the "
-            f"image was prompted for. Low fidelity: the image may teach the wrong label. {gate_txt}.")
+            f"image was prompted for. Low fidelity: the image may teach the wrong label. {gate_txt}.{warn}")
 
 
 def _fmt_fidelity(gate: pd.DataFrame) -> pd.DataFrame:
@@ -594,13 +611,16 @@ def _selection_and_tests(t2: pd.DataFrame, cfg, n_test: int) -> tuple[str, list[
 # ---------------------------------------------------------------------------------------------
 def _stand_in_note(cfg) -> Optional[str]:
     """A sentence for runs whose images or model stand in for the real ones (the demo)."""
-    from meddap.diffusion.base import TINY_MODEL
+    from meddap.diffusion.base import PHANTOM_MODEL, TINY_MODEL
 
     parts = []
     if cfg.data.source == "phantom":
         parts.append("phantom images instead of ultrasound scans")
     if cfg.diffusion.base_model == TINY_MODEL:
         parts.append("a tiny Stable Diffusion with random weights (diffusion.base_model=builtin:tiny) instead of SD-1.4")
+    elif cfg.diffusion.base_model == PHANTOM_MODEL:
+        parts.append("a small Stable-Diffusion-shaped model pretrained on phantom scans (diffusion.base_model="
+                     "builtin:phantom, docs/base-model.md) instead of SD-1.4")
     if not parts:
         return None
     return (f"This run uses {' and '.join(parts)}: its numbers show that the pipeline works end to end; they say "
@@ -628,7 +648,7 @@ def run(cfg) -> dict:
     boot = {"samples": cfg.report.bootstrap_samples, "seed": cfg.report.seed}
 
     # -- tables (Table 1 and 2 are the report's core: their errors stop it) ----------------------
-    t1 = table1(trials, fid, dims=cfg.fid.dims)
+    t1 = table1(trials, fid, dims=primary_dims(cfg.fid, fid))
     t2 = table2(trials, predictions, **boot)
     if t2.attrs.get("note"):
         rep.note(t2.attrs["note"])
@@ -678,7 +698,7 @@ def run(cfg) -> dict:
         lay.summary("fig1a"))
 
     # -- FID status ------------------------------------------------------------------------------
-    fid_rows = (fid[fid["dims"] == cfg.fid.dims] if fid is not None and "dims" in fid else fid)
+    fid_rows = (fid[fid["dims"] == primary_dims(cfg.fid, fid)] if fid is not None and "dims" in fid else fid)
     fid_all = fid_rows[fid_rows["class_name"] == "all"] if fid is not None else None
     if fid is None:
         rep.note("summary/fid.parquet is absent: run `python -m meddap fid`; the FID columns are empty.")
@@ -791,8 +811,12 @@ def run(cfg) -> dict:
                   f"{len(t4)} comparisons of this table. ✓ = the adjective Table 2 selected.")
             rep.table(_fmt_table4(t4))
     if gate is not None and len(gate):
-        rep.h(2, "Label fidelity of the synthetic images")
-        rep.p(_fidelity_lead(gate, cfg))
+        rep.h(2, "Label fidelity of the synthetic images (the fold's real-only classifier)")
+        rep.p(_fidelity_lead(gate, cfg, all_trials))
+        collapsed = _collapsed_judges(gate, all_trials)
+        if collapsed:
+            rep.note(f"Label-fidelity judge(s) {', '.join(collapsed)} predicted one class for every test image: their "
+                     f"fidelity scores (summary/fidelity_gate.parquet) describe the judge, not the synthetic images.")
         rep.table(_fmt_fidelity(gate))
         if fidelity_fig:
             rep.img(fidelity_fig, "Label fidelity (judge's probability of the prompted class) per adjective and class")
@@ -803,7 +827,7 @@ def run(cfg) -> dict:
               "per class to the smaller's count, so both share one class mix), both read at the generation "
               f"resolution ({cfg.generate_resolution} px) with one filter, in {cfg.classify.channels} as the "
               "classifiers see them. `dims` labels the feature size; "
-              f"fid.dims = {cfg.fid.dims} is the one Table 1 shows.")
+              f"dims = {primary_dims(cfg.fid, fid)} is the one Table 1 shows.")
         avail = overall["n_real_available"] if "n_real_available" in overall else overall["n_real"]
         rep.table(pd.DataFrame({
             "fold": overall["fold"], "adjective": [_adj_label(a) for a in overall["adjective"]],
