@@ -172,12 +172,18 @@ def read_parquet(path: str, **kw):
 
 
 def local_path(path: str, cache_dir: str | None = None) -> str:
-    """A local file path holding `path`'s bytes: the path itself when local, else a cached download."""
+    """A local file path holding `path`'s bytes: the path itself when local, else a cached download.
+
+    The cache is keyed by the URI and the object's size and modification time, so an object rewritten at
+    the same URI (an adapter retrained by `finetune --force`) is downloaded again, never served stale."""
     if not is_uri(path):
         return str(Path(path).expanduser().absolute())
     cache = Path(cache_dir or tempfile.gettempdir(), "meddap-cache")
     cache.mkdir(parents=True, exist_ok=True)
-    target = cache / (uuid.uuid5(uuid.NAMESPACE_URL, path).hex + "-" + posixpath.basename(path))
+    fs, p = filesystem(path)
+    info = fs.get_file_info(p)
+    stamp = f"{info.size}:{info.mtime_ns if info.mtime_ns is not None else ''}"
+    target = cache / (uuid.uuid5(uuid.NAMESPACE_URL, f"{path}#{stamp}").hex + "-" + posixpath.basename(path))
     if not target.exists():
         tmp = target.with_suffix(target.suffix + ".part")
         tmp.write_bytes(read_bytes(path))

@@ -745,7 +745,16 @@ def run(cfg) -> dict:
           "setting (chosen on validation accuracy), and the difference:")
     rep.items(summary.answers)
     rep.p("**What the numbers mean, and what they do not.**")
-    rep.items(summary.meaning)
+    meaning = list(summary.meaning)
+    for clf, folds in collapsed_baselines(trials).items():
+        meaning.append(f"{clf}'s real-only baseline predicted one class for every test image (fold(s) "
+                       f"{', '.join(map(str, folds))}): a difference against it measures a baseline that did not "
+                       f"train, not what the synthetic images add.")
+    if len(t4):
+        meaning.append("Table 4 sets each synthetic setting against equal-budget controls (as many extra duplicated "
+                       "real images, or classically transformed ones): a gain that the controls match is a gain "
+                       "from more training, not from the synthetic images.")
+    rep.items(meaning)
     rep.h(2, "Details")
     rep.p(f"Run directory `{run_dir}`; classes {', '.join(cfg.data.classes)}; {n_folds} fold(s); "
           f"classifiers {', '.join(sorted(trials['classifier'].unique()))}; written "

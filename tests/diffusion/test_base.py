@@ -55,7 +55,8 @@ def test_build_tiny_is_idempotent_and_seeded(tiny_sd_dir, tmp_path):
 
 
 def test_resolve_base_model(tmp_path, tiny_sd_dir):
-    cfg = load_config("demo", [f"run_dir={tmp_path / 'run'}", "diffusion.base_model=builtin:tiny"])
+    cfg = load_config("demo", [f"run_dir={tmp_path / 'run'}", "diffusion.base_model=builtin:tiny",
+                               "fid.features=inception", "fid.judge=null"])
     got = base.resolve_base_model(cfg)
     assert Path(got) == (tmp_path / "run" / "models" / "tiny-sd").absolute()
     assert (Path(got) / "model_index.json").is_file()

@@ -54,7 +54,7 @@ def test_bench_fidelity_runs_on_a_pretrain_base_folder(phantom_base_dir, tmp_pat
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "conditioning_gap" in proc.stdout and "target: mean >= 80% and every class >= 60%" in proc.stdout
-    assert "mean intensity dark" in proc.stdout
+    assert "Per adjective, last checkpoint" in proc.stdout
     res = json.loads(out.read_text())
     assert [r["epoch"] for r in res["curve"]] == [0, 1]
     assert res["curve"][1]["steps"] > 0 and all(np.isfinite(r["conditioning_gap"]) for r in res["curve"])

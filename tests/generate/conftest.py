@@ -76,7 +76,10 @@ def gen_template(tiny_sd_dir, tmp_path_factory) -> Path:
 def make_cfg(run_dir, model: str, *overrides: str):
     from meddap.config import load_config
 
+    # The tiny SD's plumbing settings: guidance 7.5 as the core references below, Inception FID (the demo's
+    # phantom-judge features live beside builtin:phantom only).
     return load_config("demo", [f"run_dir={run_dir}", f"diffusion.base_model={model}", "diffusion.resolution=32",
+                                "generate.guidance_scale=7.5", "fid.features=inception", "fid.judge=null",
                                 "generate.adjectives=['', bright]", "generate.ratios=[0.5, 1.0]",
                                 "generate.steps=2", "generate.batch_size=4", "generate.workers=2",
                                 "generate.cpus_per_worker=0.5", "report.contact_sheet_per_cell=2", *overrides])
