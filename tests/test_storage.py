@@ -141,24 +141,54 @@ def test_sweep_decodes_synthetic_images_from_an_s3_run_dir(s3_env):
     assert out.shape == (1, 1, 8, 8) and int(out[0, 0, 0, 0]) == 200
 
 
-@pytest.mark.slow
-def test_whole_pipeline_with_s3_run_dir(s3_env):
-    """Every stage with run_dir in the bucket: Ray Train and Tune checkpoints, adapter, synthetic PNGs
-    (manifest paths are s3:// URIs the sweep decodes from there), FID rows, trials, tables, figures,
-    report and stage records; a second run skips every stage from the records read back from there."""
-    run_dir = f"s3://{BUCKET}/pipeline-run"
-    overrides = [f"run_dir={run_dir}", "data.phantom.per_class=8", "data.external.phantom.per_class=4",
-                 "diffusion.lora.per_fold=false", "diffusion.train.epochs=1", "generate.adjectives=['']",
-                 "generate.ratios=[0.5]", "generate.steps=2", "classify.models=[squeezenet1_1]",
-                 "classify.epochs=1", "classify.checkpoint_seconds=0", "report.gradcam_images=1",
-                 "classify.controls=[]"]
+PIPELINE_RUN_DIR = f"s3://{BUCKET}/pipeline-run"
+PIPELINE_OVERRIDES = [f"run_dir={PIPELINE_RUN_DIR}", "data.phantom.per_class=8", "data.external.phantom.per_class=4",
+                      "diffusion.lora.per_fold=false", "diffusion.train.epochs=1", "generate.adjectives=['']",
+                      "generate.ratios=[0.5]", "generate.steps=2", "classify.models=[squeezenet1_1]",
+                      "classify.epochs=1", "classify.checkpoint_seconds=0", "report.gradcam_images=1",
+                      "classify.controls=[]"]
+
+
+def run_s3_pipeline() -> dict:
+    """The whole pipeline with run_dir in a bucket, then again, against a moto server of its own (started
+    here, stopped at exit): tests/_background.py runs it while other tests run, as it mostly waits on Ray.
+    Returns the server's AWS_* variables and both finished processes (the second is None if the first failed)."""
+    import atexit
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    atexit.register(server.stop)
+    s3 = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{server._server.server_port}", "AWS_ACCESS_KEY_ID": "testing",
+          "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    boto3.client("s3", endpoint_url=s3["AWS_ENDPOINT_URL"], aws_access_key_id="testing",
+                 aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket=BUCKET)
     script = ("import sys; from meddap.config import load_config; from meddap.stages.pipeline import run; "
               "r = run(load_config('demo', sys.argv[1:])); "
               "print('ACTIONS', sorted((t['stage'], t['action']) for t in r['timings']))")
-    env = dict(os.environ, **s3_env, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, **s3, PYTHONUNBUFFERED="1")
     env.pop("RAY_ADDRESS", None)
-    first = subprocess.run([sys.executable, "-c", script, *overrides], cwd=ROOT, env=env, capture_output=True,
-                           text=True, timeout=600)
+    cmd = [sys.executable, "-c", script, *PIPELINE_OVERRIDES]
+    first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    again = (subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+             if first.returncode == 0 else None)
+    return {"env": s3, "first": first, "again": again}
+
+
+@pytest.mark.slow
+def test_whole_pipeline_with_s3_run_dir(monkeypatch):
+    """Every stage with run_dir in the bucket: Ray Train and Tune checkpoints, adapter, synthetic PNGs
+    (manifest paths are s3:// URIs the sweep decodes from there), FID rows, trials, tables, figures,
+    report and stage records; a second run skips every stage from the records read back from there.
+    The two runs happen in the background (tests/_background.py); this reads what they left in the bucket."""
+    import _background
+
+    res = _background.result("s3_pipeline")
+    for k, v in res["env"].items():
+        monkeypatch.setenv(k, v)
+    first, again, run_dir = res["first"], res["again"], PIPELINE_RUN_DIR
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[:2000] + " ... " + first.stderr[-1000:]
     lay = RunLayout(run_dir)
     assert storage.exists(storage.join(lay.adapter_dir(-1), "pytorch_lora_weights.safetensors"))
@@ -172,8 +202,6 @@ def test_whole_pipeline_with_s3_run_dir(s3_env):
     assert storage.exists(lay.path("report.md")) and storage.exists(lay.summary("table2"))
     assert storage.listdir(lay.figures)
     assert f"report: {run_dir}/report.md" in first.stdout
-    again = subprocess.run([sys.executable, "-c", script, *overrides], cwd=ROOT, env=env, capture_output=True,
-                           text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     actions = again.stdout.split("ACTIONS", 1)[1]
     assert all(f"('{s}', 'skipped')" in actions for s in ("prepare", "finetune", "generate", "fid", "sweep", "report"))
