@@ -1,6 +1,8 @@
 """The quiet console (meddap.logs): meddap's lines on screen, Ray's chatter in <run_dir>/logs/.
 
-The two subprocess tests start Ray (about 15 s and 8 s on the 2-core box); the rest are instant.
+The two subprocess probes start Ray (about 15 s and 8 s on the 2-core box, 20 s each on a busy one): they
+run in a background lane of the suite (tests/_background.py, `run_probes`) and the tests read their results;
+the rest are instant.
 """
 
 from __future__ import annotations
@@ -31,8 +33,21 @@ def _probe(run_dir: Path, *flags: str, env: dict | None = None) -> subprocess.Co
                           env=environ, timeout=300)
 
 
-def test_quiet_console_shows_meddap_only_and_files_ray(tmp_path):
-    res = _probe(tmp_path / "run", "--fail")
+def run_probes() -> dict:
+    """Both probes, one after the other, each in a run dir of its own: {name: (CompletedProcess, run_dir)}."""
+    import tempfile
+
+    out = {}
+    for name, flags, env in (("quiet", ("--fail",), None), ("debug", ("--light",), {logs.ENV: "debug"})):
+        run_dir = Path(tempfile.mkdtemp(prefix=f"meddap-console-{name}-")) / "run"
+        out[name] = (_probe(run_dir, *flags, env=env), run_dir)
+    return out
+
+
+def test_quiet_console_shows_meddap_only_and_files_ray():
+    import _background
+
+    res, run_dir = _background.result("console")["quiet"]
     out = res.stdout.splitlines()
     # meddap's lines, in order, and nothing else on stdout
     assert out == ["[probe] start", "[probe] a line from a worker", out[2], "[probe] end"], res.stdout
@@ -45,7 +60,7 @@ def test_quiet_console_shows_meddap_only_and_files_ray(tmp_path):
     for chatter in ("Checkpoint successfully created", "Configuration for experiment", "Started a local Ray"):
         assert chatter not in res.stderr, chatter
     # ... and Ray's messages are kept in files under <run_dir>/logs/<time>-probe/
-    (log_dir,) = list((tmp_path / "run" / "logs").iterdir())
+    (log_dir,) = list((run_dir / "logs").iterdir())
     assert log_dir.name.endswith("-probe")
     workers = (log_dir / "workers.log").read_text()
     assert "plain worker chatter" in workers and "Checkpoint successfully created" in workers
@@ -56,14 +71,16 @@ def test_quiet_console_shows_meddap_only_and_files_ray(tmp_path):
     assert (log_dir / "ray-session").is_symlink()
 
 
-def test_meddap_log_debug_brings_ray_back(tmp_path):
-    res = _probe(tmp_path / "run", "--light", env={logs.ENV: "debug"})
+def test_meddap_log_debug_brings_ray_back():
+    import _background
+
+    res, run_dir = _background.result("console")["debug"]
     assert res.returncode == 0, res.stderr[-2000:]
     both = res.stdout + res.stderr
     assert "(work pid=" in both and "plain worker chatter" in both
     assert "Started a local Ray instance" in both
     assert "[probe] end" in res.stdout
-    assert not (tmp_path / "run" / "logs").exists()  # verbose redirects nothing
+    assert not (run_dir / "logs").exists()  # verbose redirects nothing
 
 
 def test_verbose_flag_on_stage_commands():

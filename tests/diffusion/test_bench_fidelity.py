@@ -4,9 +4,6 @@ folder and prints its table (the shipped model's figures are in docs/base-model.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,9 +13,6 @@ from PIL import Image
 from meddap.bench.fidelity import conditioning_gap
 from meddap.diffusion import base
 from meddap.diffusion.train import Example, FinetuneSettings, LoraFinetuner
-
-ROOT = Path(__file__).resolve().parents[2]
-
 
 def _finetuner(folder, tmp_path, prompts: tuple[str, str]) -> LoraFinetuner:
     rng = np.random.default_rng(0)
@@ -43,18 +37,24 @@ def test_conditioning_gap_swaps_sign_when_the_prompts_swap_and_is_zero_for_one_p
     assert np.isnan(conditioning_gap(_finetuner(tiny_sd_dir, tmp_path, (a, a))))
 
 
-def test_bench_fidelity_runs_on_a_pretrain_base_folder(phantom_base_dir, tmp_path):
+def test_bench_fidelity_runs_on_a_pretrain_base_folder(phantom_base_dir, tmp_path, capsys):
+    """The command as a user types it (in this process: the imports are paid already)."""
+    from meddap.cli import main
+
     folder, _ = phantom_base_dir
     out = tmp_path / "fidelity.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "meddap", "bench", "--config", "demo", "fidelity", "--model", str(folder),
-         "--epochs", "0,1", "--per-cell", "1", "--adjectives", "dark", "--threads", "1", "--out", str(out),
-         "--sheet", str(tmp_path / "sheet.png"), "diffusion.train.batch_size=12", "generate.steps=2",
-         "data.phantom.per_class=10", "data.external.phantom.per_class=4"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "conditioning_gap" in proc.stdout and "target: mean >= 80% and every class >= 60%" in proc.stdout
-    assert "Per adjective, last checkpoint" in proc.stdout
+    threads = torch.get_num_threads()  # --threads sets this process's torch threads: put them back after
+    try:
+        rc = main(["bench", "--config", "demo", "fidelity", "--model", str(folder), "--epochs", "0,1",
+                   "--per-cell", "1", "--adjectives", "dark", "--threads", "1", "--out", str(out),
+                   "--sheet", str(tmp_path / "sheet.png"), "diffusion.train.batch_size=12", "generate.steps=2",
+                   "data.phantom.per_class=10", "data.external.phantom.per_class=4"])
+    finally:
+        torch.set_num_threads(threads)
+    stdout = capsys.readouterr().out
+    assert rc == 0, stdout[-2000:]
+    assert "conditioning_gap" in stdout and "target: mean >= 80% and every class >= 60%" in stdout
+    assert "Per adjective, last checkpoint" in stdout
     res = json.loads(out.read_text())
     assert [r["epoch"] for r in res["curve"]] == [0, 1]
     assert res["curve"][1]["steps"] > 0 and all(np.isfinite(r["conditioning_gap"]) for r in res["curve"])
