@@ -30,6 +30,8 @@ sys.path.insert(0, str(ROOT))
 NODE = {"num_cpus": 1, "object_store_memory": 80 * 2**20}
 TIMEOUT_S = 120  # a watcher that never sees its trigger gives up (the test then fails with a reason)
 
+from _demo_run import TINY_SD  # tests/ is on sys.path (this file's folder when run as a script)
+
 
 def overrides(run_dir: str) -> list[str]:
     """The smallest demo: 6 phantom images a class, tiny SD, one classifier, 2 folds."""
@@ -38,7 +40,7 @@ def overrides(run_dir: str) -> list[str]:
             "generate.adjectives=['', dark]", "generate.ratios=[1.0]", "generate.steps=2", "generate.batch_size=2",
             "generate.cpus_per_worker=0.5", "generate.workers=2", "classify.models=[squeezenet1_1]", "classify.epochs=4",
             "classify.checkpoint_seconds=0", "classify.batch_size=8", "classify.max_failures=3",
-            "classify.image_size=32", "fid.dims=64", "classify.controls=[]"]
+            "classify.image_size=32", "fid.dims=64", "classify.controls=[]", *TINY_SD]
 
 
 class Chaos:

@@ -35,6 +35,10 @@ DEMO_TEST_OVERRIDES = ["data.phantom.per_class=12", "data.external.phantom.per_c
                        "generate.ratios=[1.0]", "generate.steps=4", "classify.models=[resnet34, squeezenet1_1]",
                        "classify.epochs=2", "classify.batch_size=16", "report.gradcam_images=1",
                        "report.contact_sheet_per_cell=2"]
+# The plumbing runs (node loss, the autoscaling cluster, the S3 pipeline) test Ray and storage, not the
+# model: they run on the tiny random-weight SD (cheaper than the demo's builtin:phantom on 2 cores) with
+# Inception FID (recorded as missing offline). The demo job above keeps the demo's own base model.
+TINY_SD = ["diffusion.base_model=builtin:tiny", "fid.features=inception", "fid.judge=null"]
 # The head declares one logical GPU and the job runs with MEDDAP_DEVICE=cpu: the demo's `auto` GPU
 # settings then ask Ray for GPUs exactly as on a GPU cluster (issue 11 part 3a) while the arithmetic
 # runs on this CPU; tests/test_jobs.py reads from Ray's state API where each piece ran.

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from _demo_run import ROOT, _free_port, start_head, submit
+from _demo_run import ROOT, TINY_SD, _free_port, start_head, submit
 
 __all__ = ["gpu_head", "autoscaling_head", "cluster_state", "stop", "gpu_of", "check_gpu_placement", "GPU_WORKER_TYPE",
            "GPU_WORK", "autoscaling_demo", "SMALL"]
@@ -184,7 +184,7 @@ SMALL = ["data.folds=2", "data.image_size=32", "data.phantom.per_class=8", "data
          "diffusion.resolution=32", "diffusion.train.epochs=1", "diffusion.lora.per_fold=false",
          'generate.adjectives=[""]', "generate.ratios=[1.0]", "generate.steps=2",
          "classify.models=[squeezenet1_1]", "classify.epochs=1", "classify.batch_size=16",
-         "report.gradcam_images=1", "report.contact_sheet_per_cell=1", "classify.controls=[]"]
+         "report.gradcam_images=1", "report.contact_sheet_per_cell=1", "classify.controls=[]", *TINY_SD]
 
 
 def autoscaling_demo() -> dict:

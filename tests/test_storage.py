@@ -21,6 +21,8 @@ from meddap import storage
 from meddap.config import load_config
 from meddap.layout import RunLayout
 
+from _demo_run import TINY_SD
+
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "meddap-test"
 
@@ -146,7 +148,7 @@ PIPELINE_OVERRIDES = [f"run_dir={PIPELINE_RUN_DIR}", "data.phantom.per_class=8",
                       "diffusion.lora.per_fold=false", "diffusion.train.epochs=1", "generate.adjectives=['']",
                       "generate.ratios=[0.5]", "generate.steps=2", "classify.models=[squeezenet1_1]",
                       "classify.epochs=1", "classify.checkpoint_seconds=0", "report.gradcam_images=1",
-                      "classify.controls=[]"]
+                      "classify.controls=[]", *TINY_SD]
 
 
 def run_s3_pipeline() -> dict:
