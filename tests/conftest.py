@@ -103,7 +103,7 @@ def phantom_base_dir(tmp_path_factory):
     """A base-model folder as `python -m meddap pretrain-base OUT --quick` writes it (diffusers folder,
     judge/ beside it, meddap_pretrain.json), built once per test run (measured 20-60 s on the busy shared
     2-core box, imports included; the build alone about 7 s of CPU).
-    It stands in for builtin:phantom, whose weights are not shipped yet: same files, same loaders, a
+    It stands in for builtin:phantom in the recipe's tests: same files, same loaders, a
     few training steps. Returns (folder, the record pretrain_base returned)."""
     import torch
 

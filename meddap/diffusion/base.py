@@ -208,7 +208,8 @@ def phantom_model_dir(asked_by: str | None = None) -> str:
         why = f" (for {asked_by})" if asked_by else ""
         raise MeddapError(
             f"diffusion.base_model = {PHANTOM_MODEL!r}{why} needs the shipped folder {PHANTOM_DIR}, which is absent "
-            f"(its weights are not shipped yet: docs/base-model.md). Build the model with `{PRETRAIN_COMMAND}` "
+            f"(the package ships it: this install lacks its data files; reinstall meddap from the repository, or "
+            f"see docs/base-model.md). Or build the model with `{PRETRAIN_COMMAND}` "
             "(resumable; hours on a 2-core CPU), then either set diffusion.base_model=<folder> (a pretrain-base "
             f"output folder is a base model as it stands) or copy <folder> to {PHANTOM_DIR}. For plumbing only, "
             f"use diffusion.base_model={TINY_MODEL}.")
