@@ -32,11 +32,6 @@ NEEDS = {
     "demo_job": {"job", "demo_cfg"},                  # tests/test_jobs.py, tests/test_pipeline.py
     "autoscale": {"test_demo_with_gpu_defaults_on_an_autoscaling_cluster_from_zero_gpu_nodes"},
     "signals": {"test_sigterm_then_sigkill_then_rerun"},  # tests/classify/test_sweep_signals.py
-    # Not in a lane (measured: on 2 cores a third concurrent run slowed everything, and the suite ended later):
-    # the S3 whole pipeline (tests/test_storage.py) and the console probes (tests/test_console.py) run when
-    # their tests ask, in line; result() runs them there.
-    "s3_pipeline": set(),
-    "console": set(),
 }
 LANES = (("signals", "node_loss"), ("demo_job", "autoscale"))
 
@@ -78,12 +73,6 @@ def _runner(name: str) -> Callable[[], Any]:
     if name == "signals":
         from test_sweep_signals import run_signals  # tests/classify (on sys.path once collected)
         return run_signals
-    if name == "s3_pipeline":
-        from test_storage import run_s3_pipeline
-        return run_s3_pipeline
-    if name == "console":
-        from test_console import run_probes
-        return run_probes
     from _sim_cluster import autoscaling_demo
     return autoscaling_demo
 

@@ -1,12 +1,12 @@
 """The quiet console (meddap.logs): meddap's lines on screen, Ray's chatter in <run_dir>/logs/.
 
-The two subprocess probes start Ray (about 15 s and 8 s on the 2-core box, 20 s each on a busy one): they
-run in a background lane of the suite (tests/_background.py, `run_probes`) and the tests read their results;
-the rest are instant.
+The two subprocess probes start Ray (about 15 s and 8 s on the 2-core box, 20 s each on a busy one); the
+rest are instant.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import subprocess
@@ -33,8 +33,9 @@ def _probe(run_dir: Path, *flags: str, env: dict | None = None) -> subprocess.Co
                           env=environ, timeout=300)
 
 
+@functools.cache
 def run_probes() -> dict:
-    """Both probes, one after the other, each in a run dir of its own: {name: (CompletedProcess, run_dir)}."""
+    """Both probes, once per test run, each in a run dir of its own: {name: (CompletedProcess, run_dir)}."""
     import tempfile
 
     out = {}
@@ -45,9 +46,7 @@ def run_probes() -> dict:
 
 
 def test_quiet_console_shows_meddap_only_and_files_ray():
-    import _background
-
-    res, run_dir = _background.result("console")["quiet"]
+    res, run_dir = run_probes()["quiet"]
     out = res.stdout.splitlines()
     # meddap's lines, in order, and nothing else on stdout
     assert out == ["[probe] start", "[probe] a line from a worker", out[2], "[probe] end"], res.stdout
@@ -72,9 +71,7 @@ def test_quiet_console_shows_meddap_only_and_files_ray():
 
 
 def test_meddap_log_debug_brings_ray_back():
-    import _background
-
-    res, run_dir = _background.result("console")["debug"]
+    res, run_dir = run_probes()["debug"]
     assert res.returncode == 0, res.stderr[-2000:]
     both = res.stdout + res.stderr
     assert "(work pid=" in both and "plain worker chatter" in both

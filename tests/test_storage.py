@@ -153,8 +153,8 @@ PIPELINE_OVERRIDES = [f"run_dir={PIPELINE_RUN_DIR}", "data.phantom.per_class=8",
 
 def run_s3_pipeline() -> dict:
     """The whole pipeline with run_dir in a bucket, then again, against a moto server of its own (started
-    here, stopped at exit): tests/_background.py runs it while other tests run, as it mostly waits on Ray.
-    Returns the server's AWS_* variables and both finished processes (the second is None if the first failed)."""
+    here, stopped at exit). Returns the server's AWS_* variables and both finished processes (the second is
+    None if the first failed)."""
     import atexit
 
     import boto3
@@ -183,11 +183,8 @@ def run_s3_pipeline() -> dict:
 def test_whole_pipeline_with_s3_run_dir(monkeypatch):
     """Every stage with run_dir in the bucket: Ray Train and Tune checkpoints, adapter, synthetic PNGs
     (manifest paths are s3:// URIs the sweep decodes from there), FID rows, trials, tables, figures,
-    report and stage records; a second run skips every stage from the records read back from there.
-    The two runs happen in the background (tests/_background.py); this reads what they left in the bucket."""
-    import _background
-
-    res = _background.result("s3_pipeline")
+    report and stage records; a second run skips every stage from the records read back from there."""
+    res = run_s3_pipeline()
     for k, v in res["env"].items():
         monkeypatch.setenv(k, v)
     first, again, run_dir = res["first"], res["again"], PIPELINE_RUN_DIR
