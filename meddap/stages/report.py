@@ -648,7 +648,8 @@ def run(cfg) -> dict:
     boot = {"samples": cfg.report.bootstrap_samples, "seed": cfg.report.seed}
 
     # -- tables (Table 1 and 2 are the report's core: their errors stop it) ----------------------
-    t1 = table1(trials, fid, dims=primary_dims(cfg.fid, fid))
+    fid_dims = primary_dims(cfg.fid, fid)  # the feature size Table 1, the FID table and figure read
+    t1 = table1(trials, fid, dims=fid_dims)
     t2 = table2(trials, predictions, **boot)
     if t2.attrs.get("note"):
         rep.note(t2.attrs["note"])
@@ -698,7 +699,7 @@ def run(cfg) -> dict:
         lay.summary("fig1a"))
 
     # -- FID status ------------------------------------------------------------------------------
-    fid_rows = (fid[fid["dims"] == primary_dims(cfg.fid, fid)] if fid is not None and "dims" in fid else fid)
+    fid_rows = (fid[fid["dims"] == fid_dims] if fid is not None and "dims" in fid else fid)
     fid_all = fid_rows[fid_rows["class_name"] == "all"] if fid is not None else None
     if fid is None:
         rep.note("summary/fid.parquet is absent: run `python -m meddap fid`; the FID columns are empty.")
@@ -836,7 +837,7 @@ def run(cfg) -> dict:
               "per class to the smaller's count, so both share one class mix), both read at the generation "
               f"resolution ({cfg.generate_resolution} px) with one filter, in {cfg.classify.channels} as the "
               "classifiers see them. `dims` labels the feature size; "
-              f"dims = {primary_dims(cfg.fid, fid)} is the one Table 1 shows.")
+              f"dims = {fid_dims} is the one Table 1 shows.")
         avail = overall["n_real_available"] if "n_real_available" in overall else overall["n_real"]
         rep.table(pd.DataFrame({
             "fold": overall["fold"], "adjective": [_adj_label(a) for a in overall["adjective"]],
