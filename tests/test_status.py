@@ -130,3 +130,15 @@ def test_forced_stage_with_a_damaged_input_stage_is_refused_before_anything_is_d
     assert "adapters" in err and "adapter.json" in err                   # names the damaged file
     assert "python -m meddap finetune" in err
     assert Path(lay.synthetic_manifest).is_file() and Path(image).is_file(), "finished generate outputs deleted"
+
+
+def test_status_with_another_config_names_the_config_the_run_was_made_with(tmp_path):
+    run_dir = tmp_path / "run"
+    over = [f"run_dir={run_dir}", *SMALL]
+    assert main(["prepare", "--config", "demo", *over]) == 0
+    other = "\n".join(status_lines(load_config("paper", over)))
+    assert "prepare   stale" in other
+    assert "note: prepare ran with --config 'demo', not 'paper'" in other
+    assert "python -m meddap status --config demo" in other
+    same = "\n".join(status_lines(load_config("demo", over)))
+    assert "prepare   done" in same and "note:" not in same
