@@ -238,12 +238,33 @@ def status_lines(cfg: Config) -> list[str]:
         stages_note = line
     else:
         stages_note = ""
+    stale = []
     for stage in stages:
         state, detail = _stage_line(cfg, stage)
         lines.append(f"  {stage:<9} {state:<8} {detail}".rstrip())
         if stage == "prepare" and stages_note:
             lines.append("  " + stages_note)
-    return lines + _tail(cfg, lay)
+        if state == "stale":
+            stale.append(stage)
+    return lines + _other_config_note(cfg, stale) + _tail(cfg, lay)
+
+
+def _other_config_note(cfg: Config, stale: list[str]) -> list[str]:
+    """When the stale stages ran under another --config (their records say which): name it. A run dir
+    looked at with the wrong --config otherwise reads as if every setting had changed."""
+    from meddap.stages.state import read_record
+
+    names = {}
+    for stage in stale:
+        try:
+            name = (read_record(cfg, stage) or {}).get("config_name")
+        except MeddapError:
+            continue
+        if name and name != cfg.name:
+            names.setdefault(name, []).append(stage)
+    return [f"  note: {', '.join(st)} ran with --config '{name}', not '{cfg.name}': "
+            f"`python -m meddap status --config {name}` (with that run's key=value overrides) shows that run as it is"
+            for name, st in names.items()]
 
 
 def _tail(cfg: Config, lay: RunLayout) -> list[str]:

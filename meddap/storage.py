@@ -166,9 +166,20 @@ def write_parquet(table, path: str) -> None:
 
 
 def read_parquet(path: str, **kw):
-    """Read a Parquet file into a pandas DataFrame."""
+    """Read a Parquet file into a pandas DataFrame. A file that is there but not readable Parquet (cut
+    short, overwritten) is a DamagedFileError naming it; a missing one stays FileNotFoundError."""
     fs, p = filesystem(path)
-    return pq.read_table(p, filesystem=fs, **kw).to_pandas()
+    try:
+        return pq.read_table(p, filesystem=fs, **kw).to_pandas()
+    except pa.ArrowException as e:
+        if isinstance(e, OSError) and not isinstance(e, pa.ArrowInvalid):
+            raise                              # missing file, lost connection: not a damaged file
+        from meddap.errors import DamagedFileError
+
+        raise DamagedFileError(
+            f"{path} is not a readable Parquet file ({type(e).__name__}: {str(e)[:200]}): it was cut short or "
+            f"overwritten. If a meddap stage wrote it, `python -m meddap status` (same --config and run_dir) "
+            f"names the stage; redo that stage with --force STAGE.") from None
 
 
 def local_path(path: str, cache_dir: str | None = None) -> str:

@@ -102,3 +102,43 @@ def test_status_does_not_import_torch(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert "heavy: []" in res.stdout, res.stdout + res.stderr
+
+
+def test_forced_stage_with_a_damaged_input_stage_is_refused_before_anything_is_deleted(tmp_path, monkeypatch, capsys):
+    """`generate --force` when finetune's adapter was damaged after it finished: refused at once, naming the
+    input stage and its file; the generated images are still there (the redo would have failed on the
+    adapter after deleting them)."""
+    run_dir = tmp_path / "run"
+    over = [f"run_dir={run_dir}", *SMALL, "data.folds=2"]
+    assert main(["prepare", "--config", "demo", *over]) == 0
+    cfg = load_config("demo", over)
+    lay = RunLayout(cfg.run_dir)
+    for fold in range(cfg.data.folds):
+        storage.write_text(storage.join(lay.adapter_dir(fold), "adapter.json"), json.dumps({"steps": 1}))
+    state.write_record(cfg, "finetune", 1.0)
+    image = lay.path("synthetic", "fold-0", "dark", "benign", "0.png")
+    storage.write_bytes(image, b"png bytes")
+    storage.write_parquet(pd.DataFrame({"path": [image]}), lay.synthetic_manifest)
+    state.write_record(cfg, "generate", 1.0)
+    storage.write_text(storage.join(lay.adapter_dir(1), "adapter.json"), "{broken")   # damaged after it finished
+    monkeypatch.setattr(pipeline, "stage_function", lambda stage: pytest.fail(f"{stage} ran"))
+
+    assert main(["generate", "--config", "demo", *over, "--force"]) == 2
+    err = capsys.readouterr().err
+    assert "--force generate: cannot redo it" in err and "Nothing was deleted" in err
+    assert "finetune has outputs damaged or missing since it finished" in err
+    assert "adapters" in err and "adapter.json" in err                   # names the damaged file
+    assert "python -m meddap finetune" in err
+    assert Path(lay.synthetic_manifest).is_file() and Path(image).is_file(), "finished generate outputs deleted"
+
+
+def test_status_with_another_config_names_the_config_the_run_was_made_with(tmp_path):
+    run_dir = tmp_path / "run"
+    over = [f"run_dir={run_dir}", *SMALL]
+    assert main(["prepare", "--config", "demo", *over]) == 0
+    other = "\n".join(status_lines(load_config("paper", over)))
+    assert "prepare   stale" in other
+    assert "note: prepare ran with --config 'demo', not 'paper'" in other
+    assert "python -m meddap status --config demo" in other
+    same = "\n".join(status_lines(load_config("demo", over)))
+    assert "prepare   done" in same and "note:" not in same

@@ -256,3 +256,24 @@ def test_damaged_output_on_s3_is_found_by_its_size(s3_env):
     st = state.check_stage(cfg, "prepare")
     assert st.state == "damaged" and st.damaged[0].startswith("data/manifest.parquet: 64 bytes")
     assert state.remove_damaged(cfg, st) == ["data/manifest.parquet"] and not storage.exists(lay.manifest)
+
+
+def test_damaged_parquet_is_a_clear_error_and_still_a_value_error(tmp_path):
+    """A cut-short table names its path and the fix (no bare ArrowInvalid); code that reads an unreadable
+    partial output as "not finished" (`except (OSError, ValueError)`) still does; a missing file stays
+    FileNotFoundError."""
+    import pandas as pd
+
+    from meddap import storage
+    from meddap.errors import DamagedFileError, MeddapError
+
+    path = str(tmp_path / "trials.parquet")
+    storage.write_parquet(pd.DataFrame({"a": range(100)}), path)
+    data = (tmp_path / "trials.parquet").read_bytes()
+    (tmp_path / "trials.parquet").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DamagedFileError) as info:
+        storage.read_parquet(path)
+    assert isinstance(info.value, MeddapError) and isinstance(info.value, ValueError)
+    assert path in str(info.value) and "--force STAGE" in str(info.value)
+    with pytest.raises(FileNotFoundError):
+        storage.read_parquet(str(tmp_path / "absent.parquet"))

@@ -12,7 +12,11 @@ shipped base model, without Ray:
 4. printed: fidelity (share judged as the prompted class) per class for the no-adjective prompt at
    every checkpoint, fidelity per adjective at the last, and the mean grey level of each adjective's
    images (dark < none < bright is what the adjectives should do), with training and generation time;
-5. at every checkpoint, without the judge: the **conditioning gap**, how much worse the model denoises
+5. before training, the base model is also told each class's typical look in its own caption words
+   (`LOOK_PROMPTS`: "an irregular tall spiculated mass with shadowing", ...): the share the judge
+   puts in the class it describes shows how well the base can draw the classes at all, which bounds
+   what a short USLoRA can reach;
+6. at every checkpoint, without the judge: the **conditioning gap**, how much worse the model denoises
    each training image when given another class's prompt than its own (same noise, same timesteps; in
    thousandths of the loss). 0 means the class words change nothing; it grows as the adapter learns to
    use them, so it says whether USLoRA learned the classes even where the images cannot show it yet.
@@ -71,15 +75,28 @@ def _examples(cfg, fold: int):
     return [Example(p, prompts[c]) for p, c in zip(rows["path"], rows["class_name"])]
 
 
+# Each phantom class's typical look in the base model's own caption words, in its captions' word order
+# (meddap.diffusion.captions;
+# the classes as meddap.data.phantom draws them: benign oval, wider than tall, circumscribed, often a
+# capsule and posterior enhancement; malignant irregular, taller than wide, spiculated, shadowing).
+LOOK_PROMPTS = {
+    "benign": "ultrasound image of an oval wide encapsulated mass with enhancement in the breast",
+    "malignant": "ultrasound image of an irregular tall spiculated mass with shadowing in the breast",
+    "normal": "ultrasound image of breast tissue",
+}
+
+
 @torch.no_grad()
-def _generate(pipe, cfg, adjectives: list[str], per_cell: int, seed: int) -> pd.DataFrame:
-    """per_cell images per (adjective, class): DataFrame of adjective, class_name, grey (H, W uint8)."""
+def _generate(pipe, cfg, adjectives: list[str], per_cell: int, seed: int,
+              prompts: dict[str, str] | None = None) -> pd.DataFrame:
+    """per_cell images per (adjective, class): DataFrame of adjective, class_name, grey (H, W uint8).
+    `prompts` (class -> prompt, no adjective): these instead of the config's class prompts."""
     from meddap.diffusion.prompts import class_prompt
 
     rows = []
     for adj in adjectives:
         for ci, cls in enumerate(cfg.data.classes):
-            prompt = class_prompt(cfg, adj, cls)
+            prompt = prompts[cls] if prompts is not None else class_prompt(cfg, adj, cls)
             gens = [torch.Generator("cpu").manual_seed(seed + 1000 * ci + i) for i in range(per_cell)]
             out = pipe(prompt=[prompt] * per_cell, height=cfg.generate_resolution, width=cfg.generate_resolution,
                        num_inference_steps=cfg.generate.steps, guidance_scale=cfg.generate.guidance_scale,
@@ -155,6 +172,18 @@ def fidelity_curve(cfg, epochs: list[int], per_cell: int, adjectives: list[str],
     ft = LoraFinetuner(load_components(model), examples, settings)
     pipe = load_pipeline(model)
     pipe.unet = ft.unet                                  # the adapter being trained, in place
+    look = None
+    if set(cfg.data.classes) <= set(LOOK_PROMPTS):
+        # Before any training (a fresh LoRA changes nothing): can the base draw each class when told its look
+        # in the words it was pretrained on? USLoRA can hardly make a class more recognisable than this.
+        ft.unet.eval()
+        look_images = _score(judge, _generate(pipe, cfg, [""], per_cell, cfg.generate.seed, LOOK_PROMPTS))
+        ft.unet.train()
+        look_sum = fidelity_summary(look_images).set_index("class_name")["fidelity"]
+        look = {"prompts": {c: LOOK_PROMPTS[c] for c in cfg.data.classes}, "mean": float(look_sum["all"]),
+                **{c: float(look_sum[c]) for c in cfg.data.classes}}
+        log(f"[bench fidelity] base model told each class's look: fidelity {look['mean']:.0%} ("
+            + ", ".join(f"{c} {look[c]:.0%}" for c in cfg.data.classes) + ")")
     curve, train_s, last = [], 0.0, None
     for target in sorted(set(epochs)):
         t0 = time.perf_counter()
@@ -183,7 +212,7 @@ def fidelity_curve(cfg, epochs: list[int], per_cell: int, adjectives: list[str],
     per_adj = summary[summary["class_name"] == "all"][["adjective", "fidelity", "n", "mean_intensity"]]
     per_adj_class = summary[summary["class_name"] != "all"].pivot(index="adjective", columns="class_name",
                                                                     values="fidelity")
-    return {"curve": curve, "adjectives": per_adj.to_dict("records"),
+    return {"curve": curve, "look": look, "adjectives": per_adj.to_dict("records"),
             "adjective_class": {a: r.to_dict() for a, r in per_adj_class.iterrows()},
             "images": images, "examples": len(examples), "settings": settings.to_dict(), "model": model}
 
@@ -251,6 +280,13 @@ def main(cfg, argv: list[str]) -> None:
           "own (same noise and timesteps); 0 = the class words change nothing")
     print(f"target: mean >= {TARGET_MEAN:.0%} and every class >= {TARGET_CLASS:.0%} after training -> "
           f"{'met' if ok else 'NOT met'}; base without adapter: {res['curve'][0]['mean']:.0%}")
+    if res["look"] is not None:
+        look = res["look"]
+        print("\nBase model without adapter, told each class's look in its own caption words (what USLoRA builds "
+              "on: a class the base cannot draw this way is hard to teach):")
+        print(pd.DataFrame([{"class": c, "prompt": look["prompts"][c], "fidelity": f"{100 * look[c]:.0f} %"}
+                            for c in classes]).to_string(index=False))
+        print(f"mean {100 * look['mean']:.0f} %")
     print("\nPer adjective, last checkpoint:")
     rows = []
     for r in res["adjectives"]:

@@ -307,6 +307,7 @@ def write_record(cfg, stage: str, seconds: float, extra: dict | None = None) -> 
         "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(seconds, 3),
         "meddap_version": __version__,
+        "config_name": getattr(cfg, "name", None),     # what --config was (status names it when it differs)
         "config": stage_settings(cfg, stage),
         "inputs": stage_inputs(cfg, stage),
         "outputs": output_fingerprints(cfg, stage),
@@ -383,7 +384,8 @@ def _now() -> str:
 def write_started(cfg, stage: str) -> None:
     """Mark `stage` as running with the current settings, so a crash leaves a record of them."""
     storage.write_text(RunLayout(cfg.run_dir).stage_record(stage), json.dumps(
-        {"stage": stage, "status": "running", "started_at": _now(), "config": stage_settings(cfg, stage)},
+        {"stage": stage, "status": "running", "started_at": _now(), "config_name": getattr(cfg, "name", None),
+         "config": stage_settings(cfg, stage)},
         indent=1, default=str))
 
 

@@ -59,4 +59,12 @@ def test_bench_fidelity_runs_on_a_pretrain_base_folder(phantom_base_dir, tmp_pat
     assert [r["epoch"] for r in res["curve"]] == [0, 1]
     assert res["curve"][1]["steps"] > 0 and all(np.isfinite(r["conditioning_gap"]) for r in res["curve"])
     assert {r["adjective"] for r in res["adjectives"]} == {"", "dark"}
+    # the base told each class's look in its caption words: prompts the recipe's captions can hold
+    assert "told each class's look in its own caption words" in stdout
+    from meddap.diffusion.captions import CAPTION_WORDS, FORBIDDEN_WORDS
+
+    look = res["look"]
+    assert set(look["prompts"]) == {"benign", "malignant", "normal"} and 0 <= look["mean"] <= 1
+    for prompt in look["prompts"].values():
+        assert set(prompt.split()) <= set(CAPTION_WORDS) and not set(prompt.split()) & set(FORBIDDEN_WORDS)
     assert Image.open(tmp_path / "sheet.png").size[0] > 0
