@@ -75,10 +75,10 @@ def _examples(cfg, fold: int):
     return [Example(p, prompts[c]) for p, c in zip(rows["path"], rows["class_name"])]
 
 
-# Each phantom class's typical look in the base model's own caption words, in its captions' word order
-# (meddap.diffusion.captions;
-# the classes as meddap.data.phantom draws them: benign oval, wider than tall, circumscribed, often a
-# capsule and posterior enhancement; malignant irregular, taller than wide, spiculated, shadowing).
+# Each phantom class's typical look in the base model's own caption words and word order
+# (meddap.diffusion.captions), as meddap.data.phantom draws the classes: benign oval, wider than tall,
+# circumscribed, often a capsule and posterior enhancement; malignant irregular, taller than wide,
+# spiculated, shadowing.
 LOOK_PROMPTS = {
     "benign": "ultrasound image of an oval wide encapsulated mass with enhancement in the breast",
     "malignant": "ultrasound image of an irregular tall spiculated mass with shadowing in the breast",

@@ -100,37 +100,31 @@ def run_stages(cfg: Config, stages: Iterable[str], force: Iterable[str] = (), *,
         return _run_stages(cfg, stages, force, timings=timings, label=label)
 
 
-def _all_upstream(stage: str) -> set[str]:
-    out: set[str] = set()
-    for u in state.UPSTREAM[stage]:
-        out |= {u} | _all_upstream(u)
-    return out
-
-
 def _refuse_unready_upstream(cfg: Config, stages: list[str], redo: set[str]) -> None:
     """Before a forced stage's outputs are deleted: every stage it reads that this call does not run must be
     done and intact. Otherwise the redo would fail on that input after the finished outputs were gone
     (`python -m meddap generate --force` with a damaged adapter lost the images it had)."""
     cleared = [s for s in stages if s in redo]
-    outside = sorted({u for s in cleared for u in _all_upstream(s)} - set(stages), key=STAGES.index)
-    bad = []
+    # the stages the cleared ones read, directly or not (state.downstream, read the other way round)
+    outside = [u for u in STAGES if u not in stages and any(s in state.downstream(u) for s in cleared)]
+    bad: list[tuple[str, str]] = []                    # (stage, why)
     for u in outside:
         try:
             st = state.check_stage(cfg, u)
         except MeddapError as e:                       # an unreadable stage record
-            bad.append(f"{u}: {e}")
+            bad.append((u, f"{u}: {e}"))
             continue
         if st.state == "done":
             continue
         why = {"missing": "has not finished", "invalidated": "was made with other settings or inputs",
                "damaged": "has outputs damaged or missing since it finished ("
                           + "; ".join(st.damaged[:3]) + ("; ..." if len(st.damaged) > 3 else "") + ")"}[st.state]
-        bad.append(f"{u} {why}")
+        bad.append((u, f"{u} {why}"))
     if bad:
-        first = next(u for u in outside if any(b.startswith(u) for b in bad))
+        first = bad[0][0]
         raise MeddapError(
             f"--force {', '.join(cleared)}: cannot redo {'it' if len(cleared) == 1 else 'them'} in run_dir {cfg.run_dir}: "
-            f"the input stage {'; '.join(bad)}. Nothing was deleted. Remake the input first, e.g. "
+            f"the input stage {'; '.join(why for _, why in bad)}. Nothing was deleted. Remake the input first, e.g. "
             f"`python -m meddap {first}`, or run the whole study with `python -m meddap run` (it redoes only what "
             f"is needed), with the same --config and run_dir.")
 
