@@ -15,7 +15,9 @@ thread count), resumably (a killed run continues from its last checkpoint under 
    `scaling_factor` is set to 1 / std of the corpus latents, as SD's 0.18215 was.
 3. UNet + text encoder: a UNet2DConditionModel with attn2 cross-attention and a CLIPTextModel over a
    word-level CLIPTokenizer, trained together on the cached latents with SD's objective (epsilon
-   prediction, SD's scaled-linear betas); the shipped weights are an exponential moving average. The
+   prediction, SD's scaled-linear betas), except that latent pixels at and around a lesion weigh
+   `lesion_weight` times more in the loss (`lesion_loss_weights`: without it the model learned that a
+   mass is there, not the shape its caption names); the shipped weights are an exponential moving average. The
    embeddings of the filler words and of the generation prompts' own words (class words, "tumor")
    stay at their random initial values: the model learns to ignore words it was not taught, so the
    classes are not in the base and USLoRA has to teach them.
@@ -118,6 +120,7 @@ class PretrainSettings:
     word_dropout: float = 0.2
     caption_dropout: float = 0.1
     filler_share: float = 0.5     # captions with 1-2 neutral words whose embeddings stay random
+    lesion_weight: float = 5.0    # UNet loss weight on latent pixels at and next to the lesion (1 = SD's plain loss)
     vae_steps: int = 3000
     vae_batch: int = 16
     vae_crop: int = 32
@@ -231,32 +234,51 @@ def _resize(grey: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(grey).resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
 
 
-def _corpus_item(s: PretrainSettings, i: int) -> tuple[np.ndarray, str, str]:
+def _corpus_item(s: PretrainSettings, i: int) -> tuple[np.ndarray, str, str, np.ndarray]:
     from meddap.data.phantom import make_phantom_scan, random_lesion_shape
     from meddap.diffusion.captions import ADJECTIVES, apply_adjective, make_caption
 
     rng = _rng(s.seed, "corpus", i)
     shape = random_lesion_shape(rng) if rng.uniform() < s.lesion_share else None
-    grey, _, facts = make_phantom_scan(rng, s.scan_size, shape)
+    grey, mask, facts = make_phantom_scan(rng, s.scan_size, shape)
     rgb = np.repeat(_resize(grey, s.resolution)[..., None], 3, axis=2)
     adjective = str(rng.choice(ADJECTIVES)) if rng.uniform() < s.adjective_share else ""
     rgb = apply_adjective(rgb, adjective, rng)
     caption = make_caption(shape, facts["fan"], adjective, rng, s.word_dropout, s.caption_dropout, s.filler_share)
-    return rgb, caption, adjective
+    return rgb, caption, adjective, _resize(mask, s.resolution)
 
 
-def build_phantom_corpus(s: PretrainSettings, log: Callable[[str], None] = print) -> tuple[np.ndarray, list[str]]:
-    """(N, R, R, 3) uint8 images and their N captions. Image i depends only on (seed, i)."""
+def build_phantom_corpus(s: PretrainSettings, log: Callable[[str], None] = print
+                         ) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """(N, R, R, 3) uint8 images, their N captions and (N, R, R) uint8 lesion masks (0 or 255, all 0
+    without a lesion; the lesion weight of the UNet loss reads them). Item i depends only on (seed, i)."""
     from meddap.progress import Progress
 
     images = np.zeros((s.corpus_size, s.resolution, s.resolution, 3), np.uint8)
+    masks = np.zeros((s.corpus_size, s.resolution, s.resolution), np.uint8)
     captions = []
     progress = Progress(s.corpus_size, "pretrain corpus", "scans", every_s=15.0)
     for i in range(s.corpus_size):
-        images[i], caption, _ = _corpus_item(s, i)
+        images[i], caption, _, masks[i] = _corpus_item(s, i)
         captions.append(caption)
         progress.update()
-    return images, captions
+    return images, captions, masks
+
+
+def lesion_loss_weights(masks: np.ndarray, latent_size: int, weight: float) -> torch.Tensor:
+    """(N, R, R) uint8 lesion masks -> (N, 2, 1, h, h) per-latent-pixel weights of the UNet loss, for each
+    image and its mirror (the UNet phase flips half its samples): `weight` on latent pixels the lesion
+    touches and their 8 neighbours (its margin, capsule, halo and spicules sit there), 1 elsewhere.
+
+    Why: a lesion covers a few percent of the image, so in SD's plain loss its shape is a small share of
+    the error next to the speckle, and 5,000 steps taught the base model that a mass is there but not the
+    shape its caption names (measured: "tall" and "wide" captions gave the same lesions). The weight makes
+    the lesion's pixels count as if it were larger."""
+    m = torch.from_numpy(np.ascontiguousarray(masks)).float().div(255.0)[:, None]     # (N, 1, R, R)
+    m = F.adaptive_avg_pool2d(m, latent_size)                                        # share of lesion per latent px
+    m = (F.max_pool2d(m, 3, stride=1, padding=1) > 0.05).float()                    # + one latent px around it
+    w = 1.0 + (float(weight) - 1.0) * m
+    return torch.stack([w, w.flip(-1)], 1)
 
 
 def build_judge_set(s: PretrainSettings, per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -404,7 +426,7 @@ def _ema_update(ema: dict[str, torch.Tensor], modules: dict[str, torch.nn.Module
 
 def _train_unet(s: PretrainSettings, latents: tuple[torch.Tensor, torch.Tensor], token_ids: torch.Tensor,
                 scaling_factor: float, vocab_size: int, special: dict, frozen_ids: list[int], work: Path,
-                log) -> tuple[Any, Any, dict]:
+                log, weights: torch.Tensor) -> tuple[Any, Any, dict]:
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -428,10 +450,12 @@ def _train_unet(s: PretrainSettings, latents: tuple[torch.Tensor, torch.Tensor],
     ema = {f"{n}.{k}": v.detach().clone() for n, m in modules.items() for k, v in m.state_dict().items()}
     ckpt_path = work / "unet.pt"
     state = _load(ckpt_path)
-    losses: list[tuple[int, float]] = []
+    losses: list[tuple[int, float]] = []      # (step, the weighted loss it optimised)
+    plain: list[float] = []                    # SD's unweighted epsilon MSE of the same batches
     start = 0
     clock = _PhaseClock(state)
     if state is not None:
+        plain = state.get("plain_losses", [])
         unet.load_state_dict(state["unet"])
         text.load_state_dict(state["text_encoder"])
         opt.load_state_dict(state["optimizer"])
@@ -456,23 +480,28 @@ def _train_unet(s: PretrainSettings, latents: tuple[torch.Tensor, torch.Tensor],
             group["lr"] = lr
         cond = text(token_ids[idx])[0]                                    # (B, L, D)
         pred = unet(noisy, t, encoder_hidden_states=cond).sample
-        loss = F.mse_loss(pred, noise)
+        w = weights[idx, flip]                                            # (B, 1, h, w)
+        err = (pred - noise).pow(2)
+        loss = (err * w).mean() / w.mean()          # lesion-weighted; = F.mse_loss when lesion_weight is 1
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         _ema_update(ema, modules, min(s.ema_decay, (1.0 + step) / (10.0 + step)))
         losses.append((step + 1, float(loss.detach())))
+        plain.append(float(err.detach().mean()))
         progress.update(extra=f"loss {np.mean([v for _, v in losses[-50:]]):.4f}")
         if (step + 1) % s.checkpoint_every == 0 or step + 1 == s.unet_steps:
             _save_atomic({"unet": unet.state_dict(), "text_encoder": text.state_dict(),
-                          "optimizer": opt.state_dict(), "ema": ema, "losses": losses, "step": step + 1,
+                          "optimizer": opt.state_dict(), "ema": ema, "losses": losses, "plain_losses": plain,
+                          "step": step + 1,
                           **clock.state()}, ckpt_path)
     for name, module in modules.items():
         module.load_state_dict({k[len(name) + 1:]: v for k, v in ema.items() if k.startswith(name + ".")})
     unet.eval(), text.eval()
     tail = losses[-min(200, len(losses)):]
     return unet, text, {"steps": s.unet_steps, "final_loss": float(np.mean([v for _, v in tail])),
+                        "final_plain_mse": float(np.mean(plain[-len(tail):])) if plain else None,
                         "loss_window": len(tail), "losses_every_100": [v for k, v in losses if k % 100 == 0],
                         **clock.record()}
 
@@ -537,10 +566,10 @@ def pretrain_base(out: str | os.PathLike, settings: PretrainSettings | None = No
     corpus_file = work / "corpus.npz"
     if corpus_file.is_file():
         with np.load(corpus_file) as z:
-            images, captions = z["images"], [str(c) for c in z["captions"]]
+            images, captions, masks = z["images"], [str(c) for c in z["captions"]], z["masks"]
     else:
-        images, captions = build_phantom_corpus(s, log)
-        np.savez(work / "corpus.tmp.npz", images=images, captions=np.asarray(captions))
+        images, captions, masks = build_phantom_corpus(s, log)
+        np.savez(work / "corpus.tmp.npz", images=images, captions=np.asarray(captions), masks=masks)
         os.replace(work / "corpus.tmp.npz", corpus_file)
     phase_done("corpus", t0)
 
@@ -574,8 +603,9 @@ def pretrain_base(out: str | os.PathLike, settings: PretrainSettings | None = No
 
     frozen_words = list(FILLER_WORDS) + list(_PROMPT_WORDS)
     frozen_ids = [tokenizer.convert_tokens_to_ids(w + "</w>") for w in frozen_words]
+    weights = lesion_loss_weights(masks, latents[0].shape[-1], s.lesion_weight)
     unet, text, unet_record = _train_unet(s, latents, token_ids, scaling, len(tokenizer), special, frozen_ids, work,
-                                          log)
+                                          log, weights)
     unet_record["frozen_embeddings"] = frozen_words
     phase_done("unet", t0, unet_record["resumed_seconds"])
 
@@ -630,7 +660,8 @@ def pretrain_base(out: str | os.PathLike, settings: PretrainSettings | None = No
         "seed": s.seed,
         "steps": {"vae": s.vae_steps, "unet": s.unet_steps, "judge_epochs": s.judge_epochs},
         "final_losses": {"vae_l1": vae_record["final_l1"], "vae_kl": vae_record["final_kl"],
-                         "unet_mse": unet_record["final_loss"],
+                         "unet_mse": unet_record["final_plain_mse"],       # SD's plain loss
+                         "unet_weighted_loss": unet_record["final_loss"],  # what it optimised (lesion_weight)
                          "judge_cross_entropy": judge_record["history"][-1]["loss"]},
         "vae": vae_record, "unet": unet_record, "judge": judge_record,
         "judge_held_out_accuracy": judge_record["history"][-1].get("held_out_accuracy"),
