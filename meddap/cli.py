@@ -27,7 +27,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "sweep": ("meddap.stages.sweep:run", "classifier x adjective x ratio x fold grid on Ray Tune"),
     "report": ("meddap.stages.report:run", "tables, statistics, figures and report.md"),
     "run": ("meddap.stages.pipeline:run", "the whole study: prepare -> finetune -> generate -> fid -> sweep -> report"),
-    "demo": ("meddap.stages.pipeline:run", "`run` with the demo config (phantom data, tiny SD, minutes on a CPU)"),
+    "demo": ("meddap.stages.pipeline:run", "`run` with the demo config (phantom data, the shipped phantom base model, minutes on a CPU)"),
 }
 STAGES_NAMES = ("prepare", "finetune", "generate", "fid", "sweep", "report")
 BENCHES = {
@@ -98,6 +98,9 @@ def _parser() -> argparse.ArgumentParser:
                                                                 "other files (refused without it)")
     pb.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default 2, the model's setting; --quick: 1)")
+    pb.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
+                    help="change one recipe setting, e.g. --set filler_share=0 (repeatable; an experiment: the "
+                         "shipped model is made with none; docs/base-model.md lists the settings)")
     b = sub.add_parser("bench", help="benchmarks that print figures: " + ", ".join(BENCHES))
     b.add_argument("what", choices=list(BENCHES))
     b.add_argument("--config", default="demo")
@@ -210,8 +213,10 @@ def _main(args, argv: list[str] | None) -> int:
                           seed=args.seed)
             return 0
         if args.command == "pretrain-base":
-            from meddap.diffusion.pretrain import pretrain_base, settings_from
-            pretrain_base(args.out_dir, settings_from(args.quick, seed=args.seed, threads=args.threads),
+            from meddap.diffusion.pretrain import parse_setting_overrides, pretrain_base, settings_from
+            settings = settings_from(args.quick, **{**parse_setting_overrides(args.settings), "seed": args.seed,
+                                                    "threads": args.threads})
+            pretrain_base(args.out_dir, settings,
                           keep_work=args.keep_work, overwrite=args.overwrite)
             return 0
         if args.command == "config":

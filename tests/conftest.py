@@ -13,6 +13,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One BLAS/OpenMP thread in every process the suite starts (pipelines, job drivers, Ray workers inherit
+# it): the background runs work beside the tests on the same 2 cores, and two torch processes with 2
+# threads each on 2 cores slow each other down more than tenfold (measured). Code that sets its own
+# thread count (torch.set_num_threads: the stages, the recipe, the benchmarks) still does.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 # Tests start their own local Ray (or a cluster they build themselves); they never join one named by
 # the caller's environment or by a ray_current_cluster file another Ray left behind.
 os.environ.pop("RAY_ADDRESS", None)

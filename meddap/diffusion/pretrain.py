@@ -63,6 +63,7 @@ __all__ = [
     "pretrain_base",
     "file_hashes",
     "settings_from",
+    "parse_setting_overrides",
 ]
 
 PRETRAIN_RECORD = "meddap_pretrain.json"
@@ -682,15 +683,41 @@ def pretrain_base(out: str | os.PathLike, settings: PretrainSettings | None = No
     return record
 
 
+def parse_setting_overrides(items: list[str] | None) -> dict:
+    """`pretrain-base --set KEY=VALUE` items -> {key: value}, each value of its setting's type. An unknown
+    key or a value of the wrong type is a MeddapError naming the setting and the known ones."""
+    fields = {f.name: f for f in dataclasses.fields(PretrainSettings)}
+    out = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise MeddapError(f"pretrain-base --set {item!r}: expected KEY=VALUE, e.g. --set filler_share=0")
+        if key not in fields:
+            raise MeddapError(f"pretrain-base --set {item!r}: unknown setting {key!r}; known: {sorted(fields)}")
+        if key in ("seed", "threads"):
+            raise MeddapError(f"pretrain-base --set {item!r}: give the {key} with --{key}")
+        kind = type(getattr(PretrainSettings(), key))
+        try:
+            out[key] = kind(raw) if kind is not int else int(raw, 10)
+        except ValueError:
+            raise MeddapError(f"pretrain-base --set {item!r}: {key} takes a {kind.__name__} "
+                              f"(the recipe's is {getattr(PretrainSettings(), key)!r})") from None
+    return out
+
+
 def _command(s: PretrainSettings) -> str:
-    """The pretrain-base command line that makes these settings (the CLI sets only seed, threads, quick)."""
-    for quick in (False, True):
-        preset = settings_from(quick)
-        if dataclasses.replace(preset, seed=s.seed, threads=s.threads) == s:
-            return ("python -m meddap pretrain-base OUT" + (" --quick" if quick else "")
-                    + (f" --seed {s.seed}" if s.seed != preset.seed else "")
-                    + (f" --threads {s.threads}" if s.threads != preset.threads else ""))
-    return "meddap.diffusion.pretrain.pretrain_base(OUT, settings) with the settings recorded here (not a CLI preset)"
+    """The pretrain-base command line that makes these settings (--quick, --seed, --threads, --set)."""
+    def changed(preset: PretrainSettings) -> dict:
+        return {f.name: getattr(s, f.name) for f in dataclasses.fields(PretrainSettings)
+                if f.name not in ("seed", "threads") and getattr(s, f.name) != getattr(preset, f.name)}
+
+    quick = not changed(settings_from(True))           # the --quick preset exactly, else the recipe's + --set
+    preset = settings_from(quick)
+    return ("python -m meddap pretrain-base OUT" + (" --quick" if quick else "")
+            + (f" --seed {s.seed}" if s.seed != preset.seed else "")
+            + (f" --threads {s.threads}" if s.threads != preset.threads else "")
+            + "".join(f" --set {k}={v}" for k, v in changed(preset).items()))
 
 
 def _versions() -> dict:

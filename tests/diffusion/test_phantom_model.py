@@ -282,3 +282,17 @@ def test_lesion_loss_weights_cover_the_lesion_and_its_margin_and_mirror_it():
             assert m.max() == 255
         if "tissue" in cap.split():
             assert m.max() == 0
+
+
+def test_recipe_settings_changed_on_the_command_line_are_typed_checked_and_recorded():
+    from meddap.diffusion.pretrain import _command, parse_setting_overrides
+
+    assert parse_setting_overrides(["filler_share=0", "unet_steps=200"]) == {"filler_share": 0.0, "unet_steps": 200}
+    for bad, says in (("nope=1", "unknown setting 'nope'"), ("unet_steps=1.5", "unet_steps takes a int"),
+                      ("filler_share", "expected KEY=VALUE"), ("seed=3", "with --seed")):
+        with pytest.raises(MeddapError, match=says):
+            parse_setting_overrides([bad])
+    assert _command(settings_from()) == "python -m meddap pretrain-base OUT"
+    assert _command(settings_from(quick=True, seed=2)) == "python -m meddap pretrain-base OUT --quick --seed 2"
+    changed = settings_from(filler_share=0.0, seed=1)
+    assert _command(changed) == "python -m meddap pretrain-base OUT --seed 1 --set filler_share=0.0"
