@@ -10,9 +10,11 @@ tests/conftest.py moves the tests that collect a result to the end of the run.
 - `node_loss`: tests/_cluster_faults.py on a `ray.cluster_utils.Cluster` (tests/test_node_loss.py);
 - `signals` (then node_loss, in one lane): the sweep driver stopped by SIGTERM, then SIGKILL, then rerun
   (tests/classify/test_sweep_signals.py);
-- `demo_job` then `autoscale`, in one lane: the demo submitted as a Ray job to a head that
-  declares a GPU (tests/test_jobs.py, tests/test_pipeline.py), then the demo on an autoscaling fake
-  multi-node cluster (tests/test_gpu_cluster.py). Two lanes, not three: three Ray clusters starting at once
+- `demo_job` then `autoscale` then `s3_pipeline`, in one lane: the demo submitted as a Ray job to a head
+  that declares a GPU (tests/test_jobs.py, tests/test_pipeline.py), then the demo on an autoscaling fake
+  multi-node cluster (tests/test_gpu_cluster.py), then the whole pipeline with its run dir in a moto S3
+  bucket, twice (tests/test_storage.py; about 100 s, mostly waiting on Ray, that the foreground tests,
+  the suite's critical path, no longer wait for). Two lanes, not three: three Ray clusters starting at once
   beside the suite's own Ray slowed every one of them on 2 cores.
 
 A run starts only when a selected test needs it (`-k`, a single file, `-m 'not slow'` all work as
@@ -32,8 +34,9 @@ NEEDS = {
     "demo_job": {"job", "demo_cfg"},                  # tests/test_jobs.py, tests/test_pipeline.py
     "autoscale": {"test_demo_with_gpu_defaults_on_an_autoscaling_cluster_from_zero_gpu_nodes"},
     "signals": {"test_sigterm_then_sigkill_then_rerun"},  # tests/classify/test_sweep_signals.py
+    "s3_pipeline": {"test_whole_pipeline_with_s3_run_dir"},   # tests/test_storage.py
 }
-LANES = (("signals", "node_loss"), ("demo_job", "autoscale"))
+LANES = (("signals", "node_loss"), ("demo_job", "autoscale", "s3_pipeline"))
 
 _results: dict[str, tuple[bool, Any]] = {}
 _done: dict[str, threading.Event] = {name: threading.Event() for name in NEEDS}
@@ -73,6 +76,9 @@ def _runner(name: str) -> Callable[[], Any]:
     if name == "signals":
         from test_sweep_signals import run_signals  # tests/classify (on sys.path once collected)
         return run_signals
+    if name == "s3_pipeline":
+        from test_storage import run_s3_pipeline
+        return run_s3_pipeline
     from _sim_cluster import autoscaling_demo
     return autoscaling_demo
 

@@ -183,8 +183,11 @@ def run_s3_pipeline() -> dict:
 def test_whole_pipeline_with_s3_run_dir(monkeypatch):
     """Every stage with run_dir in the bucket: Ray Train and Tune checkpoints, adapter, synthetic PNGs
     (manifest paths are s3:// URIs the sweep decodes from there), FID rows, trials, tables, figures,
-    report and stage records; a second run skips every stage from the records read back from there."""
-    res = run_s3_pipeline()
+    report and stage records; a second run skips every stage from the records read back from there.
+    Started in the background when the test run begins (tests/_background.py)."""
+    import _background
+
+    res = _background.result("s3_pipeline")
     for k, v in res["env"].items():
         monkeypatch.setenv(k, v)
     first, again, run_dir = res["first"], res["again"], PIPELINE_RUN_DIR
