@@ -686,23 +686,23 @@ def pretrain_base(out: str | os.PathLike, settings: PretrainSettings | None = No
 def parse_setting_overrides(items: list[str] | None) -> dict:
     """`pretrain-base --set KEY=VALUE` items -> {key: value}, each value of its setting's type. An unknown
     key or a value of the wrong type is a MeddapError naming the setting and the known ones."""
-    fields = {f.name: f for f in dataclasses.fields(PretrainSettings)}
+    recipe = PretrainSettings().to_dict()               # each setting's default gives its type
     out = {}
     for item in items or []:
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep or not key:
             raise MeddapError(f"pretrain-base --set {item!r}: expected KEY=VALUE, e.g. --set filler_share=0")
-        if key not in fields:
-            raise MeddapError(f"pretrain-base --set {item!r}: unknown setting {key!r}; known: {sorted(fields)}")
+        if key not in recipe:
+            raise MeddapError(f"pretrain-base --set {item!r}: unknown setting {key!r}; known: {sorted(recipe)}")
         if key in ("seed", "threads"):
             raise MeddapError(f"pretrain-base --set {item!r}: give the {key} with --{key}")
-        kind = type(getattr(PretrainSettings(), key))
+        kind = type(recipe[key])
         try:
             out[key] = kind(raw) if kind is not int else int(raw, 10)
         except ValueError:
             raise MeddapError(f"pretrain-base --set {item!r}: {key} takes a {kind.__name__} "
-                              f"(the recipe's is {getattr(PretrainSettings(), key)!r})") from None
+                              f"(the recipe's is {recipe[key]!r})") from None
     return out
 
 
