@@ -93,16 +93,17 @@ def test_v_prediction_trains_on_the_velocity(tiny_sd_dir, toy_manifest):
     assert np.isfinite(ft.train_epoch(0)[0][2])
 
 
-def test_resume_from_state_dict_matches_an_uninterrupted_run(tiny_sd_dir, toy_manifest):
+@pytest.mark.parametrize("class_words", [False, True])
+def test_resume_from_state_dict_matches_an_uninterrupted_run(tiny_sd_dir, toy_manifest, class_words):
     ex = _examples(toy_manifest, 3)
-    straight = _trainer(tiny_sd_dir, ex, epochs=2)
+    straight = _trainer(tiny_sd_dir, ex, epochs=2, class_words=class_words)
     straight.fit()
 
-    first = _trainer(tiny_sd_dir, ex, epochs=2)
+    first = _trainer(tiny_sd_dir, ex, epochs=2, class_words=class_words)
     first.train_epoch(0)
     state = first.state_dict()
     assert state["epoch"] == 1 and state["step"] == 3
-    resumed = _trainer(tiny_sd_dir, ex, epochs=2)
+    resumed = _trainer(tiny_sd_dir, ex, epochs=2, class_words=class_words)
     resumed.load_state_dict(state)
     resumed.fit()
 
@@ -111,6 +112,45 @@ def test_resume_from_state_dict_matches_an_uninterrupted_run(tiny_sd_dir, toy_ma
     np.testing.assert_allclose([r[2] for r in resumed.losses], [r[2] for r in straight.losses], rtol=1e-5)
     a, b = lora_state(resumed.unet), lora_state(straight.unet)
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    words, again = straight.learned_words(), resumed.learned_words()
+    assert sorted(words) == sorted(again) == (["o</w>"] if class_words else [])
+    assert all(torch.allclose(words[k], again[k], atol=1e-6) for k in words)
+    if class_words:  # the learned rows moved from epoch 1's and the resumed run moved them the same way
+        assert not torch.allclose(state["class_words"]["rows"], straight.word_rows.detach(), atol=1e-6)
+
+
+def test_class_words_train_only_their_rows(tiny_sd_dir, toy_manifest):
+    """diffusion.lora.class_words: the tokens that differ between the class prompts (with the tiny SD's
+    character tokenizer only "o</w>", from "no") learn their embedding rows; every other row of the
+    text encoder's table, and so every prompt without those tokens, encodes exactly as before."""
+    ex = _examples(toy_manifest, 3)  # one image of each class: three prompts
+    base = load_components(tiny_sd_dir)["text_encoder"].get_input_embeddings().weight.detach().clone()
+    ft = _trainer(tiny_sd_dir, ex, epochs=2, class_words=True, class_word_lr=1e-2)
+    no = ft.prompts.index("ultrasound image of no tumor in the breast")
+    benign = ft.prompts.index("ultrasound image of benign tumor in the breast")
+    text_before = ft._encode_text(torch.arange(len(ft.prompts)))
+    assert ft.tokenizer.convert_ids_to_tokens(ft.word_ids.tolist()) == ["o</w>"]
+    assert ft.text_encoder.get_input_embeddings().weight.requires_grad is False  # the table is never trained
+    ft.fit()
+
+    table = ft.text_encoder.get_input_embeddings().weight.detach()
+    changed = (table != base).any(1).nonzero().flatten().tolist()
+    assert changed == ft.word_ids.tolist()
+    words = ft.learned_words()
+    assert list(words) == ["o</w>"] and words["o</w>"].dtype == torch.float32
+    assert torch.equal(words["o</w>"], table[ft.word_ids[0]])
+    assert words["o</w>"].shape == (table.shape[1],)
+    text_after = ft._encode_text(torch.arange(len(ft.prompts)))
+    assert not torch.allclose(text_after[no], text_before[no])      # the prompt with the class word changed
+    torch.testing.assert_close(text_after[benign], text_before[benign], rtol=0, atol=0)  # one without: not at all
+    # Training conditions on the learned rows: the same conditioning as the text encoder now gives.
+    torch.testing.assert_close(ft._text(torch.arange(len(ex))), text_after[ft.prompt_ids], rtol=1e-5, atol=1e-6)
+
+
+def test_class_words_need_prompts_that_differ(tiny_sd_dir, toy_manifest):
+    ex = [Example(e.path, "ultrasound image of benign tumor in the breast") for e in _examples(toy_manifest, 2)]
+    with pytest.raises(ConfigError, match=r"'diffusion\.lora\.class_words' = true .*have none"):
+        _trainer(tiny_sd_dir, ex, class_words=True)
 
 
 def _host_stepped_epoch(ft: LoraFinetuner, epoch: int) -> list[float]:
@@ -185,6 +225,12 @@ def test_checkpoint_with_other_settings_is_refused(tiny_sd_dir, toy_manifest):
     other = _trainer(tiny_sd_dir, ex, lr=5e-4)
     with pytest.raises(ValueError, match="other settings.*lr"):
         other.load_state_dict(state)
+    with pytest.raises(ValueError, match="other settings.*class_words"):
+        _trainer(tiny_sd_dir, _examples(toy_manifest, 2), class_words=True).load_state_dict(
+            _trainer(tiny_sd_dir, _examples(toy_manifest, 2)).state_dict())
+    # A checkpoint from before the class-word keys existed had their defaults: it still resumes.
+    older = {**state, "settings": {k: v for k, v in state["settings"].items() if not k.startswith("class_word")}}
+    _trainer(tiny_sd_dir, ex).load_state_dict(older)
 
 
 def test_gradient_checkpointing_trains_the_same_adapter(tiny_sd_dir, toy_manifest):
