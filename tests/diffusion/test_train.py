@@ -245,24 +245,29 @@ def test_gradient_checkpointing_trains_the_same_adapter(tiny_sd_dir, toy_manifes
     assert all(torch.allclose(sa[k], sb[k], atol=1e-6) for k in sa)
 
 
-def _ddp_worker(rank: int, world: int, port: int, model: str, paths: list, out: str) -> None:
+def _ddp_worker(rank: int, world: int, port: int, model: str, paths: list, out: str, class_words: bool = False) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        ex = [Example(p, "ultrasound image of benign tumor in the breast") for p in paths]
-        ft = LoraFinetuner(load_components(model), ex, FinetuneSettings(resolution=64, epochs=2, lr=1e-3))
+        # With class words, two prompts in turn: each rank's share of a step holds other prompts.
+        phrases = ["benign", "no"] if class_words else ["benign"]
+        ex = [Example(p, f"ultrasound image of {phrases[i % len(phrases)]} tumor in the breast")
+              for i, p in enumerate(paths)]
+        ft = LoraFinetuner(load_components(model), ex, FinetuneSettings(resolution=64, epochs=2, lr=1e-3,
+                                                                         class_words=class_words))
         ft.fit()
         torch.save({"state": lora_state(ft.unet), "step": ft.step, "world": ft.world_size,
-                    "losses": ft.losses}, f"{out}/rank{rank}.pt")
+                    "losses": ft.losses, "words": ft.learned_words()}, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def test_data_parallel_ranks_share_steps_and_weights(tiny_sd_dir, toy_manifest, tmp_path):
-    """Two gloo ranks: each takes half of every step's batch, LoRA gradients are averaged, so both
-    ranks finish with the same adapter after ceil(n / 2) steps an epoch."""
+@pytest.mark.parametrize("class_words", [False, True])
+def test_data_parallel_ranks_share_steps_and_weights(tiny_sd_dir, toy_manifest, tmp_path, class_words):
+    """Two gloo ranks: each takes half of every step's batch, LoRA gradients (and the class words',
+    when learned) are averaged, so both ranks finish with the same adapter after ceil(n / 2) steps an epoch."""
     import socket
 
     import torch.multiprocessing as tmp_mp
@@ -271,7 +276,7 @@ def test_data_parallel_ranks_share_steps_and_weights(tiny_sd_dir, toy_manifest, 
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     paths = list(toy_manifest["path"][:5])
-    tmp_mp.spawn(_ddp_worker, args=(2, port, tiny_sd_dir, paths, str(tmp_path)), nprocs=2, join=True)
+    tmp_mp.spawn(_ddp_worker, args=(2, port, tiny_sd_dir, paths, str(tmp_path), class_words), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["world"] == r1["world"] == 2
     assert r0["step"] == r1["step"] == 2 * 3  # 5 images, 2 ranks, batch 1: 3 steps an epoch
@@ -279,3 +284,6 @@ def test_data_parallel_ranks_share_steps_and_weights(tiny_sd_dir, toy_manifest, 
     assert any(float(v.abs().sum()) > 0 for k, v in r0["state"].items() if "lora_B" in k)
     for k in r0["state"]:
         torch.testing.assert_close(r0["state"][k], r1["state"][k])
+    assert sorted(r0["words"]) == sorted(r1["words"]) == (["o</w>"] if class_words else [])
+    for k in r0["words"]:
+        torch.testing.assert_close(r0["words"][k], r1["words"][k])
