@@ -546,10 +546,15 @@ class LoraFinetuner:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        mine = self.settings.to_dict()
-        # A key the checkpoint lacks was added later: the checkpoint had its default.
-        theirs = {**FinetuneSettings().to_dict(), **state.get("settings", {})}
-        differ = {k: (theirs.get(k), v) for k, v in mine.items() if k != "epochs" and theirs.get(k) != v}
+        # Compared as identities: class_word_lr means nothing while class_words is off (the Ray run name
+        # ignores it then, so such a run finds this checkpoint). A key the checkpoint lacks was added
+        # later: the checkpoint had its default.
+        known = FinetuneSettings().to_dict()
+        theirs = FinetuneSettings(**{**known, **{k: v for k, v in state.get("settings", {}).items()
+                                                 if k in known}}).identity()
+        mine = self.settings.identity()
+        differ = {k: (theirs.get(k), mine.get(k)) for k in sorted(set(mine) | set(theirs))
+                  if k != "epochs" and theirs.get(k) != mine.get(k)}
         if differ:
             raise ValueError(f"checkpoint was made with other settings: {differ}")
         load_lora_state(self.unet, state["lora"])

@@ -226,11 +226,13 @@ def test_checkpoint_with_other_settings_is_refused(tiny_sd_dir, toy_manifest):
     with pytest.raises(ValueError, match="other settings.*lr"):
         other.load_state_dict(state)
     with pytest.raises(ValueError, match="other settings.*class_words"):
-        _trainer(tiny_sd_dir, _examples(toy_manifest, 2), class_words=True).load_state_dict(
-            _trainer(tiny_sd_dir, _examples(toy_manifest, 2)).state_dict())
+        _trainer(tiny_sd_dir, _examples(toy_manifest, 3), class_words=True).load_state_dict(
+            _trainer(tiny_sd_dir, _examples(toy_manifest, 3)).state_dict())
     # A checkpoint from before the class-word keys existed had their defaults: it still resumes.
     older = {**state, "settings": {k: v for k, v in state["settings"].items() if not k.startswith("class_word")}}
     _trainer(tiny_sd_dir, ex).load_state_dict(older)
+    # While class words are off their lr is no setting of the run (nor of its Ray run name): it resumes.
+    _trainer(tiny_sd_dir, ex, class_word_lr=1e-2).load_state_dict(state)
 
 
 def test_gradient_checkpointing_trains_the_same_adapter(tiny_sd_dir, toy_manifest):
