@@ -168,6 +168,9 @@ def _train_loop(config: dict) -> None:
     model = resolve_base_model(cfg) if cfg.diffusion.base_model in BUILTIN_MODELS else config["model"]
     ft = LoraFinetuner(load_components(model, single_file_config=cfg.diffusion.single_file_config), examples,
                        settings, device=device, rank=rank, world_size=world)
+    if rank == 0 and ft.word_rows is not None:
+        _log(f"{config['name']}: also learning the class words' token embeddings {sorted(ft.learned_words())} "
+             f"at lr {settings.class_word_lr} (diffusion.lora.class_words)")
     ckpt = ray.train.get_checkpoint()
     resumed_from = 0
     world_sizes: list[int] = []  # workers in use in each finished epoch (elastic runs change it)
