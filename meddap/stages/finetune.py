@@ -271,7 +271,8 @@ def _write_outputs(ft, config: dict, resumed_from: int = 0, world_sizes: list[in
         "gradient_checkpointing": s.gradient_checkpointing,
         "cache_latents": s.cache_latents,
         "seed": s.seed,
-        **({"class_words": sorted(words), "class_word_lr": s.class_word_lr, "class_words_file": CLASS_WORDS_NAME}
+        **({"class_words": sorted(words), "class_word_lr": s.class_word_lr, "class_words_file": CLASS_WORDS_NAME,
+            "class_word_params": int(ft.word_rows.numel())}  # trained beside trainable_params (the LoRA's)
            if words else {}),
         "prediction_type": ft.prediction_type,
         "resumed_from_step": resumed_from,

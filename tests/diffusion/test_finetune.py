@@ -211,6 +211,7 @@ def test_adapter_with_class_words_is_written_and_loads_into_the_generator(tmp_pa
     torch.testing.assert_close(saved["o</w>"], learned["o</w>"], rtol=0, atol=0)
     meta = json.loads((out / "adapter.json").read_text())
     assert meta["class_words"] == ["o</w>"] and meta["class_word_lr"] == 1e-2
+    assert meta["class_word_params"] == saved["o</w>"].numel() and meta["trainable_params"] == ft.trainable
 
     gen = SyntheticGenerator(tiny_sd_dir, {"cw": str(out)}, steps=1, resolution=32)
     table = gen.pipe.text_encoder.get_input_embeddings().weight
