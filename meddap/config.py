@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,6 +168,11 @@ class LoraConfig:
     targets: Literal["cross_attention", "all_attention"] = _f(
         "cross_attention", "cross_attention: attn2 q/k/v/out (the paper); all_attention: attn1 and attn2 (the authors' code).")
     per_fold: bool = _f(True, "true: one adapter per fold trained on that fold's training images only (leakage-safe).")
+    class_words: bool = _f(
+        False, "Also learn the token embeddings of the class words (the words that differ between the class prompts), "
+               "as textual inversion does, at diffusion.train.class_word_lr: for a base model whose text encoder never "
+               "saw them (builtin:phantom); SD-1.4's CLIP knows them. The adapter then holds class_words.safetensors "
+               "(docs/finetune.md). false = the paper's USLoRA (text encoder frozen).")
 
     @property
     def ranks(self) -> list[int]:
@@ -201,10 +207,14 @@ class DiffusionTrainConfig:
     gradient_checkpointing: bool = _f(False, "Recompute UNet activations in the backward pass (less memory, slower).")
     cache_latents: bool = _f(True, "Encode images (and their flips) and prompts once, not every step.")
     seed: int = _f(0, "Seed of noise, timesteps, flips and LoRA init.")
+    class_word_lr: float = _f(5e-3, "AdamW learning rate of the class words' token embeddings when "
+                                    "diffusion.lora.class_words is true (no weight decay).")
 
     def validate(self, prefix: str) -> None:
         _check(self.epochs >= 1, f"{prefix}.epochs", self.epochs, "an integer >= 1")
         _check(self.lr > 0, f"{prefix}.lr", self.lr, "a positive number")
+        _check(math.isfinite(self.class_word_lr) and self.class_word_lr > 0, f"{prefix}.class_word_lr",
+               self.class_word_lr, "a positive number")
         _check(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, "an integer >= 1")
         _check(self.num_workers >= 1, f"{prefix}.num_workers", self.num_workers, "an integer >= 1")
         _check(self.min_workers is None or 1 <= self.min_workers <= self.num_workers, f"{prefix}.min_workers",

@@ -49,6 +49,13 @@ def test_out_of_range_is_refused():
         load_config("demo", ["generate.ratios=[0.5, -1]"])
     with pytest.raises(ConfigError, match=r"diffusion\.lora\.rank"):
         load_config("demo", ["diffusion.lora.rank=0"])
+    for lr in ("0", "-0.001", "nan"):
+        with pytest.raises(ConfigError, match=r"'diffusion\.train\.class_word_lr' = .* expected a positive number"):
+            load_config("demo", [f"diffusion.train.class_word_lr={lr}"])
+    with pytest.raises(ConfigError, match=r"'diffusion\.lora\.class_words' = 'sometimes'.*expected bool"):
+        load_config("demo", ["diffusion.lora.class_words=sometimes"])
+    cfg = load_config("demo", ["diffusion.lora.class_words=true", "diffusion.train.class_word_lr=0.01"])
+    assert cfg.diffusion.lora.class_words is True and cfg.diffusion.train.class_word_lr == 0.01
 
 
 @pytest.mark.parametrize("override, message", [

@@ -4,7 +4,8 @@ Does USLoRA teach the classes? Label fidelity against LoRA training, on the demo
 shipped base model, without Ray:
 
 1. the demo's phantom Dataset A is prepared in a temporary run dir (`prepare`, same seeds and split);
-2. one fold's adapter is trained with the USLoRA core (`LoraFinetuner`, the config's settings);
+2. one fold's adapter is trained with the USLoRA core (`LoraFinetuner`, the config's settings; with
+   diffusion.lora.class_words the generations use its text encoder, which holds the learned words);
 3. after 0 epochs (= the base model without adapter: a fresh LoRA changes nothing) and after each
    listed epoch, `--per-cell` images per (adjective, class) are generated with the config's prompts,
    steps and guidance, and the reference judge beside the base model (`<folder>/judge/`) scores each
@@ -172,6 +173,8 @@ def fidelity_curve(cfg, epochs: list[int], per_cell: int, adjectives: list[str],
     ft = LoraFinetuner(load_components(model), examples, settings)
     pipe = load_pipeline(model)
     pipe.unet = ft.unet                                  # the adapter being trained, in place
+    if settings.class_words:
+        pipe.text_encoder = ft.text_encoder              # holds the class words as learned so far
     look = None
     if set(cfg.data.classes) <= set(LOOK_PROMPTS):
         # Before any training (a fresh LoRA changes nothing): can the base draw each class when told its look
@@ -214,7 +217,8 @@ def fidelity_curve(cfg, epochs: list[int], per_cell: int, adjectives: list[str],
                                                                     values="fidelity")
     return {"curve": curve, "look": look, "adjectives": per_adj.to_dict("records"),
             "adjective_class": {a: r.to_dict() for a, r in per_adj_class.iterrows()},
-            "images": images, "examples": len(examples), "settings": settings.to_dict(), "model": model}
+            "images": images, "examples": len(examples), "settings": settings.to_dict(), "model": model,
+            "class_words": sorted(ft.learned_words())}
 
 
 def _sheet(images: pd.DataFrame, classes: list[str], path: str, per_row: int = 6) -> None:
@@ -263,7 +267,10 @@ def main(cfg, argv: list[str]) -> None:
     classes = list(cfg.data.classes)
     print(f"\nLabel fidelity of generated images (reference judge), {cfg.name} config, fold {a.fold}: "
           f"{res['examples']} training images, LoRA rank {res['settings']['rank']}, lr {res['settings']['lr']}, "
-          f"batch {res['settings']['batch_size']}; {a.per_cell} images per (adjective, class); "
+          f"batch {res['settings']['batch_size']}"
+          + (f", class words {res['class_words']} learned at lr {res['settings']['class_word_lr']}"
+             if res["class_words"] else "")
+          + f"; {a.per_cell} images per (adjective, class); "
           f"{cfg.generate.steps} steps, guidance {cfg.generate.guidance_scale}; model {res['model']}")
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch threads {a.threads}; wall {wall:.0f}s\n")
     curve = pd.DataFrame(res["curve"])

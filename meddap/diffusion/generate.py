@@ -11,6 +11,12 @@ A request with an `init_image` (img2img) goes through a `StableDiffusionImg2ImgP
 scheduler objects, no second load. It noises the source's latents to `strength` and denoises
 int(steps x strength) steps; the noise again comes from the image's own generator.
 
+An adapter trained with diffusion.lora.class_words holds `class_words.safetensors`, the learned
+input embeddings of the class words. They belong to that adapter: `_activate` writes them into the
+text encoder's embedding table when the adapter becomes active and puts the base model's rows back
+for an adapter without them and for None (the text encoder is shared by all adapters and by the
+img2img pipeline, which `from_pipe` builds over the same text encoder object).
+
 Images are returned as the pipeline makes them, (H, W, 3) uint8 RGB, and saved as RGB PNGs:
 the prompts ask for "colorful" and "solarized" images and a person looking at a contact sheet
 should see what the model made; consumers read every image, real or synthetic, through
@@ -106,6 +112,8 @@ class SyntheticGenerator:
         self.scheduler_name = type(self.pipe.scheduler).__name__
         self.adapters = dict(adapters or {})
         self._scales: dict[str, float] = {}
+        self._words: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # adapter -> (ids (K,), rows (K, D))
+        self._base_rows: dict[int, torch.Tensor] = {}  # token id -> the base model's row, for every id any adapter sets
         for name, folder in self.adapters.items():
             self._load_adapter(name, folder)
         self._active: str | None = "\0unset"
@@ -126,6 +134,27 @@ class SyntheticGenerator:
         self.pipe.load_lora_weights(os.path.dirname(weights), weight_name=os.path.basename(weights),
                                     adapter_name=name)
         self._scales[name] = _alpha_scale(weights, info)
+        words = _class_words_file(folder)
+        if words is not None:
+            from meddap.diffusion.class_words import read_class_words
+
+            table = self.pipe.text_encoder.get_input_embeddings().weight
+            ids, rows = read_class_words(words, self.pipe.tokenizer, table.shape[1])
+            for i in ids.tolist():
+                self._base_rows.setdefault(i, table[i].detach().clone())
+            self._words[name] = (ids, rows)
+
+    @torch.no_grad()
+    def _set_class_words(self, adapter: str | None) -> None:
+        """The text encoder's rows for `adapter`: its learned class words, the base rows elsewhere."""
+        if not self._base_rows:
+            return
+        table = self.pipe.text_encoder.get_input_embeddings().weight
+        for i, row in self._base_rows.items():
+            table[i] = row
+        if adapter in self._words:
+            ids, rows = self._words[adapter]
+            table[ids.to(table.device)] = rows.to(table.device, table.dtype)
 
     def _activate(self, adapter: str | None) -> None:
         if adapter == self._active:
@@ -138,6 +167,7 @@ class SyntheticGenerator:
                 raise KeyError(f"adapter {adapter!r} was not loaded (loaded: {sorted(self.adapters)})")
             self.pipe.enable_lora()
             self.pipe.set_adapters([adapter], adapter_weights=[self._scales.get(adapter, 1.0)])
+        self._set_class_words(adapter)
         self._active = adapter
 
     @property
@@ -219,6 +249,22 @@ def _adapter_files(folder: str) -> tuple[str, str | None]:
     info = storage.join(folder, "adapter.json")
     return (storage.local_path(storage.join(folder, LORA_WEIGHTS_NAME)),
             storage.read_text(info) if storage.exists(info) else None)
+
+
+def _class_words_file(folder: str) -> str | None:
+    """Local path of the adapter's class_words.safetensors (a cached download for s3:// or gs://), or
+    None when the adapter has none (trained without diffusion.lora.class_words)."""
+    import os
+
+    from meddap.diffusion.class_words import CLASS_WORDS_NAME
+
+    if os.path.isdir(folder):
+        path = os.path.join(folder, CLASS_WORDS_NAME)
+        return path if os.path.isfile(path) else None
+    from meddap import storage
+
+    path = storage.join(folder, CLASS_WORDS_NAME)
+    return storage.local_path(path) if storage.exists(path) else None
 
 
 def _alpha_scale(weights_file: str, adapter_json: str | None) -> float:

@@ -220,7 +220,15 @@ class GenerationPlan:
 
 
 def _adapter_hash(adapter_dir: str) -> str:
-    return hashlib.sha256(storage.read_bytes(storage.join(adapter_dir, ADAPTER_FILE))).hexdigest()
+    """sha256 of the LoRA weights, and of the learned class words when the adapter has them (an adapter
+    without them keeps the hash it always had)."""
+    from meddap.diffusion.class_words import CLASS_WORDS_NAME
+
+    h = hashlib.sha256(storage.read_bytes(storage.join(adapter_dir, ADAPTER_FILE)))
+    words = storage.join(adapter_dir, CLASS_WORDS_NAME)
+    if storage.exists(words):
+        h.update(storage.read_bytes(words))
+    return h.hexdigest()
 
 
 def _check_adapter(adapter_dir: str, fold: int, cfg) -> None:

@@ -18,6 +18,10 @@ step's loss stays on the device and the epoch's losses are read once at its end 
 epoch, not one per step). On CUDA the optimizer is fused AdamW, which applies the fp16 loss scaler's
 inf/nan check on the device instead of reading it back each step. On the CPU the stream, the order of
 draws and the arithmetic are the same as the step-by-step host version this replaced.
+
+With `class_words` (diffusion.lora.class_words, off by default: the paper's USLoRA freezes the text
+encoder) the input-embedding rows of the tokens that differ between the class prompts train too, as in
+textual inversion: the text encoder then encodes the P class prompts once per step with gradients.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import torch.nn.functional as F
 
 from meddap import logs
 from meddap.config import ConfigError
+from meddap.diffusion.class_words import varying_token_ids
 from meddap.device import native_bf16
 from meddap.diffusion.lora import add_uslora, count_trainable, load_lora_state, lora_parameters, lora_state
 
@@ -70,6 +75,8 @@ class FinetuneSettings:
     rank: int = 4
     alpha: float | None = None
     targets: str = "cross_attention"
+    class_words: bool = False
+    class_word_lr: float = 5e-3
 
     @classmethod
     def from_config(cls, cfg, rank: int | None = None) -> "FinetuneSettings":
@@ -83,10 +90,19 @@ class FinetuneSettings:
         return cls(resolution=d.resolution, epochs=t.epochs, lr=t.lr, batch_size=t.batch_size,
                    random_flip=t.random_flip, mixed_precision=t.mixed_precision,
                    gradient_checkpointing=t.gradient_checkpointing, cache_latents=t.cache_latents,
-                   seed=t.seed, rank=rank, alpha=d.lora.alpha, targets=d.lora.targets)
+                   seed=t.seed, rank=rank, alpha=d.lora.alpha, targets=d.lora.targets,
+                   class_words=d.lora.class_words, class_word_lr=t.class_word_lr)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def identity(self) -> dict:
+        """to_dict() less the class-word keys while class_words is off: they change nothing then, and an
+        adapter made before the option existed keeps its identity (made_from, Ray run name)."""
+        d = self.to_dict()
+        if not self.class_words:
+            d.pop("class_words"), d.pop("class_word_lr")
+        return d
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,7 +232,10 @@ class LoraFinetuner:
         # overflows in fp16).
         vae_dtype = torch.float32 if getattr(self.vae.config, "force_upcast", False) else self.weight_dtype
         _move(self.vae.requires_grad_(False).eval(), self.device, vae_dtype)
-        _move(self.text_encoder.requires_grad_(False).eval(), self.device, self.weight_dtype)
+        # With class words the text encoder runs every step on the P class prompts, in fp32 so the learned
+        # rows train in fp32 (P <= a few prompts: its cost is small beside the UNet's).
+        _move(self.text_encoder.requires_grad_(False).eval(), self.device,
+              torch.float32 if settings.class_words else self.weight_dtype)
 
         # Same seed on every rank -> identical LoRA init everywhere (also broadcast below).
         torch.manual_seed(settings.seed)
@@ -245,6 +264,57 @@ class LoraFinetuner:
         self.losses: list[tuple[int, int, float]] = []  # (epoch, step, loss), mean over ranks
 
         self._prepare_data()
+        self.word_ids: torch.Tensor | None = None     # (K,) token ids of the class words, when learned
+        self.word_rows: torch.nn.Parameter | None = None  # (K, D) fp32: their embeddings, trained
+        if settings.class_words:
+            self._init_class_words()
+
+    # -- class words (diffusion.lora.class_words) ---------------------------------------------
+    def _init_class_words(self) -> None:
+        """Learn the input-embedding rows of the tokens that tell the class prompts apart. The rows are
+        their own small parameter (K, D), not the whole (V, D) table under a gradient mask: same AdamW
+        arithmetic (elementwise; no weight decay), but the optimizer state, the checkpoints and the
+        per-step all_reduce hold K rows, not the vocabulary (49408 x 768 on SD-1.4)."""
+        ids = varying_token_ids(self.tokens.cpu())
+        if not ids:
+            raise ConfigError(
+                f"config key 'diffusion.lora.class_words' = true learns the words that differ between the class "
+                f"prompts, but this adapter's training prompts {self.prompts} have none (one class, or prompts "
+                "identical after tokenizing). Set diffusion.lora.class_words=false, or give the classes different "
+                "diffusion.class_phrases.")
+        emb = self.text_encoder.get_input_embeddings()
+        self._embedding_name = next(n for n, p in self.text_encoder.named_parameters() if p is emb.weight)
+        self.word_ids = torch.tensor(ids, device=self.device)
+        self.word_rows = torch.nn.Parameter(emb.weight.detach()[self.word_ids].float().clone())  # (K, D)
+        dist = _dist()
+        if dist and self.world_size > 1:
+            dist.broadcast(self.word_rows.data, src=0)
+        self.optimizer.add_param_group({"params": [self.word_rows], "lr": self.settings.class_word_lr,
+                                        "weight_decay": 0.0})
+
+    def _prompt_text(self) -> torch.Tensor:
+        """(P, L, D) conditioning of every class prompt with the learned rows, differentiable in them:
+        one text-encoder pass per step over the P prompts (not one per image)."""
+        table = self.text_encoder.get_input_embeddings().weight.detach()
+        table = table.index_put((self.word_ids,), self.word_rows.to(table.dtype))  # (V, D)
+        out = torch.func.functional_call(self.text_encoder, {self._embedding_name: table}, (self.tokens,))
+        return out[0].to(self.weight_dtype)
+
+    @torch.no_grad()
+    def _write_word_rows(self) -> None:
+        """Copy the learned rows into the text encoder's table, so `text_encoder` (and whatever pipeline
+        holds it, e.g. bench fidelity's) always encodes the words as trained so far."""
+        if self.word_rows is not None:
+            weight = self.text_encoder.get_input_embeddings().weight
+            weight[self.word_ids] = self.word_rows.detach().to(weight.device, weight.dtype)
+
+    def learned_words(self) -> dict[str, torch.Tensor]:
+        """{token as the tokenizer spells it ("benign</w>"): (D,) fp32 vector} of the learned class words;
+        {} when diffusion.lora.class_words is off."""
+        if self.word_rows is None:
+            return {}
+        names = self.tokenizer.convert_ids_to_tokens(self.word_ids.tolist())
+        return {n: r.detach().to("cpu", torch.float32).clone() for n, r in zip(names, self.word_rows)}
 
     # -- data ---------------------------------------------------------------------------------
     def _prepare_data(self) -> None:
@@ -277,8 +347,11 @@ class LoraFinetuner:
             self.latent_mean = torch.stack(means, 1)  # (N, F, 4, R/8, R/8), F = 2 with flips
             self.latent_std = torch.stack(stds, 1)
             if self.device.type == "cuda":
-                # Encoders have done their work: free their GPU memory for the UNet.
-                self.vae.to("cpu"), self.text_encoder.to("cpu")
+                # Encoders have done their work: free their GPU memory for the UNet (the text encoder
+                # still encodes the class prompts every step when class words are learned).
+                self.vae.to("cpu")
+                if not s.class_words:
+                    self.text_encoder.to("cpu")
                 torch.cuda.empty_cache()
         else:
             self.pixels = self.pixels.to(self.device)  # encoded every step: keep the uint8 images on the device
@@ -340,6 +413,8 @@ class LoraFinetuner:
 
     def _text(self, idx: torch.Tensor) -> torch.Tensor:
         pid = self.prompt_ids[idx]
+        if self.word_rows is not None:
+            return self._prompt_text()[pid]  # (B, L, D)
         if self.settings.cache_latents:
             return self.cached_text[pid]
         return self._encode_text(pid)
@@ -379,12 +454,13 @@ class LoraFinetuner:
         dist = _dist()
         if not dist or self.world_size == 1:
             return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        params = self.params + ([self.word_rows] if self.word_rows is not None else [])
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat)
         flat /= self.world_size
         off = 0
-        for p, g in zip(self.params, grads):
+        for p, g in zip(params, grads):
             n = g.numel()
             p.grad = flat[off:off + n].view_as(p).clone()
             off += n
@@ -415,6 +491,7 @@ class LoraFinetuner:
             self._sync_grads()
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self._write_word_rows()
         self.step += 1
         return loss.detach()
 
@@ -454,6 +531,8 @@ class LoraFinetuner:
     def state_dict(self) -> dict:
         return {
             "lora": lora_state(self.unet),
+            "class_words": (None if self.word_rows is None else
+                            {"ids": self.word_ids.cpu(), "rows": self.word_rows.detach().cpu().clone()}),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "step": self.step,
@@ -467,12 +546,26 @@ class LoraFinetuner:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        mine = self.settings.to_dict()
-        theirs = state.get("settings", {})
-        differ = {k: (theirs.get(k), v) for k, v in mine.items() if k != "epochs" and theirs.get(k) != v}
+        # Compared as identities: class_word_lr means nothing while class_words is off (the Ray run name
+        # ignores it then, so such a run finds this checkpoint). A key the checkpoint lacks was added
+        # later: the checkpoint had its default.
+        known = FinetuneSettings().to_dict()
+        theirs = FinetuneSettings(**{**known, **{k: v for k, v in state.get("settings", {}).items()
+                                                 if k in known}}).identity()
+        mine = self.settings.identity()
+        differ = {k: (theirs.get(k), mine.get(k)) for k in sorted(set(mine) | set(theirs))
+                  if k != "epochs" and theirs.get(k) != mine.get(k)}
         if differ:
             raise ValueError(f"checkpoint was made with other settings: {differ}")
         load_lora_state(self.unet, state["lora"])
+        if self.word_rows is not None:
+            words = state.get("class_words") or {}
+            if [int(i) for i in words.get("ids", [])] != self.word_ids.tolist():
+                raise ValueError(f"checkpoint learned other class-word tokens ({words.get('ids')}) than these "
+                                 f"prompts' ({self.word_ids.tolist()})")
+            with torch.no_grad():
+                self.word_rows.copy_(words["rows"].to(self.word_rows.device))
+            self._write_word_rows()
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])

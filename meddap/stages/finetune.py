@@ -13,7 +13,9 @@ For each adapter (`adapters/fold-<k>/`, or `adapters/all/` when diffusion.lora.p
     again with the same config finds its checkpoints (`ray.train.get_checkpoint`) and continues,
     ending with the same number of steps; `diffusion.train.max_failures` restarts a failed worker
     group from the last checkpoint;
-  - rank 0 writes `pytorch_lora_weights.safetensors`, `loss.parquet` and, last, `adapter.json`.
+  - rank 0 writes `pytorch_lora_weights.safetensors`, with diffusion.lora.class_words also
+    `class_words.safetensors` (the learned token embeddings, meddap.diffusion.class_words),
+    `loss.parquet` and, last, `adapter.json`.
 An adapter whose `adapter.json` exists is complete and is not trained again.
 
 Adapters run one after another, each on all the workers: a trainer already spreads over every GPU
@@ -97,7 +99,7 @@ def made_from(cfg: Config, entry: dict) -> str:
     made from other inputs and is never reused."""
     from meddap.diffusion.train import FinetuneSettings, class_prompts
 
-    settings = {k: v for k, v in FinetuneSettings.from_config(cfg).to_dict().items() if k not in _HOW_NOT_WHAT}
+    settings = {k: v for k, v in FinetuneSettings.from_config(cfg).identity().items() if k not in _HOW_NOT_WHAT}
     key = json.dumps({"settings": settings, "base_model": cfg.diffusion.base_model,
                       "prompts": class_prompts(cfg), "images": entry["images_sha256"]}, sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()
@@ -110,7 +112,7 @@ def _run_name(cfg: Config, entry: dict, model: str) -> str:
     from meddap.diffusion.train import FinetuneSettings
 
     t = cfg.diffusion.train
-    key = json.dumps({"made_from": made_from(cfg, entry), "settings": FinetuneSettings.from_config(cfg).to_dict(),
+    key = json.dumps({"made_from": made_from(cfg, entry), "settings": FinetuneSettings.from_config(cfg).identity(),
                       "num_workers": t.num_workers, **({"min_workers": t.min_workers} if t.min_workers else {})},
                      sort_keys=True)
     return f"{adapter_name(entry['fold'])}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
@@ -166,6 +168,9 @@ def _train_loop(config: dict) -> None:
     model = resolve_base_model(cfg) if cfg.diffusion.base_model in BUILTIN_MODELS else config["model"]
     ft = LoraFinetuner(load_components(model, single_file_config=cfg.diffusion.single_file_config), examples,
                        settings, device=device, rank=rank, world_size=world)
+    if rank == 0 and ft.word_rows is not None:
+        _log(f"{config['name']}: also learning the class words' token embeddings {sorted(ft.learned_words())} "
+             f"at lr {settings.class_word_lr} (diffusion.lora.class_words)")
     ckpt = ray.train.get_checkpoint()
     resumed_from = 0
     world_sizes: list[int] = []  # workers in use in each finished epoch (elastic runs change it)
@@ -223,9 +228,10 @@ def _train_loop(config: dict) -> None:
 
 
 def _write_outputs(ft, config: dict, resumed_from: int = 0, world_sizes: list[int] | None = None) -> None:
-    """Adapter weights and loss table first, adapter.json last (its presence marks completion)."""
+    """Adapter weights (and class words) and loss table first, adapter.json last (its presence marks completion)."""
     import pandas as pd
 
+    from meddap.diffusion.class_words import CLASS_WORDS_NAME, class_words_bytes
     from meddap.diffusion.lora import LORA_WEIGHTS_NAME, lora_targets, save_lora
 
     out = config["out_dir"]
@@ -233,6 +239,12 @@ def _write_outputs(ft, config: dict, resumed_from: int = 0, world_sizes: list[in
         save_lora(ft.unet, d)
         storage.write_bytes(storage.join(out, LORA_WEIGHTS_NAME),
                             open(os.path.join(d, LORA_WEIGHTS_NAME), "rb").read())
+    words = ft.learned_words()
+    words_file = storage.join(out, CLASS_WORDS_NAME)
+    if words:
+        storage.write_bytes(words_file, class_words_bytes(words))
+    elif storage.exists(words_file):  # left by an unfinished run with class words on: the generator would load it
+        storage.remove(words_file)
     losses = pd.DataFrame(ft.losses, columns=["epoch", "step", "loss"]).astype(
         {"epoch": "int64", "step": "int64", "loss": "float64"})
     storage.write_parquet(losses, storage.join(out, LOSS_PARQUET))
@@ -259,6 +271,9 @@ def _write_outputs(ft, config: dict, resumed_from: int = 0, world_sizes: list[in
         "gradient_checkpointing": s.gradient_checkpointing,
         "cache_latents": s.cache_latents,
         "seed": s.seed,
+        **({"class_words": sorted(words), "class_word_lr": s.class_word_lr, "class_words_file": CLASS_WORDS_NAME,
+            "class_word_params": int(ft.word_rows.numel())}  # trained beside trainable_params (the LoRA's)
+           if words else {}),
         "prediction_type": ft.prediction_type,
         "resumed_from_step": resumed_from,
         "device": config.get("device", ""),  # where the last run computed, e.g. "cuda:0 (NVIDIA H100 ...)"

@@ -158,3 +158,67 @@ def test_a_finished_adapter_made_from_other_images_is_never_reused(tmp_path, toy
     assert finetune.complete_adapter(cfg, other) is None
     assert "was made from other images or settings" in capsys.readouterr().out
     assert not out.exists(), "the stale adapter is removed, so it is trained again"
+
+
+def test_class_word_settings_are_part_of_made_from(tmp_path, toy_manifest):
+    """diffusion.lora.class_words makes another adapter, and so does its lr while it is on; while it is off
+    the lr changes nothing and made_from is what it was before the option existed."""
+    import hashlib
+
+    from meddap.diffusion.train import FinetuneSettings, class_prompts
+
+    base = _cfg(tmp_path, "diffusion.lora.per_fold=false")
+    (entry,) = finetune.adapter_plan(base, toy_manifest)
+    on = _cfg(tmp_path, "diffusion.lora.per_fold=false", "diffusion.lora.class_words=true")
+    on_lr = _cfg(tmp_path, "diffusion.lora.per_fold=false", "diffusion.lora.class_words=true",
+                 "diffusion.train.class_word_lr=0.001")
+    off_lr = _cfg(tmp_path, "diffusion.lora.per_fold=false", "diffusion.train.class_word_lr=0.001")
+    ids = {finetune.made_from(c, entry) for c in (base, on, on_lr)}
+    assert len(ids) == 3
+    assert finetune.made_from(off_lr, entry) == finetune.made_from(base, entry)
+    # Off: the settings hashed are exactly the ones before the class-word keys were added.
+    old = {k: v for k, v in FinetuneSettings.from_config(base).to_dict().items()
+           if k not in ("mixed_precision", "gradient_checkpointing", "class_words", "class_word_lr")}
+    key = json.dumps({"settings": old, "base_model": base.diffusion.base_model, "prompts": class_prompts(base),
+                      "images": entry["images_sha256"]}, sort_keys=True)
+    assert finetune.made_from(base, entry) == hashlib.sha256(key.encode()).hexdigest()
+
+
+def test_adapter_with_class_words_is_written_and_loads_into_the_generator(tmp_path, toy_manifest, tiny_sd_dir):
+    """The stage's writer puts class_words.safetensors (token -> fp32 vector) beside the LoRA weights and
+    lists the words in adapter.json; the generator reads that folder and sets the rows while the adapter is
+    active, the base rows otherwise."""
+    import torch
+    from safetensors.torch import load_file
+
+    from meddap.diffusion.base import load_components
+    from meddap.diffusion.generate import SyntheticGenerator
+    from meddap.diffusion.train import Example, FinetuneSettings, LoraFinetuner, class_prompts
+
+    torch.set_num_threads(1)
+    prompts = class_prompts(_cfg(tmp_path))
+    rows = toy_manifest[toy_manifest["split"] == "train"].head(3)
+    ft = LoraFinetuner(load_components(tiny_sd_dir), [Example(p, prompts[c]) for p, c in zip(rows["path"], rows["class_name"])],
+                       FinetuneSettings(resolution=64, epochs=1, lr=1e-3, class_words=True, class_word_lr=1e-2))
+    ft.fit()
+    out = tmp_path / "adapter"
+    finetune._write_outputs(ft, {"out_dir": str(out), "meta": {"base_model": tiny_sd_dir}})
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["adapter.json", "class_words.safetensors", "loss.parquet", "pytorch_lora_weights.safetensors"]
+    saved = load_file(out / "class_words.safetensors")
+    learned = ft.learned_words()
+    assert list(saved) == ["o</w>"] and saved["o</w>"].dtype == torch.float32
+    torch.testing.assert_close(saved["o</w>"], learned["o</w>"], rtol=0, atol=0)
+    meta = json.loads((out / "adapter.json").read_text())
+    assert meta["class_words"] == ["o</w>"] and meta["class_word_lr"] == 1e-2
+    assert meta["class_word_params"] == saved["o</w>"].numel() and meta["trainable_params"] == ft.trainable
+
+    gen = SyntheticGenerator(tiny_sd_dir, {"cw": str(out)}, steps=1, resolution=32)
+    table = gen.pipe.text_encoder.get_input_embeddings().weight
+    i = gen.pipe.tokenizer.convert_tokens_to_ids("o</w>")
+    base_row = table[i].detach().clone()
+    assert not torch.allclose(base_row, saved["o</w>"])
+    gen._activate("cw")
+    torch.testing.assert_close(table[i].detach(), saved["o</w>"], rtol=0, atol=0)
+    gen._activate(None)
+    torch.testing.assert_close(table[i].detach(), base_row, rtol=0, atol=0)

@@ -93,16 +93,17 @@ def test_v_prediction_trains_on_the_velocity(tiny_sd_dir, toy_manifest):
     assert np.isfinite(ft.train_epoch(0)[0][2])
 
 
-def test_resume_from_state_dict_matches_an_uninterrupted_run(tiny_sd_dir, toy_manifest):
+@pytest.mark.parametrize("class_words", [False, True])
+def test_resume_from_state_dict_matches_an_uninterrupted_run(tiny_sd_dir, toy_manifest, class_words):
     ex = _examples(toy_manifest, 3)
-    straight = _trainer(tiny_sd_dir, ex, epochs=2)
+    straight = _trainer(tiny_sd_dir, ex, epochs=2, class_words=class_words)
     straight.fit()
 
-    first = _trainer(tiny_sd_dir, ex, epochs=2)
+    first = _trainer(tiny_sd_dir, ex, epochs=2, class_words=class_words)
     first.train_epoch(0)
     state = first.state_dict()
     assert state["epoch"] == 1 and state["step"] == 3
-    resumed = _trainer(tiny_sd_dir, ex, epochs=2)
+    resumed = _trainer(tiny_sd_dir, ex, epochs=2, class_words=class_words)
     resumed.load_state_dict(state)
     resumed.fit()
 
@@ -111,6 +112,45 @@ def test_resume_from_state_dict_matches_an_uninterrupted_run(tiny_sd_dir, toy_ma
     np.testing.assert_allclose([r[2] for r in resumed.losses], [r[2] for r in straight.losses], rtol=1e-5)
     a, b = lora_state(resumed.unet), lora_state(straight.unet)
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    words, again = straight.learned_words(), resumed.learned_words()
+    assert sorted(words) == sorted(again) == (["o</w>"] if class_words else [])
+    assert all(torch.allclose(words[k], again[k], atol=1e-6) for k in words)
+    if class_words:  # the learned rows moved from epoch 1's and the resumed run moved them the same way
+        assert not torch.allclose(state["class_words"]["rows"], straight.word_rows.detach(), atol=1e-6)
+
+
+def test_class_words_train_only_their_rows(tiny_sd_dir, toy_manifest):
+    """diffusion.lora.class_words: the tokens that differ between the class prompts (with the tiny SD's
+    character tokenizer only "o</w>", from "no") learn their embedding rows; every other row of the
+    text encoder's table, and so every prompt without those tokens, encodes exactly as before."""
+    ex = _examples(toy_manifest, 3)  # one image of each class: three prompts
+    base = load_components(tiny_sd_dir)["text_encoder"].get_input_embeddings().weight.detach().clone()
+    ft = _trainer(tiny_sd_dir, ex, epochs=2, class_words=True, class_word_lr=1e-2)
+    no = ft.prompts.index("ultrasound image of no tumor in the breast")
+    benign = ft.prompts.index("ultrasound image of benign tumor in the breast")
+    text_before = ft._encode_text(torch.arange(len(ft.prompts)))
+    assert ft.tokenizer.convert_ids_to_tokens(ft.word_ids.tolist()) == ["o</w>"]
+    assert ft.text_encoder.get_input_embeddings().weight.requires_grad is False  # the table is never trained
+    ft.fit()
+
+    table = ft.text_encoder.get_input_embeddings().weight.detach()
+    changed = (table != base).any(1).nonzero().flatten().tolist()
+    assert changed == ft.word_ids.tolist()
+    words = ft.learned_words()
+    assert list(words) == ["o</w>"] and words["o</w>"].dtype == torch.float32
+    assert torch.equal(words["o</w>"], table[ft.word_ids[0]])
+    assert words["o</w>"].shape == (table.shape[1],)
+    text_after = ft._encode_text(torch.arange(len(ft.prompts)))
+    assert not torch.allclose(text_after[no], text_before[no])      # the prompt with the class word changed
+    torch.testing.assert_close(text_after[benign], text_before[benign], rtol=0, atol=0)  # one without: not at all
+    # Training conditions on the learned rows: the same conditioning as the text encoder now gives.
+    torch.testing.assert_close(ft._text(torch.arange(len(ex))), text_after[ft.prompt_ids], rtol=1e-5, atol=1e-6)
+
+
+def test_class_words_need_prompts_that_differ(tiny_sd_dir, toy_manifest):
+    ex = [Example(e.path, "ultrasound image of benign tumor in the breast") for e in _examples(toy_manifest, 2)]
+    with pytest.raises(ConfigError, match=r"'diffusion\.lora\.class_words' = true .*have none"):
+        _trainer(tiny_sd_dir, ex, class_words=True)
 
 
 def _host_stepped_epoch(ft: LoraFinetuner, epoch: int) -> list[float]:
@@ -185,6 +225,14 @@ def test_checkpoint_with_other_settings_is_refused(tiny_sd_dir, toy_manifest):
     other = _trainer(tiny_sd_dir, ex, lr=5e-4)
     with pytest.raises(ValueError, match="other settings.*lr"):
         other.load_state_dict(state)
+    with pytest.raises(ValueError, match="other settings.*class_words"):
+        _trainer(tiny_sd_dir, _examples(toy_manifest, 3), class_words=True).load_state_dict(
+            _trainer(tiny_sd_dir, _examples(toy_manifest, 3)).state_dict())
+    # A checkpoint from before the class-word keys existed had their defaults: it still resumes.
+    older = {**state, "settings": {k: v for k, v in state["settings"].items() if not k.startswith("class_word")}}
+    _trainer(tiny_sd_dir, ex).load_state_dict(older)
+    # While class words are off their lr is no setting of the run (nor of its Ray run name): it resumes.
+    _trainer(tiny_sd_dir, ex, class_word_lr=1e-2).load_state_dict(state)
 
 
 def test_gradient_checkpointing_trains_the_same_adapter(tiny_sd_dir, toy_manifest):
@@ -199,24 +247,29 @@ def test_gradient_checkpointing_trains_the_same_adapter(tiny_sd_dir, toy_manifes
     assert all(torch.allclose(sa[k], sb[k], atol=1e-6) for k in sa)
 
 
-def _ddp_worker(rank: int, world: int, port: int, model: str, paths: list, out: str) -> None:
+def _ddp_worker(rank: int, world: int, port: int, model: str, paths: list, out: str, class_words: bool = False) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        ex = [Example(p, "ultrasound image of benign tumor in the breast") for p in paths]
-        ft = LoraFinetuner(load_components(model), ex, FinetuneSettings(resolution=64, epochs=2, lr=1e-3))
+        # With class words, two prompts in turn: each rank's share of a step holds other prompts.
+        phrases = ["benign", "no"] if class_words else ["benign"]
+        ex = [Example(p, f"ultrasound image of {phrases[i % len(phrases)]} tumor in the breast")
+              for i, p in enumerate(paths)]
+        ft = LoraFinetuner(load_components(model), ex, FinetuneSettings(resolution=64, epochs=2, lr=1e-3,
+                                                                         class_words=class_words))
         ft.fit()
         torch.save({"state": lora_state(ft.unet), "step": ft.step, "world": ft.world_size,
-                    "losses": ft.losses}, f"{out}/rank{rank}.pt")
+                    "losses": ft.losses, "words": ft.learned_words()}, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def test_data_parallel_ranks_share_steps_and_weights(tiny_sd_dir, toy_manifest, tmp_path):
-    """Two gloo ranks: each takes half of every step's batch, LoRA gradients are averaged, so both
-    ranks finish with the same adapter after ceil(n / 2) steps an epoch."""
+@pytest.mark.parametrize("class_words", [False, True])
+def test_data_parallel_ranks_share_steps_and_weights(tiny_sd_dir, toy_manifest, tmp_path, class_words):
+    """Two gloo ranks: each takes half of every step's batch, LoRA gradients (and the class words',
+    when learned) are averaged, so both ranks finish with the same adapter after ceil(n / 2) steps an epoch."""
     import socket
 
     import torch.multiprocessing as tmp_mp
@@ -225,7 +278,7 @@ def test_data_parallel_ranks_share_steps_and_weights(tiny_sd_dir, toy_manifest, 
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     paths = list(toy_manifest["path"][:5])
-    tmp_mp.spawn(_ddp_worker, args=(2, port, tiny_sd_dir, paths, str(tmp_path)), nprocs=2, join=True)
+    tmp_mp.spawn(_ddp_worker, args=(2, port, tiny_sd_dir, paths, str(tmp_path), class_words), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["world"] == r1["world"] == 2
     assert r0["step"] == r1["step"] == 2 * 3  # 5 images, 2 ranks, batch 1: 3 steps an epoch
@@ -233,3 +286,6 @@ def test_data_parallel_ranks_share_steps_and_weights(tiny_sd_dir, toy_manifest, 
     assert any(float(v.abs().sum()) > 0 for k, v in r0["state"].items() if "lora_B" in k)
     for k in r0["state"]:
         torch.testing.assert_close(r0["state"][k], r1["state"][k])
+    assert sorted(r0["words"]) == sorted(r1["words"]) == (["o</w>"] if class_words else [])
+    for k in r0["words"]:
+        torch.testing.assert_close(r0["words"][k], r1["words"][k])

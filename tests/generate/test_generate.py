@@ -229,3 +229,68 @@ def test_adapter_alpha_from_adapter_json_scales_the_lora(tiny_sd_dir, gen_templa
     a, b, c = (gen.generate_one(PROMPT, 3, n).astype(int) for n in ("scaled", "doubled", "plain"))
     assert np.abs(a - b).max() <= 2
     assert np.abs(a - c).mean() > 1
+
+
+def test_class_words_belong_to_their_adapter(tiny_sd_dir, gen_template, tmp_path):
+    """An adapter folder holding class_words.safetensors (as the finetune stage writes it) sets those rows of
+    the pipeline's one text encoder while that adapter is active; another adapter and None get the base
+    rows back. A prompt without the learned token ("o</w>" of "no" in the tiny character tokenizer) is
+    untouched. img2img shares the same text encoder."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    import torch
+
+    from meddap.diffusion.class_words import CLASS_WORDS_NAME, class_words_bytes
+
+    dim = json.loads((Path(tiny_sd_dir) / "text_encoder" / "config.json").read_text())["hidden_size"]
+    words, same = tmp_path / "words", tmp_path / "same"
+    shutil.copytree(gen_template / "adapters" / "fold-0", words)
+    shutil.copytree(gen_template / "adapters" / "fold-0", same)           # the same LoRA without class words
+    vector = torch.randn(dim, generator=torch.Generator().manual_seed(0)) * 3
+    (words / CLASS_WORDS_NAME).write_bytes(class_words_bytes({"o</w>": vector}))
+    gen = SyntheticGenerator(tiny_sd_dir, {"words": str(words), "same": str(same),
+                                           "plain": str(gen_template / "adapters" / "fold-1")}, steps=2, resolution=32)
+    no, benign = "ultrasound image of no tumor in the breast", "ultrasound image of benign tumor in the breast"
+
+    @torch.no_grad()
+    def encoded(prompt):
+        ids = gen.pipe.tokenizer(prompt, padding="max_length", max_length=gen.pipe.tokenizer.model_max_length,
+                                 truncation=True, return_tensors="pt").input_ids
+        return gen.pipe.text_encoder(ids)[0]                                # (1, 77, D)
+
+    base_no, base_benign = encoded(no), encoded(benign)
+    under = {}
+    for adapter in ("words", "plain", None, "same", "words"):
+        gen._activate(adapter)
+        under.setdefault(adapter, []).append((encoded(no), encoded(benign)))
+    assert not torch.allclose(under["words"][0][0], base_no)                # the learned word is in use
+    torch.testing.assert_close(under["words"][0][1], base_benign, rtol=0, atol=0)
+    torch.testing.assert_close(under["words"][1][0], under["words"][0][0], rtol=0, atol=0)  # switching back
+    for other in ("plain", None, "same"):                                   # base rows restored
+        torch.testing.assert_close(under[other][0][0], base_no, rtol=0, atol=0)
+    assert gen.img2img.text_encoder is gen.pipe.text_encoder
+
+    # Through generate_batch, as the stage calls it: the same LoRA with and without the class words.
+    assert not np.array_equal(gen.generate_one(no, 3, "words"), gen.generate_one(no, 3, "same"))
+    assert np.array_equal(gen.generate_one(benign, 3, "words"), gen.generate_one(benign, 3, "same"))
+
+
+def test_class_words_of_another_tokenizer_are_a_clear_error(tiny_sd_dir, gen_template, tmp_path):
+    import shutil
+
+    import torch
+
+    from meddap.diffusion.class_words import CLASS_WORDS_NAME, class_words_bytes
+    from meddap.errors import MeddapError
+
+    folder = tmp_path / "foreign"
+    shutil.copytree(gen_template / "adapters" / "fold-0", folder)
+    (folder / CLASS_WORDS_NAME).write_bytes(class_words_bytes({"benign</w>": torch.zeros(8)}))
+    with pytest.raises(MeddapError, match=r"foreign/class_words\.safetensors: tokens \['benign</w>'\] are not in "
+                                          r"this base model's tokenizer"):
+        SyntheticGenerator(tiny_sd_dir, {"fold-0": str(folder)}, steps=2, resolution=32)
+    (folder / CLASS_WORDS_NAME).write_bytes(class_words_bytes({"o</w>": torch.zeros(3)}))
+    with pytest.raises(MeddapError, match=r"class_words\.safetensors: vectors of \['o</w>'\] have shape \(3,\)"):
+        SyntheticGenerator(tiny_sd_dir, {"fold-0": str(folder)}, steps=2, resolution=32)
