@@ -167,12 +167,14 @@ def test_class_word_settings_are_part_of_made_from(tmp_path, toy_manifest):
 
     from meddap.diffusion.train import FinetuneSettings, class_prompts
 
-    base = _cfg(tmp_path, "diffusion.lora.per_fold=false")
+    # Explicitly off: the demo config (which _cfg loads) turns the class words on.
+    base = _cfg(tmp_path, "diffusion.lora.per_fold=false", "diffusion.lora.class_words=false")
     (entry,) = finetune.adapter_plan(base, toy_manifest)
     on = _cfg(tmp_path, "diffusion.lora.per_fold=false", "diffusion.lora.class_words=true")
     on_lr = _cfg(tmp_path, "diffusion.lora.per_fold=false", "diffusion.lora.class_words=true",
                  "diffusion.train.class_word_lr=0.001")
-    off_lr = _cfg(tmp_path, "diffusion.lora.per_fold=false", "diffusion.train.class_word_lr=0.001")
+    off_lr = _cfg(tmp_path, "diffusion.lora.per_fold=false", "diffusion.lora.class_words=false",
+                  "diffusion.train.class_word_lr=0.001")
     ids = {finetune.made_from(c, entry) for c in (base, on, on_lr)}
     assert len(ids) == 3
     assert finetune.made_from(off_lr, entry) == finetune.made_from(base, entry)
