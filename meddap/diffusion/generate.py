@@ -129,12 +129,11 @@ class SyntheticGenerator:
     def _load_adapter(self, name: str, folder: str) -> None:
         import os
 
-        weights, info = _adapter_files(folder)
+        weights, info, words = _adapter_files(folder)
         # Loading from a file (not a state dict) keeps diffusers' LoRA metadata (alpha) in effect.
         self.pipe.load_lora_weights(os.path.dirname(weights), weight_name=os.path.basename(weights),
                                     adapter_name=name)
         self._scales[name] = _alpha_scale(weights, info)
-        words = _class_words_file(folder)
         if words is not None:
             from meddap.diffusion.class_words import read_class_words
 
@@ -233,38 +232,26 @@ class SyntheticGenerator:
         return self.generate_batch([ImageRequest(prompt, seed, adapter, init_image)])[0]
 
 
-def _adapter_files(folder: str) -> tuple[str, str | None]:
-    """(local path of the adapter's weights file, text of its adapter.json or None) for an adapter
-    folder: a local folder as it is (no object-store layer needed, e.g. in `bench gpu`), an s3:// or
-    gs:// one through meddap.storage (the weights as a cached download)."""
-    import os
-
-    from meddap.diffusion.lora import LORA_WEIGHTS_NAME
-
-    if os.path.isdir(folder):
-        info = os.path.join(folder, "adapter.json")
-        return os.path.join(folder, LORA_WEIGHTS_NAME), (open(info).read() if os.path.isfile(info) else None)
-    from meddap import storage
-
-    info = storage.join(folder, "adapter.json")
-    return (storage.local_path(storage.join(folder, LORA_WEIGHTS_NAME)),
-            storage.read_text(info) if storage.exists(info) else None)
-
-
-def _class_words_file(folder: str) -> str | None:
-    """Local path of the adapter's class_words.safetensors (a cached download for s3:// or gs://), or
-    None when the adapter has none (trained without diffusion.lora.class_words)."""
+def _adapter_files(folder: str) -> tuple[str, str | None, str | None]:
+    """(local path of the adapter's weights file, text of its adapter.json or None, local path of its
+    class_words.safetensors or None: trained without diffusion.lora.class_words) for an adapter folder:
+    a local folder as it is (no object-store layer needed, e.g. in `bench gpu`), an s3:// or gs:// one
+    through meddap.storage (the files as cached downloads)."""
     import os
 
     from meddap.diffusion.class_words import CLASS_WORDS_NAME
+    from meddap.diffusion.lora import LORA_WEIGHTS_NAME
 
     if os.path.isdir(folder):
-        path = os.path.join(folder, CLASS_WORDS_NAME)
-        return path if os.path.isfile(path) else None
+        info, words = os.path.join(folder, "adapter.json"), os.path.join(folder, CLASS_WORDS_NAME)
+        return (os.path.join(folder, LORA_WEIGHTS_NAME), open(info).read() if os.path.isfile(info) else None,
+                words if os.path.isfile(words) else None)
     from meddap import storage
 
-    path = storage.join(folder, CLASS_WORDS_NAME)
-    return storage.local_path(path) if storage.exists(path) else None
+    info, words = storage.join(folder, "adapter.json"), storage.join(folder, CLASS_WORDS_NAME)
+    return (storage.local_path(storage.join(folder, LORA_WEIGHTS_NAME)),
+            storage.read_text(info) if storage.exists(info) else None,
+            storage.local_path(words) if storage.exists(words) else None)
 
 
 def _alpha_scale(weights_file: str, adapter_json: str | None) -> float:
