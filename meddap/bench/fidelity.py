@@ -40,9 +40,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-__all__ = ["main", "fidelity_curve"]
+__all__ = ["main", "fidelity_curve", "base_fidelity"]
 
 TARGET_MEAN, TARGET_CLASS = 0.80, 0.60
+
+
+def base_fidelity(curve: list[dict]) -> str:
+    """The base model's mean fidelity as printed: from the epoch-0 checkpoint, which exists only when
+    --epochs lists 0 (the first checkpoint is otherwise an adapter's)."""
+    base = next((r for r in curve if r["epoch"] == 0), None)
+    return f"{base['mean']:.0%}" if base is not None else "not measured (add 0 to --epochs)"
 
 
 def _args(cfg, argv: list[str]) -> argparse.Namespace:
@@ -286,7 +293,7 @@ def main(cfg, argv: list[str]) -> None:
     print("conditioning gap: denoising loss of the training images under another class's prompt minus under their "
           "own (same noise and timesteps); 0 = the class words change nothing")
     print(f"target: mean >= {TARGET_MEAN:.0%} and every class >= {TARGET_CLASS:.0%} after training -> "
-          f"{'met' if ok else 'NOT met'}; base without adapter: {res['curve'][0]['mean']:.0%}")
+          f"{'met' if ok else 'NOT met'}; base without adapter: {base_fidelity(res['curve'])}")
     if res["look"] is not None:
         look = res["look"]
         print("\nBase model without adapter, told each class's look in its own caption words (what USLoRA builds "

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from meddap.bench.fidelity import conditioning_gap
+from meddap.bench.fidelity import base_fidelity, conditioning_gap
 from meddap.diffusion import base
 from meddap.diffusion.train import Example, FinetuneSettings, LoraFinetuner
 
@@ -68,3 +68,9 @@ def test_bench_fidelity_runs_on_a_pretrain_base_folder(phantom_base_dir, tmp_pat
     for prompt in look["prompts"].values():   # ("an": make_caption's article before a vowel)
         assert set(prompt.split()) <= set(CAPTION_WORDS) | {"an"} and not set(prompt.split()) & set(FORBIDDEN_WORDS)
     assert Image.open(tmp_path / "sheet.png").size[0] > 0
+
+
+def test_base_fidelity_comes_from_epoch_0_only():
+    """The base without adapter is epoch 0; a curve that starts at an adapter's epoch has no base figure."""
+    assert base_fidelity([{"epoch": 0, "mean": 0.28}, {"epoch": 2, "mean": 0.75}]) == "28%"
+    assert base_fidelity([{"epoch": 2, "mean": 0.75}, {"epoch": 4, "mean": 0.8}]).startswith("not measured")
