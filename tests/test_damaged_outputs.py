@@ -98,3 +98,33 @@ def test_a_write_that_fails_half_way_leaves_no_half_file(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     assert [line.split()[1] for line in res.stdout.split("\n") if line] == ["FAILED"] * 3, res.stdout
     assert sorted(os.listdir(out)) == [], "no final file and no temp file left behind"
+
+
+def test_generate_is_invalidated_when_an_adapters_class_words_change(tmp_path):
+    """The learned class words are an input of generate like the LoRA weights: other words, other images.
+    A record without the file (class_words off, or a run from before the option) stays done."""
+    from safetensors.torch import save_file
+
+    from meddap.diffusion.class_words import CLASS_WORDS_NAME
+
+    cfg = _cfg(tmp_path)
+    lay = RunLayout(cfg.run_dir)
+    storage.write_parquet(pd.DataFrame({"image_id": ["a"]}), lay.manifest)
+    adapter = Path(lay.adapter_dir(-1))
+    adapter.mkdir(parents=True)
+    save_file({"w": torch.zeros(4)}, str(adapter / "pytorch_lora_weights.safetensors"))
+    (adapter / "adapter.json").write_text("{}")
+    storage.write_parquet(pd.DataFrame({"image_id": ["s"]}), lay.synthetic_manifest)
+    state.write_record(cfg, "generate", 1.0)
+    assert state.check_stage(cfg, "generate").state == "done"
+
+    words = adapter / CLASS_WORDS_NAME
+    save_file({"benign</w>": torch.zeros(8)}, str(words))
+    st = state.check_stage(cfg, "generate")
+    assert st.state == "invalidated" and st.changed == [f"input adapters/all/{CLASS_WORDS_NAME}: (not recorded) -> "
+                                                        f"{state.stage_inputs(cfg, 'generate')[f'adapters/all/{CLASS_WORDS_NAME}']!r}"]
+    state.write_record(cfg, "generate", 1.0)
+    assert state.check_stage(cfg, "generate").state == "done"
+    save_file({"benign</w>": torch.ones(8)}, str(words))
+    st = state.check_stage(cfg, "generate")
+    assert st.state == "invalidated" and st.changed[0].startswith(f"input adapters/all/{CLASS_WORDS_NAME}: ")

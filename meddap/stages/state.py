@@ -181,18 +181,27 @@ def stage_inputs(cfg, stage: str) -> dict[str, str]:
     """run-dir files `stage` reads, relative to run_dir, as path -> sha256 ('absent' when missing)."""
     lay = RunLayout(cfg.run_dir)
     paths: list[str] = []
+    optional: list[str] = []       # recorded only when present
     if stage != "prepare":
         paths.append(lay.manifest)
     if stage == "generate":
+        from meddap.diffusion.class_words import CLASS_WORDS_NAME
         from meddap.diffusion.lora import LORA_WEIGHTS_NAME
 
         for f in _adapter_folds(cfg):
             paths += [storage.join(lay.adapter_dir(f), "adapter.json"), storage.join(lay.adapter_dir(f), LORA_WEIGHTS_NAME)]
+            # learned class words (diffusion.lora.class_words): listed only where the file exists, so
+            # records of adapters without them (and of runs from before the option) stay valid
+            words = storage.join(lay.adapter_dir(f), CLASS_WORDS_NAME)
+            if storage.exists(words):
+                optional.append(words)
     if stage in ("fid", "sweep", "report"):
         paths.append(lay.synthetic_manifest)
     if stage == "report":
         paths += [lay.summary("trials"), lay.summary("fid")]
     out = {}
+    for p in optional:
+        out[p[len(str(cfg.run_dir)):].lstrip("/")] = _input_sha256(p)
     for p in paths:
         rel = p[len(str(cfg.run_dir)):].lstrip("/")
         out[rel] = _input_sha256(p) if storage.exists(p) else "absent"
