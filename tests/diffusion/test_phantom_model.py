@@ -239,7 +239,7 @@ def test_short_uslora_on_the_shipped_base_raises_fidelity(tmp_path):
     assert max(after[c] - before[c] for c in classes) >= 0.5, (before, after)
 
 
-LORA_TEST_EPOCHS = 2  # the demo's USLoRA: 2 epochs at the paper's lr 1e-4, batch 1, sampled at guidance 3
+LORA_TEST_EPOCHS = 2  # the demo's USLoRA (lr 1e-4, batch 1, sampled at guidance 3) for 2 of its 6 epochs
 LORA_TEST_LR = 1e-4
 PER_CLASS = 6  # images generated per class before and after: one image is 17 points of a class's share
 
