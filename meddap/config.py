@@ -372,6 +372,12 @@ class ClassifyConfig:
     lr: float = _f(1e-3, "Adam learning rate (paper: 1e-3).")
     image_size: Optional[int] = _f(None, "null = data.image_size.")
     random_flip: bool = _f(True, "Random horizontal flip during training.")
+    precise_bn: bool = _f(
+        False, "Recompute BatchNorm running statistics from the training images with each epoch's final weights "
+               "before validating it (precise BN, Wu & Johnson 2021); false = PyTorch's running averages, as the "
+               "paper. From scratch with a few dozen steps those lag the weights and eval-mode predictions can "
+               "collapse to one class. One forward pass over the training images per epoch; no effect on networks "
+               "without BatchNorm (SqueezeNet).")
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = _f(
         "auto", "auto: bf16 autocast on GPUs with native bf16, else fp16 with loss scaling; fp32 on CPU.")
     cpus_per_trial: float = _f(1.0, "CPUs each Tune trial claims.")

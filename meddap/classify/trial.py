@@ -7,7 +7,10 @@ weights and the same data-order/flip seed (common random numbers), so a paired d
 training data, not the luck of the draw. It trains it
 with Adam for `classify.epochs` epochs on in-memory uint8 tensors (augmented on the device), picks the
 epoch with the best validation accuracy (the earliest on ties), and evaluates that epoch's weights on
-every evaluation set. On CUDA it uses autocast (bf16 where the GPU has it natively, else fp16 with a
+every evaluation set. With `classify.precise_bn` every BatchNorm layer's running statistics are
+recomputed from the training images with the epoch's final weights before it is validated
+(`precise_bn`), instead of the running averages kept during the steps, which lag fast-changing
+weights (Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm"). On CUDA it uses autocast (bf16 where the GPU has it natively, else fp16 with a
 grad scaler), channels_last and fused Adam (the scaler's inf check then stays on the device). Training
 and validation images stay on the device for the whole trial and the normalisation constants are built
 once, so a step does no host work; the epoch's losses and the validation accuracy are read once per
@@ -40,7 +43,7 @@ if TYPE_CHECKING:  # pandas is imported where frames are made: `bench gpu` runs 
     import pandas as pd
 
 __all__ = ["TrialResult", "train_trial", "trial_seed", "build_trial_model", "autocast_dtype", "train_step",
-           "predict", "predict_on_device"]
+           "precise_bn", "predict", "predict_on_device"]
 
 ReportFn = Callable[[int, dict, Optional[dict]], None]
 
@@ -107,6 +110,37 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch
     scaler.step(optimizer)
     scaler.update()
     return loss.detach()
+
+
+@torch.no_grad()
+def precise_bn(model: nn.Module, images: torch.Tensor, batch_size: int, amp: Optional[torch.dtype] = None,
+               channels_last: bool = False, stats: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> int:
+    """Replace every BatchNorm layer's running mean and variance by the average of its batch statistics
+    over `images` ((N, C, S, S) uint8 on the model's device, no flips) under the current weights; returns
+    how many layers. PyTorch's running averages (momentum 0.1) still hold the statistics of weights
+    from several steps back, and after a few dozen steps from scratch eval-mode outputs can collapse
+    to one class while train-mode ones are right ("precise BN", Wu & Johnson 2021; the same recipe as
+    torch.optim.swa_utils.update_bn). Only the BatchNorm layers run in train mode: dropout stays off,
+    so no random numbers are drawn and a trial trains exactly as without it."""
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not layers:
+        return 0
+    was_training, momenta = model.training, [m.momentum for m in layers]
+    model.eval()
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None  # a plain average over the batches below
+        m.train()
+    # Near-equal chunks of batch_size to 2 * batch_size - 1 images: no lone last image (train-mode BatchNorm
+    # needs 2 values per channel), and a chunk needs no more memory than about two training batches.
+    for chunk in torch.tensor_split(images, max(1, images.shape[0] // max(batch_size, 2))):
+        x = model_input(chunk, channels_last=channels_last, stats=stats)
+        with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            model(x)
+    for m, momentum in zip(layers, momenta):
+        m.momentum = momentum
+    model.train(was_training)
+    return len(layers)
 
 
 @torch.no_grad()
@@ -223,6 +257,8 @@ def train_trial(spec: TrialSpec, tensors: TrialTensors, cfg_classify, classes: S
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         step_seconds += time.perf_counter() - t_epoch
+        if c.precise_bn:  # before validation, so the best epoch's saved state holds these statistics
+            precise_bn(model, train_x, c.batch_size, amp, channels_last, stats)
         probs = predict_on_device(model, val_x, c.batch_size, device, amp, channels_last, stats)  # (n_val, K)
         hits = (probs.argmax(1) == val_y).sum()
         mean_loss = torch.stack(losses).mean() if losses else torch.full((), float("nan"), device=device)

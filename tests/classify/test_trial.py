@@ -166,3 +166,36 @@ def test_a_trial_builds_its_constants_once_and_reads_the_device_once_per_epoch(t
     assert len(made) == 1
     assert reads == {"item": 0, "tolist": 3}
     assert len(result.history) == 3
+
+
+def test_precise_bn_recomputes_running_stats_from_the_training_images_and_trains_alike(tensors):
+    """classify.precise_bn: the best epoch's BatchNorm running statistics are those of the training images
+    under its final weights (PyTorch's running averages lag them: from scratch eval-mode outputs
+    collapsed to one class in the demo), and the weights are exactly those trained without it."""
+    from meddap.classify.data import imagenet_stats, model_input
+
+    spec = dataclasses.replace(SPEC_A, classifier="resnet18")
+    plain = train_trial(spec, tensors[SPEC_A], _cfg(epochs=1, models=["resnet18"]), CLASSES)
+    precise = train_trial(spec, tensors[SPEC_A], _cfg(epochs=1, models=["resnet18"], precise_bn=True), CLASSES)
+    buffers = ("running_mean", "running_var", "num_batches_tracked")
+    weights = [k for k in plain.state_dict if not k.endswith(buffers)]
+    assert all(torch.equal(plain.state_dict[k], precise.state_dict[k]) for k in weights)
+    model = build_trial_model(spec, len(CLASSES), 0)
+    model.load_state_dict(precise.state_dict)
+    with torch.no_grad():  # bn1's input is conv1's output: its mean over the training images (3 chunks of 8)
+        target = model.conv1(model_input(tensors[SPEC_A].train_images, stats=imagenet_stats("cpu"))).mean((0, 2, 3))
+    torch.testing.assert_close(precise.state_dict["bn1.running_mean"], target, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(plain.state_dict["bn1.running_mean"], target, rtol=1e-2, atol=1e-3)
+
+
+def test_precise_bn_draws_no_random_numbers_and_restores_the_model():
+    from meddap.classify.trial import precise_bn
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4, momentum=0.3), torch.nn.Dropout(0.5),
+                                torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3))
+    images = torch.randint(0, 256, (5, 1, 8, 8), dtype=torch.uint8)
+    rng = torch.get_rng_state()
+    assert precise_bn(model, images, batch_size=2) == 1   # chunks of 3 and 2 images: no lone last one
+    assert torch.equal(torch.get_rng_state(), rng)        # dropout stayed off
+    assert model.training and model[1].momentum == 0.3 and model[2].training
+    assert precise_bn(build_trial_model(SPEC_A, 3, 0), images, batch_size=2) == 0  # SqueezeNet: no BatchNorm
