@@ -151,6 +151,11 @@ def _done_trials(lay: RunLayout) -> set[str]:
             if p.replace("/", os.sep).endswith(marker)}
 
 
+# Classifier keys added after trials were first keyed, with the value that behaves as before they existed:
+# left there they stay out of the key, so an upgrade does not rerun every finished trial.
+_LATER_KEYS = {"classify.precise_bn": False}
+
+
 def _inputs_key(cfg: Config, manifest: pd.DataFrame) -> str:
     """sha256 of what every trial shares: the classifier settings and the real images (ids, pixel
     hashes, splits, folds, labels) it trains and is evaluated on."""
@@ -159,7 +164,8 @@ def _inputs_key(cfg: Config, manifest: pd.DataFrame) -> str:
     from meddap.stages.state import stage_settings
 
     settings = {k: v for k, v in stage_settings(cfg, "sweep").items()
-                if k.startswith("classify.") or k in ("data.classes", "data.image_size")}
+                if (k.startswith("classify.") or k in ("data.classes", "data.image_size"))
+                and not (k in _LATER_KEYS and v == _LATER_KEYS[k])}
     cols = [c for c in ("image_id", "sha256", "split", "fold", "label") if c in manifest.columns]
     real = manifest[cols].astype(str).sort_values("image_id").to_csv(index=False)
     return hashlib.sha256(json.dumps({"settings": settings, "real": real}, sort_keys=True,

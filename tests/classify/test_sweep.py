@@ -207,7 +207,7 @@ def test_ctrl_c_during_the_sweep_is_an_interrupt_not_failed_trials(tmp_path, ray
     assert signal.getsignal(signal.SIGINT) is before  # Tune's handler is not left behind
 
 
-def test_trials_are_keyed_by_what_they_were_made_from(tmp_path):
+def test_trials_are_keyed_by_what_they_were_made_from(tmp_path, monkeypatch):
     """A finished trial's part carries `made_from`: a rerun with other real images, other synthetic
     images or other classifier settings does not take it as done (the sweep then removes and reruns it)."""
     run = write_tiny_run(tmp_path, train_per_class=4, test_per_class=1, external_per_class=1, size=24,
@@ -233,6 +233,22 @@ def test_trials_are_keyed_by_what_they_were_made_from(tmp_path):
         "generate.adjectives": "[dark]", "generate.ratios": "[1.0]", "classify.lr": 0.01}))) != base
     assert key(c=load_config("demo", tiny_overrides(run["run_dir"], **{
         "generate.adjectives": "[dark]", "generate.ratios": "[1.0]", "classify.max_concurrent_trials": 2}))) == base
+    # a key added later (classify.precise_bn) counts when set, and not at the value that behaves as before it
+    # existed, so finished trials of earlier versions keep their key
+    with_bn = {"generate.adjectives": "[dark]", "generate.ratios": "[1.0]", "classify.precise_bn": "true"}
+    no_bn = {**with_bn, "classify.precise_bn": "false"}
+    assert key(c=load_config("demo", tiny_overrides(run["run_dir"], **with_bn))) != key(
+        c=load_config("demo", tiny_overrides(run["run_dir"], **no_bn)))
+    import meddap.stages.state as state_mod
+
+    settings = state_mod.stage_settings
+    cfg_no_bn = load_config("demo", tiny_overrides(run["run_dir"], **no_bn))
+    before = sweep._inputs_key(cfg_no_bn, manifest)
+    # the settings as an earlier version had them: no precise_bn key at all
+    monkeypatch.setattr(state_mod, "stage_settings",
+                        lambda c, st: {k: v for k, v in settings(c, st).items() if k != "classify.precise_bn"})
+    assert sweep._inputs_key(cfg_no_bn, manifest) == before
+    monkeypatch.undo()
 
     lay = RunLayout(cfg.run_dir)
     storage.write_parquet(pd.DataFrame({"trial_id": [syn.trial_id], "made_from": [base]}),
