@@ -500,3 +500,24 @@ def test_a_fidelity_gate_judge_that_predicts_one_class_is_flagged():
     lead = _fidelity_lead(gate, None, trials)
     assert "Read with care:** resnet34__real__r0__f0 predicted one class" in lead and "__f1 predicted" not in lead
     assert "Read with care" not in _fidelity_lead(gate, None, trials.assign(confusion=trained))
+
+
+def test_figure_1a_warns_about_a_real_only_classifier_that_did_not_learn():
+    """Figure 1(a) scores synthetic images with real-only classifiers: one that puts every test image in
+    one class scores that class's share, and the figure's section says so for that classifier only."""
+    import json as _json
+
+    import pandas as _pd
+
+    from meddap.stages.report import _fig1a_caveat
+
+    one_class = _json.dumps([[6, 0, 0], [6, 0, 0], [6, 0, 0]])
+    trained = _json.dumps([[4, 1, 1], [1, 4, 1], [0, 2, 4]])
+    trials = _pd.DataFrame([dict(trial_id=f"{c}__real__r0__f{f}", classifier=c, adjective=None, ratio=0.0, fold=f,
+                                 eval_set="test", confusion=conf, repeat=0, accuracy=0.5)
+                            for c, f, conf in [("squeezenet1_1", 0, one_class), ("squeezenet1_1", 1, trained),
+                                               ("densenet121", 0, trained)]])
+    text = _fig1a_caveat(trials, ["densenet121", "squeezenet1_1"])
+    assert "squeezenet1_1 (fold(s) 0)" in text and "densenet121" not in text
+    assert _fig1a_caveat(trials.assign(confusion=trained), ["densenet121", "squeezenet1_1"]) is None
+    assert _fig1a_caveat(trials, ["densenet121"]) is None   # not in the figure: nothing to warn about

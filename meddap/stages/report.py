@@ -627,6 +627,20 @@ def _stand_in_note(cfg) -> Optional[str]:
             f"nothing about whether the method helps on real images.")
 
 
+def _fig1a_caveat(trials: Optional[pd.DataFrame], classifiers: list[str]) -> Optional[str]:
+    """A warning under Figure 1(a) naming the classifiers whose real-only classifier put every test image
+    in one class: its accuracy on a synthetic set is that class's share, whatever the images show."""
+    if trials is None:
+        return None
+    collapsed = {c: f for c, f in collapsed_baselines(trials).items() if c in classifiers}
+    if not collapsed:
+        return None
+    named = "; ".join(f"{c} (fold(s) {', '.join(map(str, f))})" for c, f in collapsed.items())
+    return (f"**Read with care:** the real-only classifier of {named} predicted one class for every test "
+            f"image: it did not learn the classes, so its column says nothing about the synthetic images "
+            f"(it scores the share of that class). Columns of classifiers that learned are label fidelity.")
+
+
 def _optional(path: str) -> Optional[pd.DataFrame]:
     return storage.read_parquet(path) if storage.exists(path) else None
 
@@ -907,6 +921,9 @@ def run(cfg) -> dict:
         piv = f1a.pivot(index="adjective", columns="classifier", values="accuracy_mean")
         rep.table(pd.DataFrame({"adjective": [_adj_label(a) for a in piv.index],
                                 **{c: [_pct(v) for v in piv[c]] for c in piv.columns}}))
+        caveat = _fig1a_caveat(trials, list(piv.columns))
+        if caveat:
+            rep.p(caveat)
         rep.img(fig1a_fig, "Accuracy (%) of real-only classifiers on each adjective's synthetic images")
     else:
         rep.p("Not available (see notes).")
