@@ -270,7 +270,9 @@ class GenerateConfig:
     workers: Optional[int] = _f(None, "Ray Data actors; null = one per GPU, or on CPU a pool that leaves CPUs free.")
     num_gpus_per_worker: float = _f(1.0, "GPUs per actor when GPUs are present.")
     cpus_per_worker: float = _f(1.0, "CPUs per actor on a CPU-only cluster (also its torch threads, at least 1); "
-                                     "the pool always leaves >= 1 CPU free for Ray Data's own tasks.")
+                                     "the pool always leaves >= 1 CPU free for Ray Data's own tasks. With "
+                                     "generate.workers null the actors' torch threads also use that CPU "
+                                     "(2 CPUs: 1 actor, 2 threads).")
     seed: int = _f(0, "Run seed from which each image's seed is derived.")
     mode: Literal["txt2img", "img2img"] = _f(
         "txt2img", "txt2img: from noise (the paper). img2img: each image starts from one real training image of its "
@@ -378,6 +380,9 @@ class ClassifyConfig:
                "paper. From scratch with a few dozen steps those lag the weights and eval-mode predictions can "
                "collapse to one class. One forward pass over the training images per epoch; no effect on networks "
                "without BatchNorm (SqueezeNet).")
+    precise_bn_images: Optional[int] = _f(
+        None, "Training images precise BN averages over, evenly spread over the trial's training set (real and "
+              "synthetic alike); null = all. Bounds its cost on large sets: one forward pass over these per epoch.")
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = _f(
         "auto", "auto: bf16 autocast on GPUs with native bf16, else fp16 with loss scaling; fp32 on CPU.")
     cpus_per_trial: float = _f(1.0, "CPUs each Tune trial claims.")
@@ -412,6 +417,9 @@ class ClassifyConfig:
         _check(self.epochs >= 1, f"{prefix}.epochs", self.epochs, "an integer >= 1")
         _check(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, "an integer >= 1")
         _check(self.lr > 0, f"{prefix}.lr", self.lr, "a positive number")
+        if self.precise_bn_images is not None:
+            _check(self.precise_bn_images >= 2, f"{prefix}.precise_bn_images", self.precise_bn_images,
+                   "null (all training images) or an integer >= 2 (BatchNorm needs 2 values per channel)")
         if self.image_size is not None:
             _check(16 <= self.image_size <= 2048, f"{prefix}.image_size", self.image_size, "null or [16, 2048]")
         _check(self.cpus_per_trial > 0, f"{prefix}.cpus_per_trial", self.cpus_per_trial, "a number > 0")

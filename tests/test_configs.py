@@ -134,6 +134,7 @@ def test_statistics_colour_and_fid_keys_checked_at_the_door():
     for bad, key in (("report.bootstrap_samples=999", "report.bootstrap_samples"),
                      ("fid.extra_dims=[2048]", "fid.extra_dims"), ("fid.extra_dims=[65]", "fid.extra_dims"),
                      ("classify.channels=rgba", "classify.channels"), ("classify.repeats=0", "classify.repeats"),
+                     ("classify.precise_bn_images=1", "classify.precise_bn_images"),
                      ("data.external.match_min_correlation=0", "data.external.match_min_correlation")):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             load_config("demo", [bad])

@@ -240,6 +240,10 @@ def train_trial(spec: TrialSpec, tensors: TrialTensors, cfg_classify, classes: S
         images_seen, history = checkpoint["images_seen"], list(checkpoint["history"])
         _set_rng_state(checkpoint["rng"], generator, device)
 
+    bn_x = train_x   # the images precise BN averages over: at most classify.precise_bn_images, spread over the set
+    if c.precise_bn and c.precise_bn_images is not None and n > c.precise_bn_images:
+        bn_x = train_x[torch.linspace(0, n - 1, c.precise_bn_images, device=device).round().long()]
+
     model.train()
     last_checkpoint = time.monotonic()
     for epoch in range(start_epoch, c.epochs):
@@ -258,7 +262,7 @@ def train_trial(spec: TrialSpec, tensors: TrialTensors, cfg_classify, classes: S
             torch.cuda.synchronize(device)
         step_seconds += time.perf_counter() - t_epoch
         if c.precise_bn:  # before validation, so the best epoch's saved state holds these statistics
-            precise_bn(model, train_x, c.batch_size, amp, channels_last, stats)
+            precise_bn(model, bn_x, c.batch_size, amp, channels_last, stats)
         probs = predict_on_device(model, val_x, c.batch_size, device, amp, channels_last, stats)  # (n_val, K)
         hits = (probs.argmax(1) == val_y).sum()
         mean_loss = torch.stack(losses).mean() if losses else torch.full((), float("nan"), device=device)

@@ -153,7 +153,7 @@ def _done_trials(lay: RunLayout) -> set[str]:
 
 # Classifier keys added after trials were first keyed, with the value that behaves as before they existed:
 # left there they stay out of the key, so an upgrade does not rerun every finished trial.
-_LATER_KEYS = {"classify.precise_bn": False}
+_LATER_KEYS = {"classify.precise_bn": False, "classify.precise_bn_images": None}
 
 
 def _inputs_key(cfg: Config, manifest: pd.DataFrame) -> str:

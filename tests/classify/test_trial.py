@@ -188,6 +188,29 @@ def test_precise_bn_recomputes_running_stats_from_the_training_images_and_trains
     assert not torch.allclose(plain.state_dict["bn1.running_mean"], target, rtol=1e-2, atol=1e-3)
 
 
+def test_precise_bn_images_takes_its_statistics_from_that_many_images_spread_over_the_set(tensors):
+    """classify.precise_bn_images: the statistics of 8 of the 24 training images, evenly spaced (so a
+    training set of real then synthetic images contributes both), not of the first 8 or of all."""
+    from meddap.classify.data import imagenet_stats, model_input
+
+    spec = dataclasses.replace(SPEC_A, classifier="resnet18")
+    res = train_trial(spec, tensors[SPEC_A], _cfg(epochs=1, models=["resnet18"], precise_bn=True,
+                                                  precise_bn_images=8), CLASSES)
+    model = build_trial_model(spec, len(CLASSES), 0)
+    model.load_state_dict(res.state_dict)
+    images = tensors[SPEC_A].train_images
+    assert images.shape[0] == 24
+
+    def conv1_mean(x):
+        with torch.no_grad():
+            return model.conv1(model_input(x, stats=imagenet_stats("cpu"))).mean((0, 2, 3))
+
+    spread = torch.linspace(0, 23, 8).round().long()     # 0, 3, 7, ..., 23
+    torch.testing.assert_close(res.state_dict["bn1.running_mean"], conv1_mean(images[spread]), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(res.state_dict["bn1.running_mean"], conv1_mean(images[:8]), rtol=1e-3, atol=1e-4)
+    assert not torch.allclose(res.state_dict["bn1.running_mean"], conv1_mean(images), rtol=1e-3, atol=1e-4)
+
+
 def test_precise_bn_draws_no_random_numbers_and_restores_the_model():
     from meddap.classify.trial import precise_bn
 

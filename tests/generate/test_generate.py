@@ -162,6 +162,9 @@ def test_missing_adapter_is_a_clear_error(run_dir, tiny_sd_dir):
 def test_pool_never_claims_every_cpu(run_dir, tiny_sd_dir):
     cfg = make_cfg(run_dir, tiny_sd_dir, "generate.workers=null", "generate.cpus_per_worker=1")
     assert stage.pool_size(cfg, {"CPU": 2.0})["workers"] == 1
+    # the CPU left unclaimed lends its threads to an automatically sized pool, never to a chosen one
+    assert stage.pool_size(cfg, {"CPU": 2.0})["threads"] == 2 and stage.pool_size(cfg, {"CPU": 16.0})["threads"] == 1
+    assert stage.pool_size(make_cfg(run_dir, tiny_sd_dir, "generate.workers=1"), {"CPU": 2.0})["threads"] == 1
     assert stage.pool_size(cfg, {"CPU": 16.0, "GPU": 4.0})["workers"] == 4
     assert stage.pool_size(cfg, {"CPU": 16.0, "GPU": 4.0})["num_gpus"] == 1.0
     for cpus in (1.0, 2.0, 3.0, 8.0):
