@@ -181,7 +181,6 @@ def stage_inputs(cfg, stage: str) -> dict[str, str]:
     """run-dir files `stage` reads, relative to run_dir, as path -> sha256 ('absent' when missing)."""
     lay = RunLayout(cfg.run_dir)
     paths: list[str] = []
-    optional: list[str] = []       # recorded only when present
     if stage != "prepare":
         paths.append(lay.manifest)
     if stage == "generate":
@@ -194,14 +193,12 @@ def stage_inputs(cfg, stage: str) -> dict[str, str]:
             # records of adapters without them (and of runs from before the option) stay valid
             words = storage.join(lay.adapter_dir(f), CLASS_WORDS_NAME)
             if storage.exists(words):
-                optional.append(words)
+                paths.append(words)
     if stage in ("fid", "sweep", "report"):
         paths.append(lay.synthetic_manifest)
     if stage == "report":
         paths += [lay.summary("trials"), lay.summary("fid")]
     out = {}
-    for p in optional:
-        out[p[len(str(cfg.run_dir)):].lstrip("/")] = _input_sha256(p)
     for p in paths:
         rel = p[len(str(cfg.run_dir)):].lstrip("/")
         out[rel] = _input_sha256(p) if storage.exists(p) else "absent"
