@@ -9,8 +9,9 @@ with Adam for `classify.epochs` epochs on in-memory uint8 tensors (augmented on 
 epoch with the best validation accuracy (the earliest on ties), and evaluates that epoch's weights on
 every evaluation set. With `classify.precise_bn` every BatchNorm layer's running statistics are
 recomputed from the training images with the epoch's final weights before it is validated
-(`precise_bn`), instead of the running averages kept during the steps, which lag fast-changing
-weights (Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm"). On CUDA it uses autocast (bf16 where the GPU has it natively, else fp16 with a
+(`precise_bn`, from at most `classify.precise_bn_images` of them), instead of the running averages kept
+during the steps, which lag fast-changing weights (Wu & Johnson 2021, "Rethinking 'Batch' in
+BatchNorm"). On CUDA it uses autocast (bf16 where the GPU has it natively, else fp16 with a
 grad scaler), channels_last and fused Adam (the scaler's inf check then stays on the device). Training
 and validation images stay on the device for the whole trial and the normalisation constants are built
 once, so a step does no host work; the epoch's losses and the validation accuracy are read once per
