@@ -267,10 +267,12 @@ def _contact_sheets(synth: pd.DataFrame, classes: list[str], per_cell: int, run_
     return out
 
 
-def _fig1a_figure(f1a: pd.DataFrame, best: pd.DataFrame, run_dir: str) -> str:
+def _fig1a_figure(f1a: pd.DataFrame, best: pd.DataFrame, run_dir: str, n_classes: int) -> str:
     fig = _figure(2 + 0.7 * f1a["adjective"].nunique(), 3.4)
     ax = fig.subplots()
     adjs = sorted(f1a["adjective"].unique())
+    # A classifier guessing uniformly at random scores 1 / K on any class mix.
+    ax.axhline(100 / n_classes, ls="--", lw=1, color="grey", label=f"chance ({100 / n_classes:.0f} %)")
     for clf, g in f1a.groupby("classifier"):
         g = g.set_index("adjective").reindex(adjs)
         ax.plot(range(len(adjs)), 100 * g["accuracy_mean"], marker="o", label=clf)
@@ -737,7 +739,7 @@ def run(cfg) -> dict:
     else:
         contacts = _contact_sheets(synth.assign(adjective=synth["adjective"].fillna("").astype(str)),
                                    list(cfg.data.classes), cfg.report.contact_sheet_per_cell, run_dir, skipped)
-    fig1a_fig = _fig1a_figure(f1a, best, run_dir) if f1a is not None and len(f1a) else None
+    fig1a_fig = _fig1a_figure(f1a, best, run_dir, len(cfg.data.classes)) if f1a is not None and len(f1a) else None
     fidelity_fig = _fidelity_figure(gate, list(cfg.data.classes), run_dir) if gate is not None and len(gate) else None
     if cfg.generate.filter != "none" and fidelity_fig is None:
         rep.note("generate.filter is on but summary/fidelity_gate.parquet is absent or empty: the fidelity figure "
