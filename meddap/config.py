@@ -365,6 +365,17 @@ class GenerateConfig:
 
 
 @dataclass
+class ClassifierSettings:
+    """classify.per_model.<name>: training settings of one classifier that differ from classify's."""
+    epochs: Optional[int] = _f(None, "Training epochs of this classifier's trials; null = classify.epochs.")
+    lr: Optional[float] = _f(None, "Adam learning rate of this classifier's trials; null = classify.lr.")
+    batch_size: Optional[int] = _f(None, "Batch size of this classifier's trials; null = classify.batch_size.")
+
+    def set_fields(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+
+
+@dataclass
 class ClassifyConfig:
     models: list[str] = _f(["resnet34", "densenet121", "squeezenet1_1"], "torchvision classification model names.")
     pretrained: Literal["imagenet", "none"] = _f("imagenet", "imagenet: torchvision weights (the authors'); none: random init.")
@@ -411,9 +422,29 @@ class ClassifyConfig:
             "classifier x fold x ratio; classical (real images through the adjective's classical transform) per "
             "classifier x fold x ratio x adjective with a classical twin. Same per-class counts as the synthetic "
             "images at that ratio; Table 4 compares them with the synthetic trials.")
+    per_model: dict[str, ClassifierSettings] = _f(
+        {}, "Settings of one classifier that differ from the ones above, by name in classify.models: epochs, lr, "
+            "batch_size (e.g. {squeezenet1_1: {epochs: 16, lr: 1.0e-4}}: SqueezeNet has no BatchNorm and from "
+            "scratch needs a gentler, longer schedule). Names not in classify.models are unused. Only that "
+            "classifier's trials rerun when they change.")
+
+    def for_model(self, name: str) -> "ClassifyConfig":
+        """These settings as `name`'s trials train with: classify.per_model.<name> over the shared ones."""
+        override = self.per_model.get(name)
+        return dataclasses.replace(self, **override.set_fields()) if override is not None else self
 
     def validate(self, prefix: str) -> None:
         _check(len(self.models) >= 1, f"{prefix}.models", self.models, "a non-empty list of torchvision model names")
+        # A name not in classify.models is allowed (unused: `classify.models=[resnet34]` on the demo keeps its
+        # squeezenet1_1 settings); names that are no torchvision classifier fail in sweep.check_classifiers.
+        for name, override in self.per_model.items():
+            at = f"{prefix}.per_model.{name}"
+            if override.epochs is not None:
+                _check(override.epochs >= 1, f"{at}.epochs", override.epochs, "null or an integer >= 1")
+            if override.lr is not None:
+                _check(override.lr > 0, f"{at}.lr", override.lr, "null or a positive number")
+            if override.batch_size is not None:
+                _check(override.batch_size >= 1, f"{at}.batch_size", override.batch_size, "null or an integer >= 1")
         _check(self.epochs >= 1, f"{prefix}.epochs", self.epochs, "an integer >= 1")
         _check(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, "an integer >= 1")
         _check(self.lr > 0, f"{prefix}.lr", self.lr, "a positive number")
@@ -615,8 +646,10 @@ def _type_name(tp: Any) -> str:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     if origin is Union:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin in (list, dict):
-        return f"{origin.__name__}[{', '.join(_type_name(a) for a in typing.get_args(tp))}]"
+    if origin in (list, dict):  # a section inside one: its keys (classify.per_model: dict[str, {epochs, ...}])
+        args = ["{" + ", ".join(f.name for f in dataclasses.fields(a)) + "}" if dataclasses.is_dataclass(a)
+                else _type_name(a) for a in typing.get_args(tp)]
+        return f"{origin.__name__}[{', '.join(args)}]"
     if tp is type(None):
         return "null"
     if dataclasses.is_dataclass(tp):  # a section: say what a user writes, not the class name
@@ -753,6 +786,9 @@ def _typed_override(key: str, value: Any) -> Any:
     """Strings from the command line that the schema wants as str stay str (e.g. data.root=123)."""
     tp: Any = Config
     for p in key.split("."):
+        if typing.get_origin(tp) is dict:  # a mapping's key (classify.per_model.<name>): on to its values' type
+            tp = typing.get_args(tp)[1]
+            continue
         hints = typing.get_type_hints(tp) if dataclasses.is_dataclass(tp) else {}
         if p not in hints:
             return value  # unknown key: _build reports it with a suggestion

@@ -135,6 +135,9 @@ def test_statistics_colour_and_fid_keys_checked_at_the_door():
                      ("fid.extra_dims=[2048]", "fid.extra_dims"), ("fid.extra_dims=[65]", "fid.extra_dims"),
                      ("classify.channels=rgba", "classify.channels"), ("classify.repeats=0", "classify.repeats"),
                      ("classify.precise_bn_images=1", "classify.precise_bn_images"),
+                     ("classify.per_model.resnet34.epochs=0", "classify.per_model.resnet34.epochs"),
+                     ("classify.per_model.resnet34.lr=-1", "classify.per_model.resnet34.lr"),
+                     ("classify.per_model.resnet34.epoch=3", "classify.per_model.resnet34.epoch"),
                      ("data.external.match_min_correlation=0", "data.external.match_min_correlation")):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             load_config("demo", [bad])

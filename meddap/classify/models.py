@@ -28,7 +28,7 @@ from torch import nn
 
 from meddap.errors import MeddapError
 
-__all__ = ["build_classifier", "classifier_names", "imagenet_weights_file", "logits_of"]
+__all__ = ["build_classifier", "check_classifier_name", "classifier_names", "imagenet_weights_file", "logits_of"]
 
 # torchvision's classification models are all built for ImageNet-1k; the head is what outputs this.
 _IMAGENET_CLASSES = 1000
@@ -41,13 +41,14 @@ def classifier_names() -> list[str]:
     return sorted(tvm.list_models(module=tvm))
 
 
-def _check_name(name: str) -> None:
+def check_classifier_name(name: str, key: str = "classify.models") -> None:
+    """MeddapError naming `key` and the closest torchvision names when `name` is no classifier."""
     names = classifier_names()
     if name not in names:
         close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise MeddapError(
-            f"unknown classifier '{name}' in classify.models.{hint} Any torchvision classification model "
+            f"unknown classifier '{name}' in {key}.{hint} Any torchvision classification model "
             f"works, e.g. resnet34, densenet121, squeezenet1_1, efficientnet_b0, vit_b_16 "
             f"(all {len(names)}: torchvision.models.list_models(module=torchvision.models)).")
 
@@ -56,7 +57,7 @@ def imagenet_weights_file(name: str) -> str:
     """File name of torchvision's default ImageNet weights for `name` (e.g. resnet34-b627a593.pth)."""
     import torchvision.models as tvm
 
-    _check_name(name)
+    check_classifier_name(name)
     return os.path.basename(tvm.get_model_weights(name).DEFAULT.url)
 
 
@@ -129,7 +130,7 @@ def build_classifier(name: str, num_classes: int, pretrained: str = "none",
     reproducible initialisation (the trial does so from its own seed)."""
     import torchvision.models as tvm
 
-    _check_name(name)
+    check_classifier_name(name)
     if num_classes < 2:
         raise MeddapError(f"build_classifier('{name}'): num_classes must be >= 2, got {num_classes}.")
     if pretrained not in ("none", "imagenet"):

@@ -165,7 +165,8 @@ def _inputs_key(cfg: Config, manifest: pd.DataFrame) -> str:
 
     settings = {k: v for k, v in stage_settings(cfg, "sweep").items()
                 if (k.startswith("classify.") or k in ("data.classes", "data.image_size"))
-                and not (k in _LATER_KEYS and v == _LATER_KEYS[k])}
+                and not (k in _LATER_KEYS and v == _LATER_KEYS[k])
+                and not k.startswith("classify.per_model.")}  # in the keys of that classifier's trials only
     cols = [c for c in ("image_id", "sha256", "split", "fold", "label") if c in manifest.columns]
     real = manifest[cols].astype(str).sort_values("image_id").to_csv(index=False)
     return hashlib.sha256(json.dumps({"settings": settings, "real": real}, sort_keys=True,
@@ -204,7 +205,11 @@ def trial_made_from(cfg: Config, spec, manifest: pd.DataFrame, synthetic: Option
             _, used = select_training_rows(manifest, synthetic, spec, cfg.data.classes)
         ident = used["spec"] if "spec" in used else used["path"]
         rows = sorted(zip(used["image_id"].astype(str), ident.astype(str)))
-    # Keys only gated trials have: every other trial keeps the key of earlier sweeps.
+    own = cfg.classify.per_model.get(spec.classifier)
+    if own is not None and own.set_fields():  # classify.per_model.<classifier>: its trials' own settings
+        extra["settings"] = own.set_fields()
+    # Keys only gated trials, or classifiers with their own settings, have: every other trial keeps the key
+    # of earlier sweeps.
     blob = json.dumps({"shared": shared_key, "spec": spec.to_dict(), "synthetic": rows, **extra}, sort_keys=True,
                       default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -512,7 +517,8 @@ def run_trial(cfg: Config, spec, images, made_from: str, device, state: Optional
     from meddap.classify.trial import train_trial
 
     tensors = trial_tensors(images, spec, get=get)
-    result = train_trial(spec, tensors, cfg.classify, cfg.data.classes, device, checkpoint=state, report=report)
+    result = train_trial(spec, tensors, cfg.classify.for_model(spec.classifier), cfg.data.classes, device,
+                         checkpoint=state, report=report)
     _write_trial_outputs(cfg, result, made_from, _fidelity_part(result, images, cfg))
     return result
 
@@ -625,7 +631,7 @@ def check_classifiers(cfg: Config, weights: bool = True) -> None:
     """MeddapError for a repeated or unknown name in classify.models and, with `weights` and
     classify.pretrained=imagenet, for ImageNet weights that cannot be loaded. `run` (the pipeline)
     calls it before fine-tuning, so a typo does not surface only after hours of finetune and generate."""
-    from meddap.classify.models import build_classifier, classifier_names
+    from meddap.classify.models import build_classifier, check_classifier_name, classifier_names
 
     repeated = sorted({m for m in cfg.classify.models if cfg.classify.models.count(m) > 1})
     if repeated:  # one trial id per (classifier, adjective, ratio, fold): a repeat would run it twice
@@ -634,6 +640,8 @@ def check_classifiers(cfg: Config, weights: bool = True) -> None:
     unknown = [m for m in cfg.classify.models if m not in classifier_names()]
     if unknown:
         build_classifier(unknown[0], len(cfg.data.classes))  # raises the MeddapError with close names
+    for name in cfg.classify.per_model:  # a typo there would leave its settings silently unused
+        check_classifier_name(name, "classify.per_model")
     if weights and cfg.classify.pretrained == "imagenet":
         for model in cfg.classify.models:
             build_classifier(model, len(cfg.data.classes), "imagenet", cfg.classify.weights_dir)

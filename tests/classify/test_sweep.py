@@ -57,6 +57,10 @@ def test_unknown_classifier_fails_before_work(tmp_path):
     with pytest.raises(MeddapError) as e:
         sweep.run(cfg)
     assert "densenet12" in str(e.value) and "densenet121" in str(e.value)
+    cfg = load_config("demo", tiny_overrides(str(tmp_path / "run"), **{"classify.per_model.squeezenet1.epochs": 3}))
+    with pytest.raises(MeddapError, match=r"unknown classifier 'squeezenet1' in classify\.per_model\. Did you mean "
+                                          r"squeezenet1_1, squeezenet1_0"):
+        sweep.run(cfg)
 
 
 def test_repeated_classifier_fails_before_work(tmp_path):
@@ -90,8 +94,10 @@ def test_tune_sweep_interrupted_then_resumed(tmp_path, ray_session):
     torch.set_num_threads(1)
     run = write_tiny_run(tmp_path, train_per_class=6, test_per_class=2, external_per_class=2,
                          adjectives=("dark",), size=36, overlap_external=1)
+    # classify.per_model: squeezenet1_1's trials train 3 epochs (classify.epochs: 2)
     cfg = load_config("demo", tiny_overrides(run["run_dir"], **{"generate.adjectives": "[dark]",
-                                                                "generate.ratios": "[1.0]"}))
+                                                                "generate.ratios": "[1.0]",
+                                                                "classify.per_model.squeezenet1_1.epochs": 3}))
     lay = RunLayout(cfg.run_dir)
     specs = sweep.build_grid(cfg)
     assert len(specs) == 4
@@ -117,6 +123,7 @@ def test_tune_sweep_interrupted_then_resumed(tmp_path, ray_session):
     assert (trials["repeat"] == 0).all() and trials.groupby("fold")["seed"].nunique().eq(1).all()  # CRN
     assert list(trials.columns[:16]) == sweep.TRIAL_COLUMNS[:16]
     assert trials.set_index(["trial_id", "eval_set"]).loc[victim, "resumed_from_epoch"].eq(1).all()
+    assert (trials["epochs"] == 3).all()
     pd.testing.assert_frame_equal(trials[trials.trial_id != victim].reset_index(drop=True),
                                   first.sort_values(["trial_id"], kind="stable").reset_index(drop=True),
                                   check_like=True)
@@ -249,6 +256,13 @@ def test_trials_are_keyed_by_what_they_were_made_from(tmp_path, monkeypatch):
                         lambda c, st: {k: v for k, v in settings(c, st).items() if k != "classify.precise_bn"})
     assert sweep._inputs_key(cfg_no_bn, manifest) == before
     monkeypatch.undo()
+    # classify.per_model.<name> keys that classifier's trials only: the others keep theirs
+    two = {"generate.adjectives": "[dark]", "generate.ratios": "[1.0]", "classify.models": "[squeezenet1_1, resnet34]"}
+    cfg_two = load_config("demo", tiny_overrides(run["run_dir"], **two))
+    cfg_own = load_config("demo", tiny_overrides(run["run_dir"], **two, **{"classify.per_model.squeezenet1_1.epochs": 3}))
+    other = {s.trial_id: s for s in sweep.build_grid(cfg_two)}["resnet34__dark__r1__f0"]
+    assert key(c=cfg_own) != key(c=cfg_two) and key(c=cfg_own, spec=real) != key(c=cfg_two, spec=real)
+    assert key(c=cfg_own, spec=other) == key(c=cfg_two, spec=other)
 
     lay = RunLayout(cfg.run_dir)
     storage.write_parquet(pd.DataFrame({"trial_id": [syn.trial_id], "made_from": [base]}),
