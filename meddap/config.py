@@ -706,6 +706,11 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as text: take the number it spells
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
         raise bad
     if tp is str:
         if isinstance(value, str):

@@ -100,6 +100,22 @@ def test_overrides_are_typed_by_the_schema():
     assert cfg.diffusion.lora.ranks == [2, 4, 8]
     assert cfg.generate.adjectives == ["", "dark"]
     assert cfg.classify.gpus_per_trial == 0.5
+    # a mapping's entries are typed too (classify.per_model.<name>), and unset ones fall back to the shared value
+    cfg = load_config("demo", ["classify.per_model.resnet34.lr=1e-4", "classify.per_model.resnet34.epochs=7"])
+    own = cfg.classify.for_model("resnet34")
+    assert own.lr == 1e-4 and own.epochs == 7 and own.batch_size == cfg.classify.batch_size
+    assert cfg.classify.for_model("densenet121").epochs == cfg.classify.epochs
+
+
+def test_yaml_floats_without_a_dot_are_numbers(tmp_path):
+    """YAML 1.1 reads 1e-4 as text; a float key in a config file takes it as the number it spells."""
+    path = tmp_path / "mine.yaml"
+    path.write_text("classify:\n  lr: 1e-3\n  per_model:\n    squeezenet1_1: {lr: 1e-4}\n")
+    cfg = load_config(str(path))
+    assert cfg.classify.lr == 1e-3 and cfg.classify.for_model("squeezenet1_1").lr == 1e-4
+    path.write_text("classify:\n  lr: fast\n")
+    with pytest.raises(ConfigError, match=r"'classify\.lr' = 'fast'.*expected float"):
+        load_config(str(path))
 
 
 def test_cli_refuses_bad_config_before_any_work(tmp_path):
