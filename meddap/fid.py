@@ -38,6 +38,7 @@ from meddap.errors import MeddapError
 
 __all__ = [
     "FEATURE_EXTRACTORS",
+    "check_features_source",
     "FeatureExtractor",
     "build_feature_extractor",
     "check_features_name",
@@ -367,11 +368,32 @@ def check_features_name(name: str, key: str = "fid.features") -> None:
                         "to (B, D) features.")
 
 
+_TORCHSCRIPT_FIX = ("export your encoder with torch.jit.save(torch.jit.script(model), PATH) (input (B, 3, H, W) in "
+                    "[0, 1], output (B, D); an `image_size` attribute sets H = W, else 224), or use "
+                    + " / ".join(FEATURE_EXTRACTORS))
+
+
+def check_features_source(cfg_fid, base_model: str) -> None:
+    """What `fid.features` and `fid.judge` read, checked to exist without loading it: a TorchScript file,
+    the judge beside `base_model`. MeddapError naming the key and the fix; the pipeline calls it before
+    fine-tuning, so a wrong path does not surface only after hours of finetune and generate. Inception's
+    weights are not checked: without them the fid stage records FID as not computed."""
+    from meddap.diffusion.base import base_model_judge_dir
+
+    name = getattr(cfg_fid, "features", "inception") or "inception"
+    check_features_name(name)
+    if name == "phantom-judge":
+        base_model_judge_dir(base_model, "fid.features")
+    elif name not in FEATURE_EXTRACTORS and not os.path.isfile(os.path.expanduser(name)):
+        raise MeddapError(f"config key 'fid.features' = {name!r}: no such file. Give the path of a TorchScript "
+                          f"encoder: {_TORCHSCRIPT_FIX}.")
+    if getattr(cfg_fid, "judge", None):
+        base_model_judge_dir(base_model, "fid.judge")
+
+
 def _torchscript_encoder(path: str, key: str, device) -> FeatureExtractor:
     full = os.path.expanduser(path)
-    fix = ("export your encoder with torch.jit.save(torch.jit.script(model), PATH) (input (B, 3, H, W) in [0, 1], "
-           "output (B, D); an `image_size` attribute sets H = W, else 224), or use "
-           + " / ".join(FEATURE_EXTRACTORS))
+    fix = _TORCHSCRIPT_FIX
     if not os.path.isfile(full):
         raise MeddapError(f"config key '{key}' = {path!r}: no such file. Give the path of a TorchScript encoder: {fix}.")
     import warnings

@@ -103,6 +103,19 @@ def test_sweep_settings_are_checked_before_fine_tuning(tmp_path, fake, monkeypat
     assert fake == [] and not os.path.exists(tmp_path / "run")
 
 
+def test_fid_sources_are_checked_before_fine_tuning(tmp_path, fake):
+    """fid.features / fid.judge name files the fid stage reads after finetune and generate: a wrong one
+    fails at the start, naming the key and the fix."""
+    with pytest.raises(MeddapError, match=r"'fid\.features' = '.*encoder\.pt': no such file.*torch\.jit\.save"):
+        pipeline.run(_cfg(tmp_path, f"fid.features={tmp_path / 'encoder.pt'}", "fid.judge=null"))
+    # a base-model folder without the judge pretrain-base writes beside it
+    with pytest.raises(MeddapError, match=r"fid\.judge takes the phantom judge.*expected in .*judge.*pretrain-base"):
+        pipeline.run(_cfg(tmp_path, f"diffusion.base_model={tmp_path}", "fid.features=inception"))
+    with pytest.raises(MeddapError, match=r"fid\.features takes the phantom judge.*expected in .*judge"):
+        pipeline.run(_cfg(tmp_path, f"diffusion.base_model={tmp_path}", "fid.judge=null"))
+    assert fake == [] and not os.path.exists(tmp_path / "run")
+
+
 def test_changed_setting_is_refused_before_any_work(tmp_path, fake):
     cfg = _cfg(tmp_path)
     pipeline.run_stages(cfg, state.STAGES)

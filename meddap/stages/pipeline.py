@@ -292,14 +292,20 @@ def _timing(t: dict, total: float) -> str:
 
 
 def _preflight(cfg: Config, force: list[str]) -> None:
-    """Settings only a late stage uses, checked before any work: the sweep's classifier names and
-    ImageNet weights would otherwise fail only after fine-tuning and generation (hours on the paper)."""
-    sweep_redone = any("sweep" in state.downstream(f) for f in force)
-    if state.check_stage(cfg, "sweep").state == "done" and not sweep_redone:
-        return
-    from meddap.stages.sweep import check_classifiers
+    """Settings only a late stage uses, checked before any work: fid's feature extractor and judge files,
+    the sweep's classifier names and ImageNet weights would otherwise fail only after fine-tuning and
+    generation (hours on the paper)."""
+    def pending(stage: str) -> bool:
+        return state.check_stage(cfg, stage).state != "done" or any(stage in state.downstream(f) for f in force)
 
-    check_classifiers(cfg)
+    if pending("fid"):
+        from meddap.fid import check_features_source
+
+        check_features_source(cfg.fid, cfg.diffusion.base_model)
+    if pending("sweep"):
+        from meddap.stages.sweep import check_classifiers
+
+        check_classifiers(cfg)
 
 
 def run(cfg: Config, force: Iterable[str] = ()) -> dict:
