@@ -425,8 +425,8 @@ class ClassifyConfig:
     per_model: dict[str, ClassifierSettings] = _f(
         {}, "Settings of one classifier that differ from the ones above, by name in classify.models: epochs, lr, "
             "batch_size (e.g. {squeezenet1_1: {epochs: 16, lr: 1.0e-4}}: SqueezeNet has no BatchNorm and from "
-            "scratch needs a gentler, longer schedule). Names not in classify.models are unused. Only that "
-            "classifier's trials rerun when they change.")
+            "scratch needs a gentler, longer schedule). Names not in classify.models are unused. A change reruns "
+            "only that classifier's trials (no --force needed).")
 
     def for_model(self, name: str) -> "ClassifyConfig":
         """These settings as `name`'s trials train with: classify.per_model.<name> over the shared ones."""
@@ -694,7 +694,15 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
         if not isinstance(value, dict):
             raise bad
         kt, vt = typing.get_args(tp)
-        return {_coerce(kt, k, key, source): _coerce(vt, v, f"{key}.{k}", source) for k, v in value.items()}
+        out = {}
+        for k, v in value.items():
+            try:
+                name = _coerce(kt, k, key, source)
+            except ConfigError:
+                raise ConfigError(f"config key '{key}' (from {source}) has the entry {k!r}: its name must be "
+                                  f"{_type_name(kt)} (e.g. quoted in YAML).") from None
+            out[name] = _coerce(vt, v, f"{key}.{k}", source)
+        return out
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -198,6 +198,10 @@ def _stage_line(cfg: Config, stage: str) -> tuple[str, str]:
     if record.get("status") == "running":
         return "running", "; ".join(x for x in (count, _started_at(cfg, stage), _last_log_write(cfg),
                                                 "if its process is gone, rerun to resume") if x)
+    if record and st.changed:  # done; settings it absorbs itself changed (classify.per_model for the sweep)
+        more = f" (+{len(st.changed) - 1} more)" if len(st.changed) > 1 else ""
+        return "missing", "; ".join(x for x in (count, f"settings changed: {st.changed[0]}{more}; `python -m meddap "
+                                                       f"run` redoes only the work they decide") if x)
     if record:
         return "missing", "; ".join(x for x in (count, "recorded done but its outputs are gone") if x)
     return "missing", count

@@ -40,8 +40,9 @@ def _fake_stage(stage: str, calls: list):
             storage.write_parquet(pd.DataFrame({"adjective": cfg.generate.adjectives}), lay.synthetic_manifest)
         elif stage == "fid":
             storage.write_parquet(pd.DataFrame({"fid": [1.0]}), lay.summary("fid"))
-        elif stage == "sweep":
-            storage.write_parquet(pd.DataFrame({"acc": [0.5]}), lay.summary("trials"))
+        elif stage == "sweep":  # its trials differ with classify.per_model, as the real sweep's do
+            storage.write_parquet(pd.DataFrame({"acc": [0.5], "per_model": [repr(cfg.classify.per_model)]}),
+                                  lay.summary("trials"))
         elif stage == "report":
             storage.write_text(lay.path("report.md"), "# report\n")
     return run
@@ -114,6 +115,35 @@ def test_fid_sources_are_checked_before_fine_tuning(tmp_path, fake):
     with pytest.raises(MeddapError, match=r"fid\.features takes the phantom judge.*expected in .*judge"):
         pipeline.run(_cfg(tmp_path, f"diffusion.base_model={tmp_path}", "fid.judge=null"))
     assert fake == [] and not os.path.exists(tmp_path / "run")
+
+
+def test_per_model_change_reruns_the_sweep_without_force(tmp_path, fake):
+    """classify.per_model keys the sweep's trials (only that classifier's rerun), so a change there is no
+    reason to refuse the run or delete the sweep's outputs: the sweep runs again, then the report."""
+    from meddap.status import status_lines
+
+    cfg = _cfg(tmp_path)
+    pipeline.run_stages(cfg, state.STAGES)
+    fake.clear()
+    # an entry for a classifier the grid does not train, and an entry of nulls, change nothing
+    pipeline.run_stages(_cfg(tmp_path, "classify.per_model.vit_b_16.epochs=3", "classify.per_model.resnet34.lr=null"),
+                        state.STAGES)
+    assert fake == []
+    changed = _cfg(tmp_path, "classify.per_model.squeezenet1_1.epochs=3")
+    st = state.check_stage(changed, "sweep")
+    assert st.state == "missing" and st.changed == ["classify.per_model.squeezenet1_1.epochs: 16 -> 3"]
+    assert any("sweep" in ln and "settings changed: classify.per_model.squeezenet1_1.epochs: 16 -> 3" in ln
+               for ln in status_lines(changed))
+    trials = RunLayout(changed.run_dir).summary("trials")
+    before = storage.read_parquet(trials)
+    pipeline.run_stages(changed, state.STAGES)
+    assert fake == ["sweep", "report"]
+    assert storage.read_parquet(trials)["per_model"][0] != before["per_model"][0]
+    assert state.check_stage(changed, "sweep").state == "done" and state.check_stage(changed, "report").state == "done"
+    # any other classifier setting changed with it: refused as before, naming both
+    with pytest.raises(MeddapError, match=r"(?s)classify\.lr: 0\.001 -> 0\.01.*--force sweep"):
+        pipeline.run_stages(_cfg(tmp_path, "classify.per_model.squeezenet1_1.epochs=4", "classify.lr=0.01"),
+                            state.STAGES)
 
 
 def test_changed_setting_is_refused_before_any_work(tmp_path, fake):

@@ -167,6 +167,9 @@ def _run_stages(cfg: Config, stages: Iterable[str], force: Iterable[str] = (), *
             shown = "; ".join(status.damaged[:5]) + (f"; ... {len(status.damaged) - 5} more" if len(status.damaged) > 5 else "")
             _log(f"{name}: {len(status.damaged)} output(s) damaged or missing since it finished ({shown}); "
                  f"removed {len(removed)} file(s), remaking them")
+        elif status.changed:  # done, but settings it absorbs itself changed (state._REKEYED)
+            shown = "; ".join(status.changed[:3]) + (f"; ... {len(status.changed) - 3} more" if len(status.changed) > 3 else "")
+            _log(f"{name}: running again for changed settings ({shown}); it redoes only the work they decide")
         else:
             how = {"running": "was killed", "interrupted": "was interrupted", "failed": "failed"}
             _log(f"{name}: running" + (f" (resuming: its last run {how.get(status.record.get('status'), 'stopped')})"

@@ -15,7 +15,9 @@ While a stage runs its record says "running"; a stage stopped by Ctrl-C or SIGTE
 
 `check_stage` compares a record with the current config and files and says one of:
   - done:        record present, settings and inputs equal, key outputs present;
-  - missing:     no record (or its key outputs were deleted): run it (stages resume on their own);
+  - missing:     no record (or its key outputs were deleted): run it (stages resume on their own); also
+                 a done stage whose only changes are settings it absorbs itself (`changed` lists them:
+                 the sweep's classify.per_model, which reruns only the trials they decide);
   - invalidated: settings or inputs differ; `changed` lists them as "key: old -> new";
   - damaged:     done, but recorded outputs are missing, of another size or (local run dirs) another
                  sha256; `damaged` lists them. The pipeline removes them and resumes the stage, which
@@ -131,6 +133,20 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: d}
 
 
+# Settings a stage absorbs by itself when they change: it reruns (no --force, nothing deleted first) and
+# redoes only the work they decide. The sweep keys every trial by its classifier's classify.per_model
+# settings (sweep.trial_made_from), so a change there reruns that classifier's trials and keeps the rest.
+_REKEYED: dict[str, tuple[str, ...]] = {"sweep": ("classify.per_model.",)}
+# ... and stages that see them only through an upstream stage's outputs (their input hashes).
+_THROUGH_INPUTS: dict[str, tuple[str, ...]] = {"report": ("classify.per_model.",)}
+
+
+def _per_model_used(cfg, key: str, value: Any) -> bool:
+    """classify.per_model.<name>.<field>: set (not null) and for a classifier the grid trains."""
+    parts = key.split(".")
+    return value is not None and len(parts) == 4 and parts[2] in cfg.classify.models
+
+
 def stage_settings(cfg, stage: str) -> dict[str, Any]:
     """The dotted config keys (and values) that decide `stage`'s outputs."""
     full = cfg.to_dict()
@@ -138,7 +154,10 @@ def stage_settings(cfg, stage: str) -> dict[str, Any]:
     for section in _SECTIONS[stage]:
         flat.update(_flatten(full[section], section + "."))
     skip = _EXECUTION_ONLY | _NOT_FOR_STAGE.get(stage, set())
-    return {k: v for k, v in sorted(flat.items()) if k not in skip}
+    hidden = _THROUGH_INPUTS.get(stage, ())
+    return {k: v for k, v in sorted(flat.items())
+            if k not in skip and not k.startswith(hidden)
+            and not (k.startswith("classify.per_model.") and not _per_model_used(cfg, k, v))}
 
 
 _HASHES: dict[tuple[str, int, int], str] = {}  # (local path, size, mtime_ns) -> sha256, for this process
@@ -367,12 +386,19 @@ def check_stage(cfg, stage: str) -> StageStatus:
         return StageStatus(stage, "missing")
     changed = _diff(record.get("config", {}), _unrecorded_defaults_dropped(record.get("config", {}),
                                                                    stage_settings(cfg, stage), stage), "")
+    rekeyed = _REKEYED.get(stage, ())
     if record.get("status") != "done":
-        # Partial outputs of other settings must not be resumed; a stage that stopped before writing
-        # anything (refused at the door: a wrong path, a missing file) left nothing to mix.
+        # Partial outputs of other settings must not be resumed (unless the stage absorbs those settings
+        # itself); a stage that stopped before writing anything (refused at the door: a wrong path, a
+        # missing file) left nothing to mix.
+        if changed and rekeyed and all(c.startswith(rekeyed) for c in changed):
+            return StageStatus(stage, "missing", changed, record)
         left = bool(changed) and any(storage.file_sizes(p) for p in stage_outputs(cfg, stage))
         return StageStatus(stage, "invalidated" if left else "missing", changed if left else [], record)
     changed += _diff(record.get("inputs", {}), stage_inputs(cfg, stage), "input ")
+    if changed and rekeyed and all(c.startswith(rekeyed) for c in changed):
+        # Settings the stage absorbs itself: it is to run again (resuming), `changed` says why.
+        return StageStatus(stage, "missing", changed, record)
     if changed:
         return StageStatus(stage, "invalidated", changed, record)
     if not all(storage.exists(p) for p in _key_outputs(cfg, stage)):

@@ -206,8 +206,9 @@ def trial_made_from(cfg: Config, spec, manifest: pd.DataFrame, synthetic: Option
         ident = used["spec"] if "spec" in used else used["path"]
         rows = sorted(zip(used["image_id"].astype(str), ident.astype(str)))
     own = cfg.classify.per_model.get(spec.classifier)
-    if own is not None and own.set_fields():  # classify.per_model.<classifier>: its trials' own settings
-        extra["settings"] = own.set_fields()
+    own = {k: v for k, v in (own.set_fields() if own is not None else {}).items() if v != getattr(cfg.classify, k)}
+    if own:  # classify.per_model.<classifier>, where it differs from the shared settings: its trials' own
+        extra["settings"] = own
     # Keys only gated trials, or classifiers with their own settings, have: every other trial keeps the key
     # of earlier sweeps.
     blob = json.dumps({"shared": shared_key, "spec": spec.to_dict(), "synthetic": rows, **extra}, sort_keys=True,
