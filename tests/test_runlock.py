@@ -109,12 +109,13 @@ def test_other_host_owner_is_stale_only_after_lock_stale_s(tmp_path, capsys):
 
 
 _RACER = """
-import sys, time
+import os, sys, time
 from meddap.config import load_config
 from meddap.errors import MeddapError
 from meddap.runlock import run_lock
 cfg = load_config("demo", ["run_dir=" + sys.argv[1]])
-while time.time() < float(sys.argv[2]):
+print("READY", flush=True)
+while not os.path.exists(sys.argv[2]):
     time.sleep(0.001)
 try:
     with run_lock(cfg, "racer"):
@@ -126,11 +127,13 @@ except MeddapError as e:
 
 
 def test_two_processes_racing_for_one_run_dir_get_one_owner(tmp_path):
-    run_dir = tmp_path / "run"
-    start = time.time() + 3  # both import first, then go at the same instant
+    run_dir, go = tmp_path / "run", tmp_path / "go"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    procs = [subprocess.Popen([sys.executable, "-c", _RACER, str(run_dir), str(start)], stdout=subprocess.PIPE,
+    procs = [subprocess.Popen([sys.executable, "-c", _RACER, str(run_dir), str(go)], stdout=subprocess.PIPE,
                               text=True, env=env) for _ in range(3)]
+    # all three have imported and wait for the go file, however slow the box: then they go at once
+    assert [p.stdout.readline().strip() for p in procs] == ["READY"] * 3
+    go.touch()
     outs = [p.communicate(timeout=60)[0] for p in procs]
     assert sum(o.startswith("OWNER") for o in outs) == 1, outs
     assert sum(o.startswith("REFUSED") for o in outs) == 2, outs
