@@ -44,7 +44,7 @@ def overrides(run_dir: str) -> list[str]:
     return [f"run_dir={run_dir}", "data.phantom.per_class=6", "data.external.source=null",
             "diffusion.lora.per_fold=false", "diffusion.train.epochs=10", "diffusion.train.max_failures=2",
             "generate.adjectives=['', dark]", "generate.ratios=[1.0]", "generate.steps=6", "generate.batch_size=2",
-            "generate.cpus_per_worker=0.5", "generate.workers=2", "classify.models=[squeezenet1_1]", "classify.epochs=4",
+            "generate.cpus_per_worker=0.5", "generate.workers=2", "classify.models=[squeezenet1_1]", "classify.epochs=4", "classify.per_model={}",
             "classify.checkpoint_seconds=0", "classify.batch_size=8", "classify.max_failures=3",
             "classify.image_size=32", "fid.dims=64", "classify.controls=[]", *TINY_SD]
 

@@ -39,7 +39,7 @@ TINY_SD = ["diffusion.base_model=builtin:tiny", "fid.features=inception", "fid.j
 DEMO_TEST_OVERRIDES = ["data.phantom.per_class=12", "data.external.phantom.per_class=6", "data.image_size=32",
                        "diffusion.resolution=32", "diffusion.train.epochs=1", "generate.adjectives=['', dark]",
                        "generate.ratios=[1.0]", "generate.steps=4", "classify.models=[resnet34, squeezenet1_1]",
-                       "classify.epochs=2", "classify.batch_size=16", "report.gradcam_images=1",
+                       "classify.epochs=2", "classify.per_model={}", "classify.batch_size=16", "report.gradcam_images=1",
                        "report.contact_sheet_per_cell=2", *TINY_SD]
 # The head declares one logical GPU and the job runs with MEDDAP_DEVICE=cpu: the demo's `auto` GPU
 # settings then ask Ray for GPUs exactly as on a GPU cluster (issue 11 part 3a) while the arithmetic

@@ -183,7 +183,7 @@ SMALL = ["data.folds=2", "data.image_size=32", "data.phantom.per_class=8", "data
          "data.external.phantom.per_class=3", "data.external.phantom.size=48",
          "diffusion.resolution=32", "diffusion.train.epochs=1", "diffusion.lora.per_fold=false",
          'generate.adjectives=[""]', "generate.ratios=[1.0]", "generate.steps=2",
-         "classify.models=[squeezenet1_1]", "classify.epochs=1", "classify.batch_size=16",
+         "classify.models=[squeezenet1_1]", "classify.epochs=1", "classify.per_model={}", "classify.batch_size=16",
          "report.gradcam_images=1", "report.contact_sheet_per_cell=1", "classify.controls=[]", *TINY_SD]
 
 

@@ -147,7 +147,7 @@ PIPELINE_RUN_DIR = f"s3://{BUCKET}/pipeline-run"
 PIPELINE_OVERRIDES = [f"run_dir={PIPELINE_RUN_DIR}", "data.phantom.per_class=8", "data.external.phantom.per_class=4",
                       "diffusion.lora.per_fold=false", "diffusion.train.epochs=1", "generate.adjectives=['']",
                       "generate.ratios=[0.5]", "generate.steps=2", "classify.models=[squeezenet1_1]",
-                      "classify.epochs=1", "classify.checkpoint_seconds=0", "report.gradcam_images=1",
+                      "classify.epochs=1", "classify.per_model={}", "classify.checkpoint_seconds=0", "report.gradcam_images=1",
                       "classify.controls=[]", *TINY_SD]
 
 

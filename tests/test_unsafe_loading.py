@@ -137,7 +137,7 @@ def test_training_checkpoints_load_with_weights_only(tiny_sd_dir, tmp_path):
     again.load_state_dict(torch.load(tmp_path / "lora_state.pt", weights_only=True))
     assert again.step == ft.step
 
-    cfg = load_config("demo", ["classify.epochs=2", "classify.checkpoint_seconds=0", "classify.batch_size=4"])
+    cfg = load_config("demo", ["classify.epochs=2", "classify.per_model={}", "classify.checkpoint_seconds=0", "classify.batch_size=4"])
     g = torch.Generator().manual_seed(0)
     imgs = torch.randint(0, 255, (6, 1, 32, 32), dtype=torch.uint8, generator=g)
     labels = torch.tensor([0, 1, 2, 0, 1, 2])

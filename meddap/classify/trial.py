@@ -201,13 +201,14 @@ def _predictions_frame(trial_id: str, ev: EvalSet, probs: np.ndarray, classes: S
 def train_trial(spec: TrialSpec, tensors: TrialTensors, cfg_classify, classes: Sequence[str],
                 device: torch.device | str = "cpu", checkpoint: Optional[dict] = None,
                 report: Optional[ReportFn] = None) -> TrialResult:
-    """Train and evaluate one trial. `cfg_classify` is a ClassifyConfig; `checkpoint` a state the
+    """Train and evaluate one trial. `cfg_classify` is a ClassifyConfig (its classify.per_model settings of
+    the trial's classifier apply); `checkpoint` a state the
     `report` callback was given earlier; `report(epoch, metrics, state_or_None)` runs after every
     epoch, with the state once `checkpoint_seconds` have passed since the last one."""
     import pandas as pd
 
     device = torch.device(device)
-    c = cfg_classify
+    c = cfg_classify.for_model(spec.classifier)   # classify.per_model.<classifier> over the shared settings
     seed = trial_seed(c.seed, spec)
     model = build_trial_model(spec, len(classes), seed, c.pretrained, c.weights_dir).to(device)
     channels_last = device.type == "cuda"

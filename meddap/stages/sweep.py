@@ -518,8 +518,7 @@ def run_trial(cfg: Config, spec, images, made_from: str, device, state: Optional
     from meddap.classify.trial import train_trial
 
     tensors = trial_tensors(images, spec, get=get)
-    result = train_trial(spec, tensors, cfg.classify.for_model(spec.classifier), cfg.data.classes, device,
-                         checkpoint=state, report=report)
+    result = train_trial(spec, tensors, cfg.classify, cfg.data.classes, device, checkpoint=state, report=report)
     _write_trial_outputs(cfg, result, made_from, _fidelity_part(result, images, cfg))
     return result
 

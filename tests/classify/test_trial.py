@@ -10,7 +10,7 @@ from _classify_helpers import CLASSES
 from meddap.classify.data import TrialSpec, load_sweep_images, trial_tensors
 from meddap.classify.metrics import classification_metrics
 from meddap.classify.trial import build_trial_model, train_trial, trial_seed
-from meddap.config import ClassifyConfig
+from meddap.config import ClassifierSettings, ClassifyConfig
 
 SPEC_A = TrialSpec("squeezenet1_1", 0, "dark", 1.0)
 SPEC_B = TrialSpec("squeezenet1_1", 0, "", 1.0)
@@ -86,6 +86,19 @@ def test_resume_from_checkpoint_equals_uninterrupted(tensors):
     assert _state_equal(full.state_dict, resumed.state_dict)
     assert resumed.best_epoch == full.best_epoch
     assert [h["val_accuracy"] for h in resumed.history] == [h["val_accuracy"] for h in full.history]
+
+
+def test_a_classifiers_own_settings_apply_to_its_trials_only(tensors):
+    """classify.per_model.<name>: epochs / lr / batch_size of that classifier's trials."""
+    cfg = _cfg(epochs=1, models=["squeezenet1_1", "resnet18"],
+               per_model={"squeezenet1_1": ClassifierSettings(epochs=3, lr=1e-4)})
+    own = train_trial(SPEC_A, tensors[SPEC_A], cfg, CLASSES)
+    assert own.epochs == 3 and len(own.history) == 3
+    shared = train_trial(dataclasses.replace(SPEC_A, classifier="resnet18"), tensors[SPEC_A], cfg, CLASSES)
+    assert shared.epochs == 1 and len(shared.history) == 1
+    # the lr reaches the optimizer: the same trial at the shared lr (1e-3) ends with other weights
+    at_shared_lr = train_trial(SPEC_A, tensors[SPEC_A], _cfg(epochs=3), CLASSES)
+    assert not _state_equal(own.state_dict, at_shared_lr.state_dict)
 
 
 def test_best_epoch_weights_and_recomputable_metrics(tensors):
