@@ -140,6 +140,15 @@ def test_per_model_change_reruns_the_sweep_without_force(tmp_path, fake):
     assert fake == ["sweep", "report"]
     assert storage.read_parquet(trials)["per_model"][0] != before["per_model"][0]
     assert state.check_stage(changed, "sweep").state == "done" and state.check_stage(changed, "report").state == "done"
+    # records holding keys that decide nothing (a null entry; the report's view of per_model, which it sees
+    # through the sweep's outputs) still read as unchanged
+    lay = RunLayout(changed.run_dir)
+    for stage, extra in (("sweep", {"classify.per_model.squeezenet1_1.batch_size": None}),
+                         ("report", {"classify.per_model.squeezenet1_1.epochs": 16})):
+        record = state.read_record(changed, stage)
+        record["config"].update(extra)
+        storage.write_text(lay.stage_record(stage), json.dumps(record))
+        assert state.check_stage(changed, stage).state == "done", stage
     # any other classifier setting changed with it: refused as before, naming both
     with pytest.raises(MeddapError, match=r"(?s)classify\.lr: 0\.001 -> 0\.01.*--force sweep"):
         pipeline.run_stages(_cfg(tmp_path, "classify.per_model.squeezenet1_1.epochs=4", "classify.lr=0.01"),

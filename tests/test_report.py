@@ -521,3 +521,18 @@ def test_figure_1a_warns_about_a_real_only_classifier_that_did_not_learn():
     assert "squeezenet1_1 (fold(s) 0)" in text and "densenet121" not in text
     assert _fig1a_caveat(trials.assign(confusion=trained), ["densenet121", "squeezenet1_1"]) is None
     assert _fig1a_caveat(trials, ["densenet121"]) is None   # not in the figure: nothing to warn about
+
+
+def test_details_say_how_each_classifier_was_trained():
+    """The report's Details name the training schedule, one clause per group of classifiers that share it."""
+    from meddap.config import load_config
+    from meddap.stages.report import _training_line
+
+    cfg = load_config("demo")
+    line = _training_line(cfg, ["densenet121", "resnet34", "squeezenet1_1"])
+    assert line.startswith("Classifiers trained from random initialisation with Adam; ")
+    assert "densenet121, resnet34: 4 epochs, lr 0.001, batch 8; squeezenet1_1: 16 epochs, lr 0.0001, batch 8 " \
+           "(classify.per_model)" in line
+    paper = _training_line(load_config("paper"), ["resnet34", "squeezenet1_1"])
+    assert "from ImageNet weights" in paper and "resnet34, squeezenet1_1: 100 epochs, lr 0.001, batch 32;" in paper
+    assert "per_model" not in paper

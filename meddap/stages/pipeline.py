@@ -116,7 +116,10 @@ def _refuse_unready_upstream(cfg: Config, stages: list[str], redo: set[str]) -> 
             continue
         if st.state == "done":
             continue
-        why = {"missing": "has not finished", "invalidated": "was made with other settings or inputs",
+        missing = (f"is to run again for changed settings ({st.changed[0]}"
+                   + (f"; +{len(st.changed) - 1} more" if len(st.changed) > 1 else "") + ")"
+                   if st.changed else "has not finished")
+        why = {"missing": missing, "invalidated": "was made with other settings or inputs",
                "damaged": "has outputs damaged or missing since it finished ("
                           + "; ".join(st.damaged[:3]) + ("; ..." if len(st.damaged) > 3 else "") + ")"}[st.state]
         bad.append((u, f"{u} {why}"))

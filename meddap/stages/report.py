@@ -629,6 +629,20 @@ def _stand_in_note(cfg) -> Optional[str]:
             f"nothing about whether the method helps on real images.")
 
 
+def _training_line(cfg, classifiers: list[str]) -> str:
+    """How the classifiers were trained, one clause per group of classifiers with the same schedule
+    (classify.per_model gives one classifier its own)."""
+    groups: dict[tuple, list[str]] = {}
+    for name in classifiers:
+        c = cfg.classify.for_model(name)
+        groups.setdefault((c.epochs, c.lr, c.batch_size), []).append(name)
+    start = "from ImageNet weights" if cfg.classify.pretrained == "imagenet" else "from random initialisation"
+    parts = [f"{', '.join(names)}: {epochs} epochs, lr {lr:g}, batch {batch}"
+             for (epochs, lr, batch), names in groups.items()]
+    own = " (classify.per_model)" if len(groups) > 1 else ""
+    return f"Classifiers trained {start} with Adam; {'; '.join(parts)}{own}; the best epoch on validation kept."
+
+
 def _fig1a_caveat(trials: Optional[pd.DataFrame], classifiers: list[str]) -> Optional[str]:
     """A warning under Figure 1(a) naming the classifiers whose real-only classifier put every test image
     in one class: its accuracy on a synthetic set is that class's share, whatever the images show."""
@@ -773,10 +787,11 @@ def run(cfg) -> dict:
                        "from more training, not from the synthetic images.")
     rep.items(meaning)
     rep.h(2, "Details")
+    classifiers = sorted(trials["classifier"].unique())
     rep.p(f"Run directory `{run_dir}`; classes {', '.join(cfg.data.classes)}; {n_folds} fold(s); "
-          f"classifiers {', '.join(sorted(trials['classifier'].unique()))}; written "
+          f"classifiers {', '.join(classifiers)}; written "
           f"{_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}. Accuracies and other metrics are "
-          f"percentages, mean ± standard deviation over folds.")
+          f"percentages, mean ± standard deviation over folds. {_training_line(cfg, classifiers)}")
     rep.h(2, "Table 1: test accuracy by adjective and synthetic ratio")
     t1_fmt, baselines = _fmt_table1(t1)
     rep.p("FID/KID: synthetic set vs the same fold's real training images, all classes, mean over folds "

@@ -147,17 +147,23 @@ def _per_model_used(cfg, key: str, value: Any) -> bool:
     return value is not None and len(parts) == 4 and parts[2] in cfg.classify.models
 
 
+def _deciding(cfg, stage: str, flat: dict[str, Any]) -> dict[str, Any]:
+    """`flat` settings without those that do not decide `stage`'s outputs (also applied to a stage record's,
+    so one written before a key was left out of here does not read as changed)."""
+    skip = _EXECUTION_ONLY | _NOT_FOR_STAGE.get(stage, set())
+    hidden = _THROUGH_INPUTS.get(stage, ())
+    return {k: v for k, v in sorted(flat.items())
+            if k not in skip and not (hidden and k.startswith(hidden))
+            and not (k.startswith("classify.per_model.") and not _per_model_used(cfg, k, v))}
+
+
 def stage_settings(cfg, stage: str) -> dict[str, Any]:
     """The dotted config keys (and values) that decide `stage`'s outputs."""
     full = cfg.to_dict()
     flat: dict[str, Any] = {}
     for section in _SECTIONS[stage]:
         flat.update(_flatten(full[section], section + "."))
-    skip = _EXECUTION_ONLY | _NOT_FOR_STAGE.get(stage, set())
-    hidden = _THROUGH_INPUTS.get(stage, ())
-    return {k: v for k, v in sorted(flat.items())
-            if k not in skip and not k.startswith(hidden)
-            and not (k.startswith("classify.per_model.") and not _per_model_used(cfg, k, v))}
+    return _deciding(cfg, stage, flat)
 
 
 _HASHES: dict[tuple[str, int, int], str] = {}  # (local path, size, mtime_ns) -> sha256, for this process
@@ -384,8 +390,8 @@ def check_stage(cfg, stage: str) -> StageStatus:
     record = read_record(cfg, stage)
     if record is None:
         return StageStatus(stage, "missing")
-    changed = _diff(record.get("config", {}), _unrecorded_defaults_dropped(record.get("config", {}),
-                                                                   stage_settings(cfg, stage), stage), "")
+    recorded = _deciding(cfg, stage, record.get("config", {}))
+    changed = _diff(recorded, _unrecorded_defaults_dropped(recorded, stage_settings(cfg, stage), stage), "")
     rekeyed = _REKEYED.get(stage, ())
     if record.get("status") != "done":
         # Partial outputs of other settings must not be resumed (unless the stage absorbs those settings
