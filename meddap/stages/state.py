@@ -393,17 +393,20 @@ def check_stage(cfg, stage: str) -> StageStatus:
     recorded = _deciding(cfg, stage, record.get("config", {}))
     changed = _diff(recorded, _unrecorded_defaults_dropped(recorded, stage_settings(cfg, stage), stage), "")
     rekeyed = _REKEYED.get(stage, ())
+
+    def absorbed(lines: list[str]) -> bool:
+        return bool(lines and rekeyed) and all(c.startswith(rekeyed) for c in lines)
+
     if record.get("status") != "done":
         # Partial outputs of other settings must not be resumed (unless the stage absorbs those settings
         # itself); a stage that stopped before writing anything (refused at the door: a wrong path, a
         # missing file) left nothing to mix.
-        if changed and rekeyed and all(c.startswith(rekeyed) for c in changed):
+        if absorbed(changed):
             return StageStatus(stage, "missing", changed, record)
         left = bool(changed) and any(storage.file_sizes(p) for p in stage_outputs(cfg, stage))
         return StageStatus(stage, "invalidated" if left else "missing", changed if left else [], record)
     changed += _diff(record.get("inputs", {}), stage_inputs(cfg, stage), "input ")
-    if changed and rekeyed and all(c.startswith(rekeyed) for c in changed):
-        # Settings the stage absorbs itself: it is to run again (resuming), `changed` says why.
+    if absorbed(changed):  # settings the stage absorbs itself: it is to run again (resuming), `changed` says why
         return StageStatus(stage, "missing", changed, record)
     if changed:
         return StageStatus(stage, "invalidated", changed, record)
