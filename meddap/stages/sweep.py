@@ -631,15 +631,14 @@ def check_classifiers(cfg: Config, weights: bool = True) -> None:
     """MeddapError for a repeated or unknown name in classify.models and, with `weights` and
     classify.pretrained=imagenet, for ImageNet weights that cannot be loaded. `run` (the pipeline)
     calls it before fine-tuning, so a typo does not surface only after hours of finetune and generate."""
-    from meddap.classify.models import build_classifier, check_classifier_name, classifier_names
+    from meddap.classify.models import build_classifier, check_classifier_name
 
     repeated = sorted({m for m in cfg.classify.models if cfg.classify.models.count(m) > 1})
     if repeated:  # one trial id per (classifier, adjective, ratio, fold): a repeat would run it twice
         raise MeddapError(f"classify.models = {cfg.classify.models} lists {', '.join(repeated)} more than once; "
                           f"list each classifier once.")
-    unknown = [m for m in cfg.classify.models if m not in classifier_names()]
-    if unknown:
-        build_classifier(unknown[0], len(cfg.data.classes))  # raises the MeddapError with close names
+    for name in cfg.classify.models:  # MeddapError with the closest names
+        check_classifier_name(name)
     for name in cfg.classify.per_model:  # a typo there would leave its settings silently unused
         check_classifier_name(name, "classify.per_model")
     if weights and cfg.classify.pretrained == "imagenet":
