@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import math
 import typing
 from dataclasses import dataclass, field
@@ -577,6 +578,11 @@ class Config:
 
     def validate(self) -> "Config":
         _check(bool(self.run_dir), "run_dir", self.run_dir, "a path or URI")
+        # A local run_dir is made absolute once, here: Ray Train and Tune start their workers in their own
+        # folders, where a relative run_dir named another place (the demo's default `runs/demo` wrote its
+        # adapters under Ray's session folder and then found none).
+        if "://" not in self.run_dir:
+            self.run_dir = os.path.abspath(os.path.expanduser(self.run_dir))
         _check(self.lock_stale_s >= 10, "lock_stale_s", self.lock_stale_s, "a number of seconds >= 10")
         self.data.validate("data")
         self.diffusion.validate("diffusion")
