@@ -562,7 +562,7 @@ class RayConfig:
 
 @dataclass
 class Config:
-    run_dir: str = _f("runs/default", "Where everything the run writes goes: a local path or s3:// / gs:// URI.")
+    run_dir: str = _f("runs/default", "Where everything the run writes goes: a local path (relative to the current folder; made absolute when the config is loaded) or s3:// / gs:// URI.")
     lock_stale_s: float = _f(
         600.0, "One process writes a run_dir at a time (lock file run_dir/meddap.lock, refreshed every quarter of "
                "this). A lock whose owner runs on another host and has not refreshed it for this many seconds is "
